@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from oatui.monitor.sampler import make_source, snapshot_to_line
-    from oatui.monitor.text import format_snapshot
+    from oatui.monitor.text import format_snapshot, printable
     from oatui.workspace import Workspace
 
     # Monitoring is no reason to create a workspace: only its path is needed (for disk usage).
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                 deadline = time.monotonic()  # the schedule starts when the first one is taken
             if args.json:
                 if snapshot.notice and snapshot.notice != said_notice:
-                    print(f"oatui gpus: {snapshot.notice}", file=sys.stderr, flush=True)
+                    print(f"oatui gpus: {printable(snapshot.notice)}", file=sys.stderr, flush=True)
                 sys.stdout.write(snapshot_to_line(snapshot) + "\n")
             else:
                 width = shutil.get_terminal_size().columns if interactive else None

@@ -148,7 +148,10 @@ def read_recording(path: str | os.PathLike[str]) -> list[MonitorSnapshot]:
         except RecursionError:
             raise UserError(f"{where}: JSON nested too deeply") from None
         except ValueError as error:
-            message = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+            if isinstance(error, json.JSONDecodeError):
+                message = f"{error.msg} at column {error.colno}"
+            else:
+                message = str(error)
             raise UserError(f"{where}: not JSON ({message})") from None
         try:
             snapshots.append(MonitorSnapshot.from_dict(record))

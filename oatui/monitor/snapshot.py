@@ -311,7 +311,7 @@ class MonitorSnapshot:
                 f"not {version}"
             )
         return cls(
-            time=read.number("time"),
+            time=read.timestamp("time"),
             host=read.child("host", HostSnapshot.from_dict),
             gpus=read.items("gpus", GpuSnapshot.from_dict),
             driver_version=read.optional_string("driver_version"),
@@ -351,14 +351,20 @@ class _Reader:
 
     def integer(self, key: str) -> int:
         value = self._get(key)
-        if type(value) is not int:
-            raise self._fail(key, "an integer", value)
+        if not _is_integer(value):
+            raise self._fail(key, "a 64-bit integer", value)
         return value
 
     def optional_integer(self, key: str, missing_ok: bool = False) -> int | None:
         value = self._get(key, missing_ok)
-        if value is not None and type(value) is not int:
-            raise self._fail(key, "an integer or null", value)
+        if value is not None and not _is_integer(value):
+            raise self._fail(key, "a 64-bit integer or null", value)
+        return value
+
+    def timestamp(self, key: str) -> float:
+        value = self.number(key)
+        if not 0 <= value < _YEAR_10000:
+            raise self._fail(key, "seconds since 1970", value)
         return value
 
     def number(self, key: str) -> float:
@@ -412,6 +418,13 @@ class _Reader:
         if not isinstance(value, list):
             raise self._fail(key, "a list", value)
         return tuple(parse(item, f"{self.where}.{key}[{i}]") for i, item in enumerate(value))
+
+
+_YEAR_10000 = 253402300800.0
+
+
+def _is_integer(value: Any) -> bool:
+    return type(value) is int and -(2**63) <= value < 2**64
 
 
 def _is_number(value: Any) -> bool:

@@ -80,7 +80,7 @@ def format_snapshot(snapshot: MonitorSnapshot, *, width: int | None = None, noti
     """
     lines = [_header(snapshot)]
     if notice and snapshot.notice:
-        lines.append(snapshot.notice)
+        lines.append(printable(snapshot.notice))
     if snapshot.gpus:
         lines.append("")
         lines.extend(_table(*_gpu_rows(snapshot.gpus)))
@@ -102,11 +102,11 @@ def format_snapshot(snapshot: MonitorSnapshot, *, width: int | None = None, noti
 def _header(snapshot: MonitorSnapshot) -> str:
     parts = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snapshot.time))]
     if snapshot.host.hostname:
-        parts.append(snapshot.host.hostname)
+        parts.append(printable(snapshot.host.hostname))
     if snapshot.driver_version:
-        parts.append(f"driver {snapshot.driver_version}")
+        parts.append(f"driver {printable(snapshot.driver_version)}")
     if snapshot.cuda_version:
-        parts.append(f"CUDA {snapshot.cuda_version}")
+        parts.append(f"CUDA {printable(snapshot.cuda_version)}")
     count = len(snapshot.gpus)
     parts.append(f"{count} GPU" + ("" if count == 1 else "s"))
     return "  ".join(parts)
@@ -125,7 +125,7 @@ def _gpu_rows(gpus: Sequence[GpuSnapshot]) -> tuple[list[str], list[list[str]], 
             power = f"{draw}/{limit} W"
         rows.append([
             str(gpu.index),
-            gpu.name or NA,
+            printable(gpu.name),
             format_percent(gpu.utilization_gpu),
             format_percent(gpu.utilization_memory),
             format_used_total(gpu.memory_used, gpu.memory_total),
@@ -151,13 +151,13 @@ def _mig_rows(gpus: Sequence[GpuSnapshot]) -> tuple[list[str], list[list[str]], 
             rows.append([
                 str(gpu.index),
                 str(mig.index),
-                mig.name or NA,
+                printable(mig.name),
                 NA if mig.gpu_instance_id is None else str(mig.gpu_instance_id),
                 NA if mig.compute_instance_id is None else str(mig.compute_instance_id),
                 format_used_total(mig.memory_used, mig.memory_total),
                 format_percent(mig.memory_percent),
                 format_percent(mig.utilization_gpu),
-                mig.uuid or NA,
+                printable(mig.uuid),
             ])
     return headers, rows, "rrlrrrrrl"
 
@@ -172,9 +172,9 @@ def _process_rows(gpus: Sequence[GpuSnapshot]) -> tuple[list[str], list[list[str
                 "-" if process.mig_index is None else str(process.mig_index),
                 str(process.pid),
                 process.type,
-                process.user or NA,
+                printable(process.user),
                 format_bytes(process.gpu_memory),
-                process.command or NA,
+                printable(process.command),
             ])
     return headers, rows, "rrrllrl"
 
@@ -183,7 +183,7 @@ def _host_line(host: HostSnapshot) -> str:
     cores = len(host.cpu_percent)
     parts = ["HOST"]
     if host.hostname:
-        parts.append(host.hostname)
+        parts.append(printable(host.hostname))
     parts.append(f"cpu {format_percent(host.cpu_percent_mean)} of {cores} core{'' if cores == 1 else 's'}")
     if host.load_average is not None:
         parts.append("load " + " ".join(f"{value:.2f}" for value in host.load_average))
@@ -191,10 +191,17 @@ def _host_line(host: HostSnapshot) -> str:
     parts.append(f"swap {format_used_total(host.swap_used, host.swap_total)}")
     disk = f"disk {format_used_total(host.disk_used, host.disk_total)}"
     if host.disk_path:
-        disk += f" ({host.disk_path})"
+        disk += f" ({printable(host.disk_path)})"
     parts.append(disk)
     parts.append(f"up {format_duration(host.uptime)}")
     return "  ".join(parts)
+
+
+def printable(text: str | None) -> str:
+    """A string from a recording or a process table, safe to print: no control characters."""
+    if text is None:
+        return NA
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _table(headers: list[str], rows: list[list[str]], align: str, width: int | None = None) -> list[str]:
