@@ -1,14 +1,56 @@
-"""`oatui data`."""
+"""`oatui data`: look at export files."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("data", parents=parents, help="(not built yet)")
+    parser = sub.add_parser("data", parents=parents, help="inspect Open-Assistant export files",
+                            description="Inspect Open-Assistant export files (JSONL, one message tree per line, optionally gzipped).")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser), required=True)
+    stats = actions.add_parser(
+        "stats", parents=parents,
+        help="count trees, messages, SFT conversations, RM groups and pairs, per language",
+        description=(
+            "Count what the stages would use: trees in the file (trees_total) and used (ready_for_export, "
+            "prompt neither deleted nor rejected), usable messages, SFT conversations, RM groups and their "
+            "(better, worse) pairs, and usable messages per language."
+        ),
+    )
+    stats.add_argument("--trees", required=True, metavar="FILE", help="export file (.jsonl or .jsonl.gz), or 'sample'")
+    stats.add_argument("--json", action="store_true", help="one JSON object with exactly the counted keys")
+    stats.add_argument("--skip-invalid", action="store_true", help="count and skip malformed lines instead of stopping")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("oatui data: not built yet")
+    import sys
+
+    from oatui.data.rules import Stats
+    from oatui.data.trees import LoadReport, iter_trees
+
+    path = args.trees
+    if path == "sample":
+        from oatui.data.sample import SAMPLE_FILE
+
+        path = SAMPLE_FILE
+    report = LoadReport()
+    stats = Stats()
+    for tree in iter_trees(path, skip_invalid=args.skip_invalid, report=report):
+        stats.add(tree)
+    if report.skipped:
+        first_line, first_problem = report.skipped[0]
+        print(f"{path}: skipped {len(report.skipped)} invalid lines (first: line {first_line}: {first_problem})", file=sys.stderr)
+    counts = stats.to_dict()
+    if args.json:
+        print(json.dumps(counts, ensure_ascii=False))
+        return 0
+    width = max(len(k) for k in counts)
+    for key, value in counts.items():
+        if key == "languages":
+            continue
+        print(f"{key:{width}}  {value}")
+    print(f"{'languages':{width}}  " + (", ".join(f"{lang} {n}" for lang, n in counts["languages"].items()) or "-"))
+    return 0

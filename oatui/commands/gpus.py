@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
             "that stdout stays a clean recording."
         ),
     )
-    parser.add_argument("--json", action="store_true", help="one JSON object per snapshot, one per line")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per snapshot, one per line"
+    )
     parser.add_argument(
         "--watch", action="store_true", help="repeat every --interval seconds until Ctrl-C"
     )

@@ -1,14 +1,147 @@
-"""`oatui train`."""
+"""`oatui train sft|rm|rl`: start one stage as a run in the workspace."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import time
+
+EXAMPLES = """examples:
+  oatui train sft --configs defaults tiny
+  oatui train rm --configs defaults_rm tiny_rm --detach
+  oatui train rl --configs defaults_rl tiny_rl --set total_steps=20
+  oatui train sft --configs defaults pythia-1.4b --launcher deepspeed --gpus 0,1,2,3
+  oatui train sft --configs defaults pythia-12b --launcher deepspeed --hostfile hosts.txt
+  oatui train sft --resume sft-20261124-101500-ab12
+  oatui train sft --list-keys
+"""
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("train", parents=parents, help="(not built yet)")
+    parser = sub.add_parser(
+        "train",
+        parents=parents,
+        help="run a stage (sft, rm, rl) as a run in the workspace",
+        description=(
+            "Run one stage of the flow as a run in WORKSPACE/runs/. The stage runs under a supervisor "
+            "in its own session, so it survives the terminal; without --detach this command follows "
+            "its log until it ends, and Ctrl-C asks it to stop (it saves a checkpoint first)."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("stage", choices=("sft", "rm", "rl"), help="which stage")
+    parser.add_argument("--configs", nargs="+", default=[], metavar="NAME",
+                        help="config sections, applied in order (later keys win); see configs/*.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key (repeatable); the value is read as YAML")
+    parser.add_argument("--launcher", default="auto", choices=("auto", "python", "accelerate", "deepspeed"),
+                        help="auto: deepspeed when the config names a deepspeed config or a hostfile is given, "
+                             "accelerate for several processes, else plain python")
+    parser.add_argument("--gpus", metavar="LIST", help="GPU indices to use, e.g. 0,1 (default: what the launcher sees)")
+    parser.add_argument("--num-processes", type=int, metavar="N",
+                        help="processes (ranks) to start; default: one per GPU in --gpus, else 1")
+    parser.add_argument("--hostfile", metavar="FILE",
+                        help="multi-node: a deepspeed hostfile ('HOST slots=N' per line)")
+    parser.add_argument("--detach", action="store_true", help="print the run id and return at once")
+    parser.add_argument("--resume", metavar="RUN_ID",
+                        help="continue a stopped or failed run from its newest complete checkpoint")
+    parser.add_argument("--list-keys", action="store_true", help="print every config key of the stage and exit")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("oatui train: not built yet")
+    from oatui.stages.launcher import LaunchRequest, launch
+    from oatui.workspace import Workspace
+
+    if args.list_keys:
+        from oatui.config import describe_schema
+
+        for key, kind, default, text in describe_schema(args.stage):
+            print(f"{key:28} {kind:32} default {default}")
+            if text:
+                print(f"{'':28} {text}")
+        return 0
+    workspace = Workspace.open(args.workspace)
+    request = LaunchRequest(
+        stage=args.stage,
+        configs=args.configs,
+        overrides=args.overrides,
+        launcher=args.launcher,
+        gpus=args.gpus,
+        num_processes=args.num_processes,
+        hostfile=args.hostfile,
+        resume=args.resume,
+    )
+    run_dir = launch(request, workspace)
+    if args.detach:
+        print(run_dir.id)
+        return 0
+    print(f"run {run_dir.id} ({run_dir.path})", file=sys.stderr)
+    return follow(run_dir)
+
+
+def follow(run_dir, stop_on_interrupt: bool = True) -> int:  # noqa: ANN001
+    """Print the run's log as it grows until it ends; Ctrl-C asks the run to stop."""
+    from oatui.stages.runs import refresh, stop_run
+    from oatui.errors import UserError
+
+    interrupted = {"count": 0}
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        interrupted["count"] += 1
+        if not stop_on_interrupt:
+            raise KeyboardInterrupt
+        try:
+            if interrupted["count"] == 1:
+                print("\nstopping at the next step boundary (Ctrl-C again to kill)", file=sys.stderr)
+                stop_run(run_dir)
+            else:
+                stop_run(run_dir, force=True)
+        except UserError:
+            pass
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    # A dropped terminal ends this follower only; the run goes on under its supervisor.
+    position = 0
+    try:
+        while True:
+            position = _print_new(run_dir.log_path, position)
+            info = refresh(run_dir)
+            if info.state not in ("queued", "running"):
+                time.sleep(0.2)
+                _print_new(run_dir.log_path, position)
+                break
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return summarize(run_dir, info)
+
+
+def _print_new(path, position: int) -> int:  # noqa: ANN001
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(position)
+            data = handle.read()
+    except FileNotFoundError:
+        return position
+    if data:
+        sys.stdout.write(data.decode("utf-8", "replace"))
+        sys.stdout.flush()
+    return position + len(data)
+
+
+def summarize(run_dir, info) -> int:  # noqa: ANN001
+    from oatui.errors import UserError
+
+    if info.state == "succeeded":
+        print(f"run {info.id} succeeded; model: {run_dir.final}", file=sys.stderr)
+        return 0
+    if info.state == "stopped":
+        print(f"run {info.id} stopped; resume with: oatui train {info.stage} --resume {info.id}", file=sys.stderr)
+        return 130
+    if info.exit_code == 2 and info.error:
+        raise UserError(info.error)
+    print(f"run {info.id} failed: {info.error or 'see ' + str(run_dir.log_path)}", file=sys.stderr)
+    return 1

@@ -55,7 +55,9 @@ class HostSampler:
         return HostSnapshot(
             hostname=_quietly(socket.gethostname),
             cpu_percent=cpu,
-            load_average=None if load is None else (round(load[0], 2), round(load[1], 2), round(load[2], 2)),
+            load_average=None
+            if load is None
+            else (round(load[0], 2), round(load[1], 2), round(load[2], 2)),
             # "used" as top and htop mean it: what is not available to new programs.
             memory_used=None if memory is None else int(memory.total - memory.available),
             memory_total=None if memory is None else int(memory.total),

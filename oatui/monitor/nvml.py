@@ -108,7 +108,7 @@ class NvmlSession:
             self.notice = _init_failure(nvml, error)
             return
         except Exception as error:  # a library mismatch raises its own types
-            self.notice = f"NVML could not start ({_sentence(error)}): GPU metrics unavailable; host metrics only."
+            self.notice = _could_not_start(error)
             return
         self._started = True
         self.driver_version = _field(nvml, nvml.nvmlSystemGetDriverVersion)
@@ -211,7 +211,9 @@ class NvmlSession:
                     uuid=_field(nvml, nvml.nvmlDeviceGetUUID, mig_handle),
                     name=_field(nvml, nvml.nvmlDeviceGetName, mig_handle),
                     gpu_instance_id=_field(nvml, nvml.nvmlDeviceGetGpuInstanceId, mig_handle),
-                    compute_instance_id=_field(nvml, nvml.nvmlDeviceGetComputeInstanceId, mig_handle),
+                    compute_instance_id=_field(
+                        nvml, nvml.nvmlDeviceGetComputeInstanceId, mig_handle
+                    ),
                     memory_used=None if memory is None else int(memory.used),
                     memory_total=None if memory is None else int(memory.total),
                     utilization_gpu=None if utilization is None else float(utilization.gpu),
@@ -236,7 +238,9 @@ class NvmlSession:
         }
         for kind in ("compute", "graphics"):
             for entry in self._running(kind, handle):
-                slot = by_instance.get(getattr(entry, "gpuInstanceId", None)) if by_instance else None
+                slot = (
+                    by_instance.get(getattr(entry, "gpuInstanceId", None)) if by_instance else None
+                )
                 _add_process(found, entry, kind, slot)
         return found
 
@@ -288,7 +292,9 @@ class _RawProcess:
     mig_index: int | None
 
 
-def _add_process(found: dict[int, _RawProcess], entry: Any, kind: str, mig_index: int | None) -> None:
+def _add_process(
+    found: dict[int, _RawProcess], entry: Any, kind: str, mig_index: int | None
+) -> None:
     pid = int(entry.pid)
     memory = getattr(entry, "usedGpuMemory", None)
     memory = None if memory is None else int(memory)
@@ -367,6 +373,10 @@ def _init_failure(nvml: Any, error: Exception) -> str:
         return NO_DRIVER
     if value == getattr(nvml, "NVML_ERROR_DRIVER_NOT_LOADED", object()):
         return DRIVER_NOT_LOADED
+    return _could_not_start(error)
+
+
+def _could_not_start(error: Exception) -> str:
     return f"NVML could not start ({_sentence(error)}): GPU metrics unavailable; host metrics only."
 
 

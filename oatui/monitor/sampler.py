@@ -78,7 +78,9 @@ class ReplaySource:
     is opened, not halfway through a demo.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = Path(path)
         self.snapshots = read_recording(self.path)
         self._clock = clock
@@ -107,7 +109,9 @@ class ReplaySource:
         self.close()
 
 
-def make_source(replay: str | os.PathLike[str] | None, workspace: str | os.PathLike[str]) -> Sampler | ReplaySource:
+def make_source(
+    replay: str | os.PathLike[str] | None, workspace: str | os.PathLike[str]
+) -> Sampler | ReplaySource:
     """The replay of ``replay`` when given, else a live sampler (disk usage of ``workspace``)."""
     if replay is not None:
         return ReplaySource(replay)
@@ -158,5 +162,8 @@ def read_recording(path: str | os.PathLike[str]) -> list[MonitorSnapshot]:
         except SnapshotFormatError as error:
             raise UserError(f"{where}: {error}") from None
     if not snapshots:
-        raise UserError(f"{path}: the recording holds no snapshots (expected the JSON lines of 'oatui gpus --json --watch')")
+        raise UserError(
+            f"{path}: the recording holds no snapshots "
+            "(expected the JSON lines of 'oatui gpus --json --watch')"
+        )
     return snapshots

@@ -251,9 +251,7 @@ class HostSnapshot:
         read = _Reader(data, where)
         load = read.optional_numbers("load_average")
         if load is not None and len(load) != 3:
-            raise SnapshotFormatError(
-                f"{where}.load_average: expected 3 numbers, got {len(load)}"
-            )
+            raise SnapshotFormatError(f"{where}.load_average: expected 3 numbers, got {len(load)}")
         return cls(
             hostname=read.optional_string("hostname"),
             cpu_percent=read.numbers("cpu_percent"),

@@ -72,7 +72,9 @@ def format_duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
-def format_snapshot(snapshot: MonitorSnapshot, *, width: int | None = None, notice: bool = True) -> str:
+def format_snapshot(
+    snapshot: MonitorSnapshot, *, width: int | None = None, notice: bool = True
+) -> str:
     """The ``oatui gpus`` table: header, GPUs, MIG devices, processes, then the host line.
 
     ``width`` (a terminal's columns) shortens long command lines to fit; ``notice`` False leaves
@@ -113,8 +115,23 @@ def _header(snapshot: MonitorSnapshot) -> str:
 
 
 def _gpu_rows(gpus: Sequence[GpuSnapshot]) -> tuple[list[str], list[list[str]], str]:
-    headers = ["GPU", "NAME", "UTIL", "MEM-UTIL", "MEMORY", "MEM%", "TEMP", "POWER", "FAN",
-               "SM MHZ", "MEM MHZ", "PCIE RX", "PCIE TX", "MIG", "PROCS"]
+    headers = [
+        "GPU",
+        "NAME",
+        "UTIL",
+        "MEM-UTIL",
+        "MEMORY",
+        "MEM%",
+        "TEMP",
+        "POWER",
+        "FAN",
+        "SM MHZ",
+        "MEM MHZ",
+        "PCIE RX",
+        "PCIE TX",
+        "MIG",
+        "PROCS",
+    ]
     rows = []
     for gpu in gpus:
         if gpu.power_draw is None and gpu.power_limit is None:
@@ -123,23 +140,25 @@ def _gpu_rows(gpus: Sequence[GpuSnapshot]) -> tuple[list[str], list[list[str]], 
             draw = NA if gpu.power_draw is None else f"{gpu.power_draw:.0f}"
             limit = NA if gpu.power_limit is None else f"{gpu.power_limit:.0f}"
             power = f"{draw}/{limit} W"
-        rows.append([
-            str(gpu.index),
-            printable(gpu.name),
-            format_percent(gpu.utilization_gpu),
-            format_percent(gpu.utilization_memory),
-            format_used_total(gpu.memory_used, gpu.memory_total),
-            format_percent(gpu.memory_percent),
-            NA if gpu.temperature is None else f"{gpu.temperature:.0f}C",
-            power,
-            format_percent(gpu.fan),
-            NA if gpu.clock_sm is None else str(gpu.clock_sm),
-            NA if gpu.clock_mem is None else str(gpu.clock_mem),
-            format_rate_kb(gpu.pcie_rx),
-            format_rate_kb(gpu.pcie_tx),
-            NA if gpu.mig_mode is None else ("on" if gpu.mig_mode else "off"),
-            str(len(gpu.processes)),
-        ])
+        rows.append(
+            [
+                str(gpu.index),
+                printable(gpu.name),
+                format_percent(gpu.utilization_gpu),
+                format_percent(gpu.utilization_memory),
+                format_used_total(gpu.memory_used, gpu.memory_total),
+                format_percent(gpu.memory_percent),
+                NA if gpu.temperature is None else f"{gpu.temperature:.0f}C",
+                power,
+                format_percent(gpu.fan),
+                NA if gpu.clock_sm is None else str(gpu.clock_sm),
+                NA if gpu.clock_mem is None else str(gpu.clock_mem),
+                format_rate_kb(gpu.pcie_rx),
+                format_rate_kb(gpu.pcie_tx),
+                NA if gpu.mig_mode is None else ("on" if gpu.mig_mode else "off"),
+                str(len(gpu.processes)),
+            ]
+        )
     return headers, rows, "rlrrrrrrrrrrrlr"
 
 
@@ -148,17 +167,19 @@ def _mig_rows(gpus: Sequence[GpuSnapshot]) -> tuple[list[str], list[list[str]], 
     rows = []
     for gpu in gpus:
         for mig in gpu.mig_devices:
-            rows.append([
-                str(gpu.index),
-                str(mig.index),
-                printable(mig.name),
-                NA if mig.gpu_instance_id is None else str(mig.gpu_instance_id),
-                NA if mig.compute_instance_id is None else str(mig.compute_instance_id),
-                format_used_total(mig.memory_used, mig.memory_total),
-                format_percent(mig.memory_percent),
-                format_percent(mig.utilization_gpu),
-                printable(mig.uuid),
-            ])
+            rows.append(
+                [
+                    str(gpu.index),
+                    str(mig.index),
+                    printable(mig.name),
+                    NA if mig.gpu_instance_id is None else str(mig.gpu_instance_id),
+                    NA if mig.compute_instance_id is None else str(mig.compute_instance_id),
+                    format_used_total(mig.memory_used, mig.memory_total),
+                    format_percent(mig.memory_percent),
+                    format_percent(mig.utilization_gpu),
+                    printable(mig.uuid),
+                ]
+            )
     return headers, rows, "rrlrrrrrl"
 
 
@@ -167,15 +188,17 @@ def _process_rows(gpus: Sequence[GpuSnapshot]) -> tuple[list[str], list[list[str
     rows = []
     for gpu in gpus:
         for process in gpu.processes:
-            rows.append([
-                str(gpu.index),
-                "-" if process.mig_index is None else str(process.mig_index),
-                str(process.pid),
-                process.type,
-                printable(process.user),
-                format_bytes(process.gpu_memory),
-                printable(process.command),
-            ])
+            rows.append(
+                [
+                    str(gpu.index),
+                    "-" if process.mig_index is None else str(process.mig_index),
+                    str(process.pid),
+                    process.type,
+                    printable(process.user),
+                    format_bytes(process.gpu_memory),
+                    printable(process.command),
+                ]
+            )
     return headers, rows, "rrrllrl"
 
 
@@ -184,7 +207,9 @@ def _host_line(host: HostSnapshot) -> str:
     parts = ["HOST"]
     if host.hostname:
         parts.append(printable(host.hostname))
-    parts.append(f"cpu {format_percent(host.cpu_percent_mean)} of {cores} core{'' if cores == 1 else 's'}")
+    parts.append(
+        f"cpu {format_percent(host.cpu_percent_mean)} of {cores} core{'' if cores == 1 else 's'}"
+    )
     if host.load_average is not None:
         parts.append("load " + " ".join(f"{value:.2f}" for value in host.load_average))
     parts.append(f"mem {format_used_total(host.memory_used, host.memory_total)}")
@@ -204,7 +229,9 @@ def printable(text: str | None) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
-def _table(headers: list[str], rows: list[list[str]], align: str, width: int | None = None) -> list[str]:
+def _table(
+    headers: list[str], rows: list[list[str]], align: str, width: int | None = None
+) -> list[str]:
     """Columns padded to their widest cell; ``align`` holds "l" or "r" per column.
 
     With ``width``, the last column is shortened so that each line fits.

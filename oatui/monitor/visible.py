@@ -34,7 +34,9 @@ class VisibleDevice:
     mig_index: int | None = None
 
 
-def visible_devices(env_value: str | None, gpus: Sequence[GpuSnapshot]) -> tuple[VisibleDevice, ...]:
+def visible_devices(
+    env_value: str | None, gpus: Sequence[GpuSnapshot]
+) -> tuple[VisibleDevice, ...]:
     """The devices ``CUDA_VISIBLE_DEVICES=env_value`` exposes, in CUDA's order (0, 1, ...)."""
     if env_value is None:
         return tuple(VisibleDevice(gpu.index) for gpu in sorted(gpus, key=lambda g: g.index))

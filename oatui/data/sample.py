@@ -1,0 +1,268 @@
+"""A deterministic sample export: a few hundred message trees in four languages.
+
+The replies carry a signal a tiny model can learn. Every reply is built from three features:
+- it opens politely (or brushes the user off),
+- it stays on the topic of the prompt (or talks about another topic),
+- it ends properly with a closing sentence (or is cut off mid-sentence).
+Replies with more of these features are ranked better (rank 0 is best), so a reward model can
+learn the ranking and a policy can learn to earn a higher reward.
+
+Run ``python -m oatui.data.sample --out FILE`` to write it; the shipped copy at
+``oatui/data/sample/oasst_sample.trees.jsonl.gz`` is exactly what the defaults produce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+SAMPLE_FILE = Path(__file__).parent / "sample" / "oasst_sample.trees.jsonl.gz"
+DEFAULT_TREES = 400
+DEFAULT_SEED = 20231
+
+# Topic nouns per language: the same index is the same topic.
+TOPICS: dict[str, list[str]] = {
+    "en": [
+        "baking bread", "learning guitar", "running a marathon", "growing tomatoes", "saving money",
+        "writing a resume", "learning Python", "brewing coffee", "training a puppy", "painting with watercolors",
+        "planning a trip", "sleeping better", "speaking in public", "fixing a bike", "learning chess",
+        "making pizza", "reading more books", "starting a podcast", "keeping houseplants", "learning to swim",
+        "taking photos", "meditating daily", "cooking rice", "studying for exams",
+    ],
+    "de": [
+        "Brot backen", "Gitarre lernen", "einen Marathon laufen", "Tomaten anbauen", "Geld sparen",
+        "einen Lebenslauf schreiben", "Python lernen", "Kaffee kochen", "einen Welpen erziehen", "Aquarellmalerei",
+        "eine Reise planen", "besser schlafen", "frei sprechen", "ein Fahrrad reparieren", "Schach lernen",
+        "Pizza backen", "mehr Bücher lesen", "einen Podcast starten", "Zimmerpflanzen pflegen", "schwimmen lernen",
+        "Fotos machen", "täglich meditieren", "Reis kochen", "für Prüfungen lernen",
+    ],
+    "es": [
+        "hornear pan", "aprender guitarra", "correr un maratón", "cultivar tomates", "ahorrar dinero",
+        "escribir un currículum", "aprender Python", "preparar café", "entrenar a un cachorro", "pintar con acuarela",
+        "planear un viaje", "dormir mejor", "hablar en público", "arreglar una bicicleta", "aprender ajedrez",
+        "hacer pizza", "leer más libros", "empezar un pódcast", "cuidar plantas", "aprender a nadar",
+        "tomar fotos", "meditar a diario", "cocinar arroz", "estudiar para exámenes",
+    ],
+    "fr": [
+        "faire du pain", "apprendre la guitare", "courir un marathon", "cultiver des tomates", "économiser de l'argent",
+        "écrire un CV", "apprendre Python", "préparer du café", "dresser un chiot", "peindre à l'aquarelle",
+        "organiser un voyage", "mieux dormir", "parler en public", "réparer un vélo", "apprendre les échecs",
+        "faire une pizza", "lire plus de livres", "lancer un podcast", "entretenir des plantes", "apprendre à nager",
+        "prendre des photos", "méditer chaque jour", "cuire du riz", "réviser pour les examens",
+    ],
+}
+
+PROMPTS = {
+    "en": [
+        "How do I get started with {t}?", "Can you give me some tips for {t}?",
+        "What should I know about {t}?", "I want to try {t}. Where do I begin?",
+        "Any advice on {t} for a beginner?",
+    ],
+    "de": [
+        "Wie fange ich mit {t} an?", "Hast du Tipps zum Thema {t}?",
+        "Was sollte ich über {t} wissen?", "Ich möchte {t} ausprobieren. Wo fange ich an?",
+    ],
+    "es": [
+        "¿Cómo empiezo a {t}?", "¿Me das consejos para {t}?",
+        "¿Qué debo saber sobre {t}?", "Quiero {t}. ¿Por dónde empiezo?",
+    ],
+    "fr": [
+        "Comment commencer à {t} ?", "Tu as des conseils pour {t} ?",
+        "Que faut-il savoir pour {t} ?", "Je veux {t}. Par où commencer ?",
+    ],
+}
+
+FOLLOW_UPS = {
+    "en": ["Thanks! Can you tell me more about {t}?", "What is the most common mistake with {t}?"],
+    "de": ["Danke! Kannst du mehr über {t} sagen?", "Was ist der häufigste Fehler beim Thema {t}?"],
+    "es": ["¡Gracias! ¿Puedes contarme más sobre {t}?", "¿Cuál es el error más común al {t}?"],
+    "fr": ["Merci ! Tu peux m'en dire plus pour {t} ?", "Quelle est l'erreur la plus courante pour {t} ?"],
+}
+
+POLITE = {
+    "en": ["Sure, happy to help!", "Of course, glad you asked!", "Great question, happy to help!"],
+    "de": ["Gerne helfe ich dir!", "Natürlich, gute Frage!", "Sehr gerne!"],
+    "es": ["¡Claro, con mucho gusto!", "¡Por supuesto, buena pregunta!", "¡Con gusto te ayudo!"],
+    "fr": ["Bien sûr, avec plaisir !", "Volontiers, bonne question !", "Avec plaisir !"],
+}
+
+RUDE = {
+    "en": ["Ugh, fine.", "Whatever.", "Not this again."],
+    "de": ["Na gut, wenn es sein muss.", "Meinetwegen.", "Schon wieder das."],
+    "es": ["Bueno, si insistes.", "Como quieras.", "Otra vez esto."],
+    "fr": ["Bon, si tu insistes.", "Comme tu veux.", "Encore ça."],
+}
+
+BODY = {
+    "en": [
+        "For {t}, start small and practice a little every day.",
+        "The key to {t} is patience and a simple routine.",
+        "Many people enjoy {t} more once they set a clear goal.",
+        "With {t}, good basics matter more than fancy equipment.",
+        "Keep notes on your progress with {t} so you can see what works.",
+    ],
+    "de": [
+        "Beim Thema {t} hilft es, klein anzufangen und jeden Tag etwas zu üben.",
+        "Für {t} sind Geduld und eine einfache Routine am wichtigsten.",
+        "Mit einem klaren Ziel macht {t} gleich mehr Freude.",
+        "Bei {t} zählen gute Grundlagen mehr als teure Ausrüstung.",
+    ],
+    "es": [
+        "Para {t}, empieza poco a poco y practica un poco cada día.",
+        "La clave para {t} es la paciencia y una rutina sencilla.",
+        "Con una meta clara, {t} resulta mucho más fácil.",
+        "Para {t}, las bases importan más que el equipo caro.",
+    ],
+    "fr": [
+        "Pour {t}, commence doucement et pratique un peu chaque jour.",
+        "La clé pour {t}, c'est la patience et une routine simple.",
+        "Avec un objectif clair, {t} devient plus agréable.",
+        "Pour {t}, les bases comptent plus que le matériel cher.",
+    ],
+}
+
+CLOSING = {
+    "en": ["I hope this helps.", "Good luck, you can do it.", "Have fun with it."],
+    "de": ["Ich hoffe, das hilft dir.", "Viel Erfolg dabei.", "Viel Spaß dabei."],
+    "es": ["Espero que te ayude.", "Mucha suerte.", "Que lo disfrutes."],
+    "fr": ["J'espère que cela t'aide.", "Bonne chance.", "Amuse-toi bien."],
+}
+
+LANG_WEIGHTS = {"en": 0.6, "de": 0.15, "es": 0.15, "fr": 0.1}
+
+
+def _truncate(text: str, rng: random.Random) -> str:
+    """Cut a reply off mid-sentence, as a model that hit its length limit would."""
+    words = text.split()
+    keep = max(2, int(len(words) * rng.uniform(0.35, 0.6)))
+    return " ".join(words[:keep])
+
+
+def make_reply(
+    lang: str, topic: int, polite: bool, on_topic: bool, complete: bool, rng: random.Random
+) -> str:
+    topics = TOPICS[lang]
+    subject = topics[topic] if on_topic else topics[(topic + rng.randrange(1, len(topics))) % len(topics)]
+    opener = rng.choice(POLITE[lang] if polite else RUDE[lang])
+    body = " ".join(sentence.format(t=subject) for sentence in rng.sample(BODY[lang], 2))
+    text = f"{opener} {body} {rng.choice(CLOSING[lang])}"
+    return text if complete else _truncate(text, rng)
+
+
+# Quality levels of the replies to one prompt, best first: each level lacks more features.
+_LEVELS: list[list[tuple[bool, bool, bool]]] = [
+    [(True, True, True)],
+    [(False, True, True), (True, False, True), (True, True, False)],
+    [(False, False, True), (False, True, False), (True, False, False)],
+    [(False, False, False)],
+]
+
+
+def _ranked_replies(lang: str, topic: int, count: int, rng: random.Random) -> list[tuple[str, int]]:
+    """``count`` replies of strictly decreasing quality, with their ranks (0 = best)."""
+    if rng.random() < 0.7:
+        # Most prompts have one really good answer among their replies.
+        levels = [0] + sorted(rng.sample(range(1, len(_LEVELS)), count - 1))
+    else:
+        levels = sorted(rng.sample(range(len(_LEVELS)), count))
+    return [(make_reply(lang, topic, *rng.choice(_LEVELS[level]), rng), rank) for rank, level in enumerate(levels)]
+
+
+class _Ids:
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def __call__(self) -> str:
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+
+def _node(ids: _Ids, parent: str | None, role: str, text: str, lang: str, rank: int | None, created: str) -> dict[str, Any]:
+    return {
+        "message_id": ids(),
+        "parent_id": parent,
+        "text": text,
+        "role": role,
+        "lang": lang,
+        "review_count": 3,
+        "review_result": True,
+        "deleted": False,
+        "rank": rank,
+        "synthetic": False,
+        "model_name": None,
+        "emojis": {"+1": 1} if rank == 0 else {},
+        "labels": {},
+        "created_date": created,
+        "replies": [],
+    }
+
+
+def make_tree(index: int, rng: random.Random) -> dict[str, Any]:
+    ids = _Ids(rng)
+    lang = rng.choices(list(LANG_WEIGHTS), weights=list(LANG_WEIGHTS.values()))[0]
+    topic = rng.randrange(len(TOPICS[lang]))
+    created = f"2023-{1 + index % 12:02d}-{1 + index % 28:02d}T{index % 24:02d}:00:00+00:00"
+    prompt_text = rng.choice(PROMPTS[lang]).format(t=TOPICS[lang][topic])
+    prompt = _node(ids, None, "prompter", prompt_text, lang, None, created)
+    for text, rank in _ranked_replies(lang, topic, rng.choice((3, 3, 4)), rng):
+        prompt["replies"].append(_node(ids, prompt["message_id"], "assistant", text, lang, rank, created))
+    if rng.random() < 0.3:
+        best = prompt["replies"][0]
+        follow = _node(ids, best["message_id"], "prompter", rng.choice(FOLLOW_UPS[lang]).format(t=TOPICS[lang][topic]), lang, 0, created)
+        for text, rank in _ranked_replies(lang, topic, rng.choice((2, 3)), rng):
+            follow["replies"].append(_node(ids, follow["message_id"], "assistant", text, lang, rank, created))
+        best["replies"].append(follow)
+    tree_state = "ready_for_export"
+    roll = rng.random()
+    if roll < 0.03:
+        tree_state = "growing"
+    elif roll < 0.05:
+        tree_state = "aborted_low_grade"
+    elif roll < 0.08:
+        # A reviewer rejected the worst reply: it and its subtree are not used.
+        prompt["replies"][-1]["review_result"] = False
+    elif roll < 0.10:
+        prompt["replies"][-1]["deleted"] = True
+    return {
+        "message_tree_id": prompt["message_id"],
+        "tree_state": tree_state,
+        "prompt": prompt,
+        "origin": "oatui-sample",
+    }
+
+
+def generate(trees: int = DEFAULT_TREES, seed: int = DEFAULT_SEED) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [make_tree(index, rng) for index in range(trees)]
+
+
+def write(path: Path, trees: int = DEFAULT_TREES, seed: int = DEFAULT_SEED) -> Path:
+    lines = "".join(json.dumps(tree, ensure_ascii=False, sort_keys=True) + "\n" for tree in generate(trees, seed))
+    data = lines.encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        buffer = io.BytesIO()
+        # mtime=0 and no file name in the header: the same bytes on every run.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=9) as handle:
+            handle.write(data)
+        data = buffer.getvalue()
+    path.write_bytes(data)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=SAMPLE_FILE, help="output file (.jsonl or .jsonl.gz)")
+    parser.add_argument("--trees", type=int, default=DEFAULT_TREES)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    args = parser.parse_args(argv)
+    print(write(args.out, args.trees, args.seed))
+
+
+if __name__ == "__main__":
+    main()

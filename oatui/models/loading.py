@@ -1,0 +1,197 @@
+"""Loading checkpoints for training and inference: a local folder, a hub id, or the tiny default.
+
+The Open-Assistant special tokens (``<|prompter|>``, ``<|assistant|>``, ``<|system|>``) and a pad
+token are added when a tokenizer lacks them, and the embeddings are resized to match. Quantized
+loading, LoRA and gradient checkpointing are switched on from the stage config. No checkpoint code
+runs (``trust_remote_code``) unless the config says so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from oatui.data.format import ASSISTANT, PAD, PROMPTER, SYSTEM
+from oatui.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from oatui.config import StageConfig
+
+LORA_TARGETS = {
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or os.sep in name.rstrip(os.sep) and Path(name).exists() or Path(name).exists()
+
+
+def resolve_model_name(name: str, models_dir: Path, tiny_overrides: dict[str, int] | None = None) -> str:
+    """A loadable name: ``tiny`` becomes the workspace's tiny model folder; paths must exist."""
+    if name == "tiny":
+        from oatui.models.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(models_dir, tiny_overrides))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model folder {path} has no config.json (expected a Hugging Face checkpoint folder)")
+        return str(path.absolute())
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise UserError(f"model {name!r}: no such folder (and not a hub id of the form org/name)")
+    return name  # a hub id: from_pretrained finds it in the cache or on the hub
+
+
+def check_model_name(name: str) -> None:
+    """Cheap check before a run starts: a path that does not exist is bad input, said at once."""
+    if name in ("tiny", "latest"):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model folder {path} has no config.json (expected a Hugging Face checkpoint folder)")
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise UserError(f"model {name!r}: no such folder (and not a hub id of the form org/name)")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(f"cannot load the tokenizer of {name}: {str(error).splitlines()[0]}") from None
+    missing = [token for token in (PROMPTER, ASSISTANT, SYSTEM) if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if tokenizer.pad_token is None:
+        if PAD in tokenizer.get_vocab():
+            tokenizer.pad_token = PAD
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD})
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of {name} has no EOS token")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def pick_dtype(setting: str) -> "torch.dtype":
+    import torch
+
+    if setting == "float32":
+        return torch.float32
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if setting == "float16":
+        return torch.float16
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _quantization(config: "StageConfig") -> Any:
+    if not (config.load_in_8bit or config.load_in_4bit):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("load_in_8bit / load_in_4bit need a CUDA GPU (bitsandbytes quantized weights)")
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=pick_dtype(config.dtype),
+            bnb_4bit_use_double_quant=True,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _load(auto_class: Any, name: str, config: "StageConfig", tokenizer: "PreTrainedTokenizerBase", **kwargs: Any):
+    quantization = _quantization(config)
+    extra: dict[str, Any] = dict(kwargs)
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+        extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        model = auto_class.from_pretrained(
+            name,
+            dtype=pick_dtype(config.dtype),
+            trust_remote_code=config.trust_remote_code,
+            **extra,
+        )
+    except OSError as error:
+        raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}") from None
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    return model
+
+
+def lora_config(model: "PreTrainedModel", config: "StageConfig", task_type: str):
+    from peft import LoraConfig
+
+    targets = config.lora_target_modules or LORA_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise UserError(
+            f"lora_target_modules: no default for model type {model.config.model_type!r}; list the module names"
+        )
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )
+
+
+def uses_lora(config: "StageConfig") -> bool:
+    return config.peft_model or config.load_in_8bit or config.load_in_4bit
+
+
+def load_causal_lm(name: str, config: "StageConfig", tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, name, config, tokenizer)
+
+
+def load_reward_model(name: str, config: "StageConfig", tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
+    """A sequence classifier with one output: the scalar reward of a whole conversation."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, name, config, tokenizer, num_labels=1)
+
+
+def load_for_inference(name: str, kind: str, device: str = "cpu", dtype: str = "float32"):
+    """Model and tokenizer for scoring or generation outside training (export, RL, tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(name)
+    auto = AutoModelForSequenceClassification if kind == "rm" else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(name, dtype=pick_dtype(dtype))
+    except OSError as error:
+        raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}") from None
+    model.to(torch.device(device)).eval()
+    return model, tokenizer

@@ -1,0 +1,286 @@
+"""Starting stages: the argv of each launcher, the run directory, and a detached supervisor.
+
+Every stage runs under a supervisor process (:mod:`oatui.stages.supervisor`) started in its own
+session, so that neither quitting the app nor losing the SSH session takes a run with it. The
+command line either returns at once (``--detach``) or follows the run's log until it ends; Ctrl-C
+there asks the run to stop (checkpoint first) rather than killing it.
+
+Argv lists only, never a shell string: a config value cannot run anything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oatui.config import STAGES, StageConfig, deepspeed_config_path, from_yaml_file, load_stage_config, to_yaml
+from oatui.errors import UserError
+from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, new_run_id, valid_run_id
+from oatui.workspace import Workspace
+
+LAUNCHERS = ("auto", "python", "accelerate", "deepspeed")
+
+
+@dataclass
+class LaunchRequest:
+    stage: str
+    configs: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    launcher: str = "auto"
+    gpus: str | None = None
+    num_processes: int | None = None
+    hostfile: str | None = None
+    resume: str | None = None
+    """A run id to continue instead of starting a new run."""
+
+
+def parse_gpus(gpus: str | None, available: int | None = None) -> list[int]:
+    """``"0,1"`` → ``[0, 1]``, checked against the GPUs this machine has (``available``; None: ask NVML)."""
+    if gpus is None or gpus.strip() == "":
+        return []
+    indices = []
+    for part in gpus.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise UserError(f"--gpus {gpus}: expected GPU indices such as 0,1,2")
+        indices.append(int(part))
+    if len(set(indices)) != len(indices):
+        raise UserError(f"--gpus {gpus}: a GPU is listed twice")
+    count = gpu_count() if available is None else available
+    missing = [i for i in indices if i >= count]
+    if missing:
+        have = "no NVIDIA GPU" if count == 0 else f"{count} GPU{'s' if count != 1 else ''} (0-{count - 1})"
+        raise UserError(f"--gpus {gpus}: GPU {missing[0]} does not exist; this machine has {have}")
+    return indices
+
+
+def gpu_count() -> int:
+    """GPUs NVML can see; 0 without a driver. Cheap and without torch, for the launcher's checks."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no library, no driver: no GPUs
+        return 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def choose_launcher(requested: str, config: StageConfig, gpus: list[int], num_processes: int, hostfile: str | None) -> str:
+    if requested not in LAUNCHERS:
+        raise UserError(f"--launcher {requested}: expected one of {', '.join(LAUNCHERS)}")
+    if requested != "auto":
+        return requested
+    if hostfile or config.deepspeed:
+        return "deepspeed"
+    if num_processes > 1:
+        return "accelerate"
+    return "python"
+
+
+def stage_argv(
+    stage: str,
+    run_dir: Path,
+    launcher: str,
+    gpus: list[int],
+    num_processes: int,
+    hostfile: str | None = None,
+) -> list[str]:
+    module = f"oatui.train.{stage}"
+    script = ["--run-dir", str(run_dir)]
+    python = sys.executable
+    if launcher == "python":
+        return [python, "-m", module, *script]
+    if launcher == "accelerate":
+        argv = [python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+                "--num_machines", "1", "--main_process_port", str(free_port()), "--dynamo_backend", "no",
+                "--mixed_precision", "no"]
+        if gpus:
+            argv += ["--gpu_ids", ",".join(map(str, gpus))]
+            if num_processes > 1:
+                argv.append("--multi_gpu")
+        else:
+            argv.append("--cpu")
+        return [*argv, "-m", module, *script]
+    if launcher == "deepspeed":
+        argv = [python, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
+        if hostfile:
+            argv += ["--hostfile", hostfile]
+            if gpus:
+                argv += ["--include", "@".join(f"{host}:{','.join(map(str, gpus))}" for host in _hosts(hostfile))]
+        elif gpus:
+            argv += ["--include", f"localhost:{','.join(map(str, gpus))}"]
+        else:
+            argv += ["--num_gpus", str(num_processes)]
+        return [*argv, "--module", module, *script]
+    raise UserError(f"--launcher {launcher}: expected one of {', '.join(LAUNCHERS)}")
+
+
+def _hosts(hostfile: str) -> list[str]:
+    hosts = []
+    for number, line in enumerate(Path(hostfile).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].startswith("slots=")):
+            raise UserError(f"{hostfile}:{number}: expected 'HOST slots=N'")
+        hosts.append(parts[0])
+    if not hosts:
+        raise UserError(f"{hostfile}: no hosts listed")
+    return hosts
+
+
+def _check_inputs(stage: str, config: StageConfig, workspace: Workspace) -> None:
+    """The cheap checks that must fail before a run directory exists."""
+    from oatui.data.datasets import resolve_dataset_path
+    from oatui.models.loading import check_model_name
+
+    check_model_name(config.model_name)
+    for name in ("sft_model", "rm_model"):
+        value = getattr(config, name, None)
+        if value:
+            check_model_name(value)
+    for spec in config.datasets + list(getattr(config, "prompts", None) or []):
+        resolve_dataset_path(spec, workspace.root)
+    if config.deepspeed:
+        deepspeed_config_path(config.deepspeed)
+
+
+def prepare(request: LaunchRequest, workspace: Workspace) -> RunDir:
+    """Validate everything, then write the run directory (state ``queued``). Nothing starts yet."""
+    if request.stage not in STAGES:
+        raise UserError(f"unknown stage {request.stage!r}; expected one of {', '.join(STAGES)}")
+    if request.hostfile is not None and not Path(request.hostfile).is_file():
+        raise UserError(f"--hostfile {request.hostfile}: no such file")
+    if request.hostfile:
+        _hosts(request.hostfile)
+    if request.resume:
+        return _prepare_resume(request, workspace)
+    if not request.configs:
+        raise UserError(f"--configs: name at least one section, e.g. --configs {_default_sections(request.stage)}")
+    config = load_stage_config(request.stage, request.configs, request.overrides, workspace.root)
+    gpus = parse_gpus(request.gpus)
+    num_processes = request.num_processes or max(1, len(gpus))
+    if request.num_processes is not None and request.num_processes < 1:
+        raise UserError("--num-processes: must be at least 1")
+    if gpus and request.num_processes and request.num_processes != len(gpus):
+        raise UserError(f"--num-processes {request.num_processes} does not match --gpus {request.gpus}")
+    launcher = choose_launcher(request.launcher, config, gpus, num_processes, request.hostfile)
+    _check_inputs(request.stage, config, workspace)
+    run_id = new_run_id(request.stage)
+    run_path = workspace.runs / run_id
+    info = RunInfo(
+        id=run_id,
+        stage=request.stage,
+        argv=stage_argv(request.stage, run_path, launcher, gpus, num_processes, request.hostfile),
+        configs=list(request.configs),
+        overrides=list(request.overrides),
+        launcher=launcher,
+        gpus=",".join(map(str, gpus)) or None,
+        num_processes=num_processes,
+        workspace=str(workspace.root),
+        hostfile=str(Path(request.hostfile).absolute()) if request.hostfile else None,
+    )
+    return RunDir.create(workspace.runs, info, to_yaml(config))
+
+
+def _default_sections(stage: str) -> str:
+    return {"sft": "defaults tiny", "rm": "defaults_rm tiny_rm", "rl": "defaults_rl tiny_rl"}[stage]
+
+
+def _prepare_resume(request: LaunchRequest, workspace: Workspace) -> RunDir:
+    run_id = request.resume or ""
+    if not valid_run_id(run_id) or not (workspace.runs / run_id).is_dir():
+        raise UserError(f"--resume {run_id}: no such run in {workspace.runs}")
+    if request.configs or request.overrides:
+        raise UserError("--resume continues a run with its own config.yaml; drop --configs/--set")
+    run = RunDir(workspace.runs / run_id)
+    try:
+        info = run.read_info()
+    except ValueError as error:
+        raise UserError(f"--resume {run_id}: {error}") from None
+    if info.stage != request.stage:
+        raise UserError(f"--resume {run_id}: that is a {info.stage} run, not {request.stage}")
+    from oatui.stages.runs import refresh
+
+    info = refresh(run, info)
+    if info.state in ACTIVE_STATES:
+        raise UserError(f"--resume {run_id}: the run is still {info.state} (pid {info.pid})")
+    if info.state == "succeeded":
+        raise UserError(f"--resume {run_id}: the run already succeeded")
+    from_yaml_file(request.stage, run.config_path)  # still valid with this version of oatui
+    gpus = parse_gpus(request.gpus if request.gpus is not None else info.gpus)
+    launcher = info.launcher if request.launcher == "auto" else request.launcher
+    num_processes = request.num_processes or info.num_processes
+    hostfile = request.hostfile or info.hostfile
+    run.update_info(
+        state="queued",
+        argv=stage_argv(request.stage, run.path, launcher, gpus, num_processes, hostfile),
+        launcher=launcher,
+        gpus=",".join(map(str, gpus)) or None,
+        num_processes=num_processes,
+        hostfile=hostfile,
+        resumes=info.resumes + 1,
+        exit_code=None,
+        signal=None,
+        error=None,
+        ended=None,
+        pid=None,
+        pid_started=None,
+        supervisor_pid=None,
+        supervisor_started=None,
+        stop_requested=False,
+    )
+    return run
+
+
+def spawn_supervisor(run: RunDir) -> int:
+    """Start the run's supervisor in a new session, detached from this terminal; returns its pid."""
+    import psutil
+
+    with open(run.path / "supervisor.log", "ab") as log:
+        process = subprocess.Popen(  # noqa: S603 - a fixed argv, no shell
+            [sys.executable, "-m", "oatui.stages.supervisor", "--run-dir", str(run.path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=run.path,
+            close_fds=True,
+        )
+    try:
+        started = psutil.Process(process.pid).create_time()
+    except psutil.Error:
+        started = None
+    run.update_info(supervisor_pid=process.pid, supervisor_started=started)
+    return process.pid
+
+
+def launch(request: LaunchRequest, workspace: Workspace) -> RunDir:
+    run = prepare(request, workspace)
+    spawn_supervisor(run)
+    return run
+
+
+def stage_environment(info: RunInfo, run: RunDir) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OATUI_RUN_DIR"] = str(run.path)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if info.gpus and info.launcher != "deepspeed":
+        # deepspeed picks GPUs itself from --include; the others see only the GPUs asked for.
+        env["CUDA_VISIBLE_DEVICES"] = info.gpus
+    return env

@@ -1,0 +1,244 @@
+"""Reading runs back: listing, liveness, progress and ETA, stopping.
+
+Used by ``oatui runs`` and by the app; plain Python, no torch. A run whose supervisor died
+without recording a result (``kill -9``, a reboot) is found here and marked ``failed``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oatui.errors import UserError
+from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, valid_run_id
+
+# A supervisor that has not written "running" this long after the launch is considered lost.
+QUEUED_GRACE_S = 60.0
+
+
+def process_alive(pid: int | None, started: float | None) -> bool:
+    """True when ``pid`` runs and is the same process (same start time) as the one recorded."""
+    if not pid:
+        return False
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started is not None and abs(process.create_time() - started) > 1.0:
+            return False  # the pid was reused by another process
+        return True
+    except psutil.Error:
+        return False
+
+
+def refresh(run: RunDir, info: RunInfo | None = None) -> RunInfo:
+    """``info`` with a dead supervisor's run corrected to ``failed`` (and written back)."""
+    info = info or run.read_info()
+    if info.state not in ACTIVE_STATES:
+        return info
+    supervisor_alive = process_alive(info.supervisor_pid, info.supervisor_started)
+    if supervisor_alive:
+        return info
+    if info.state == "queued" and info.supervisor_pid is None and time.time() - info.created < QUEUED_GRACE_S:
+        return info  # the launcher is about to start the supervisor
+    if process_alive(info.pid, info.pid_started):
+        return info  # the stage still runs; its supervisor is gone, so nobody will record the end
+    from oatui.fsutil import locked
+
+    with locked(run.info_path):
+        current = run.read_info()
+        if current.state not in ACTIVE_STATES:
+            return current
+        current.state = "failed"
+        current.ended = current.ended or time.time()
+        current.error = run.read_error() or "the run's supervisor ended without recording a result (killed?)"
+        run.write_info(current)
+    return current
+
+
+@dataclass
+class RunView:
+    """What a list of runs shows for one run, derived from run.json and the last metrics line."""
+
+    id: str
+    path: Path
+    info: RunInfo | None
+    problem: str | None = None
+    last: dict[str, Any] | None = None
+    first_step: tuple[int, float] | None = None
+    """(step, time) of this attempt's first logged step: the rate behind the ETA."""
+
+    @property
+    def stage(self) -> str:
+        return self.info.stage if self.info else "?"
+
+    @property
+    def state(self) -> str:
+        return self.info.state if self.info else "broken"
+
+    @property
+    def step(self) -> int:
+        value = (self.last or {}).get("step")
+        return value if isinstance(value, int) else 0
+
+    @property
+    def total_steps(self) -> int:
+        value = (self.last or {}).get("total_steps")
+        return value if isinstance(value, int) else 0
+
+    @property
+    def progress(self) -> float | None:
+        if self.state == "succeeded":
+            return 1.0
+        return min(1.0, self.step / self.total_steps) if self.total_steps else None
+
+    @property
+    def elapsed(self) -> float | None:
+        if not self.info or not self.info.started:
+            return None
+        end = self.info.ended if self.info.state not in ACTIVE_STATES and self.info.ended else time.time()
+        return max(0.0, end - self.info.started)
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate since the first logged step (None before a rate is known)."""
+        if self.state != "running" or not self.total_steps or self.step <= 0 or not self.last:
+            return None
+        if self.first_step is None:
+            return None
+        steps = self.step - self.first_step[0]
+        seconds = float(self.last.get("time", time.time())) - self.first_step[1]
+        if steps <= 0 or seconds <= 0:
+            return None
+        return (self.total_steps - self.step) * seconds / steps
+
+    def to_dict(self) -> dict[str, Any]:
+        info = self.info
+        return {
+            "id": self.id,
+            "stage": self.stage,
+            "state": self.state,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "pid": info.pid if info else None,
+            "started": info.started if info else None,
+            "ended": info.ended if info else None,
+            "elapsed_s": round(self.elapsed, 1) if self.elapsed is not None else None,
+            "eta_s": round(self.eta, 1) if self.eta is not None else None,
+            "exit_code": info.exit_code if info else None,
+            "signal": info.signal if info else None,
+            "error": (info.error if info else self.problem),
+            "configs": info.configs if info else [],
+            "launcher": info.launcher if info else None,
+            "gpus": info.gpus if info else None,
+            "final": str(self.path / "final") if (self.path / "final" / "config.json").exists() else None,
+            "path": str(self.path),
+        }
+
+
+def _first_step(run: RunDir) -> tuple[int, float] | None:
+    """The first metrics line of the current attempt, for the rate behind the ETA."""
+    try:
+        with open(run.metrics_path, encoding="utf-8", errors="replace") as handle:
+            import json
+
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > 0:
+                    return record["step"], float(record.get("time", 0))
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def view(run: RunDir, with_rate: bool = True) -> RunView:
+    try:
+        info = refresh(run)
+    except ValueError as error:
+        return RunView(run.id, run.path, None, problem=str(error))
+    result = RunView(run.id, run.path, info, last=run.last_metrics())
+    if with_rate and info.state == "running":
+        first = _first_step(run)
+        if first and info.started and first[1] < info.started:
+            first = None  # from an earlier attempt; wait for this one's second log line
+        result.first_step = first
+    return result
+
+
+def list_runs(runs_dir: Path) -> list[RunView]:
+    """Every run folder, newest first; a folder with a broken run.json is listed with its problem."""
+    if not runs_dir.is_dir():
+        return []
+    views = []
+    for child in runs_dir.iterdir():
+        if child.is_dir() and not child.name.startswith(".") and valid_run_id(child.name):
+            views.append(view(RunDir(child)))
+    views.sort(key=lambda v: (v.info.created if v.info else 0.0, v.id), reverse=True)
+    return views
+
+
+def find_run(runs_dir: Path, run_id: str) -> RunDir:
+    if not valid_run_id(run_id) or not (runs_dir / run_id).is_dir():
+        # Allow a unique prefix, as users type the start of an id.
+        matches = [p for p in runs_dir.glob(f"{run_id}*") if p.is_dir()] if valid_run_id(run_id) else []
+        if len(matches) == 1:
+            return RunDir(matches[0])
+        if len(matches) > 1:
+            raise UserError(f"run {run_id!r} is ambiguous: {', '.join(sorted(p.name for p in matches)[:5])}")
+        raise UserError(f"no run {run_id!r} in {runs_dir}")
+    return RunDir(runs_dir / run_id)
+
+
+def latest_final(runs_dir: Path, stage: str) -> Path | None:
+    """``final/`` of the newest succeeded run of ``stage`` (what ``sft_model: latest`` means)."""
+    for run_view in list_runs(runs_dir):
+        if run_view.stage == stage and run_view.state == "succeeded" and (run_view.path / "final" / "config.json").exists():
+            return run_view.path / "final"
+    return None
+
+
+def stop_run(run: RunDir, force: bool = False) -> RunInfo:
+    """Ask a run to stop (checkpoint, then ``stopped``), or kill it with ``force``."""
+    try:
+        info = refresh(run)
+    except ValueError as error:
+        raise UserError(f"{run.id}: {error}") from None
+    if info.state not in ACTIVE_STATES:
+        raise UserError(f"run {run.id} is not running (it {info.state})")
+    info = run.update_info(stop_requested=True)
+    if force:
+        _kill_group(info.pid, info.pid_started, signal.SIGKILL)
+        return info
+    if process_alive(info.supervisor_pid, info.supervisor_started):
+        os.kill(info.supervisor_pid, signal.SIGTERM)  # type: ignore[arg-type]
+    else:
+        _kill_group(info.pid, info.pid_started, signal.SIGTERM)
+    return info
+
+
+def _kill_group(pid: int | None, started: float | None, signum: int) -> None:
+    if pid and process_alive(pid, started):
+        try:
+            os.killpg(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def wait_for_end(run: RunDir, timeout: float | None = None, poll: float = 0.5) -> RunInfo:
+    deadline = None if timeout is None else time.time() + timeout
+    while True:
+        info = refresh(run)
+        if info.state not in ACTIVE_STATES:
+            return info
+        if deadline is not None and time.time() > deadline:
+            return info
+        time.sleep(poll)

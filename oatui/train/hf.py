@@ -1,0 +1,143 @@
+"""Glue between the Hugging Face / trl trainers and the run directory.
+
+- :class:`RunDirCallback` writes ``metrics.jsonl`` with oatui's metric names and turns a stop
+  request into "save a checkpoint, then stop" at the next step boundary;
+- :class:`AtomicCheckpoints` makes the trainer write each checkpoint under
+  ``checkpoints/.partial/`` and rename it into place only when every rank has finished writing;
+- :func:`trainer_arguments` maps the stage config onto trl's config class.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from oatui.config import StageConfig, deepspeed_config_path
+from oatui.train.common import (
+    StageContext,
+    is_main_process,
+    world_size,
+    publish_checkpoint,
+    rename_trainer_logs,
+    stop_requested_everywhere,
+)
+
+class RunDirCallback(TrainerCallback):
+    def __init__(self, context: StageContext) -> None:
+        self.context = context
+        self.stopped = False
+        self._last_tokens: tuple[float, float] | None = None  # (time, tokens) at the previous log
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.context.log(f"training for {state.max_steps} steps")
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if stop_requested_everywhere():
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if not logs or not is_main_process():
+            return
+        metrics = rename_trainer_logs(logs)
+        tokens = logs.get("num_tokens") or state.num_input_tokens_seen or None
+        now = time.time()
+        if tokens and "train/loss" in metrics and "train_runtime" not in logs:
+            if self._last_tokens is not None and now > self._last_tokens[0] and tokens >= self._last_tokens[1]:
+                metrics["perf/tokens_per_s"] = round((tokens - self._last_tokens[1]) / (now - self._last_tokens[0]), 1)
+            self._last_tokens = (now, float(tokens))
+        metrics.pop("train/num_tokens", None)
+        metrics.pop("eval/num_tokens", None)
+        if tokens:
+            metrics["train/tokens_seen"] = int(tokens)
+        self.context.metrics.write(state.global_step, state.max_steps, metrics)
+
+
+class AtomicCheckpoints:
+    """Mixin for a ``transformers.Trainer`` subclass: checkpoints appear complete or not at all."""
+
+    def _get_output_dir(self, trial: Any) -> str:  # type: ignore[override]
+        if getattr(self, "_oatui_saving", False):
+            return os.path.join(self.args.output_dir, ".partial")
+        return super()._get_output_dir(trial)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:  # type: ignore[override]
+        self._oatui_saving = True
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._oatui_saving = False
+        # Every rank (deepspeed writes per-rank shards) must be done before the rename.
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+        if is_main_process():
+            checkpoints = Path(self.args.output_dir)
+            partial = checkpoints / ".partial" / f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+            if partial.exists():
+                publish_checkpoint(partial, checkpoints, self.args.save_total_limit or 2)
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+
+
+def trainer_arguments(config: StageConfig, context: StageContext) -> dict[str, Any]:
+    """Keyword arguments shared by trl's SFTConfig and RewardConfig."""
+    import torch
+
+    from oatui.models.loading import pick_dtype
+
+    dtype = pick_dtype(config.dtype)
+    on_gpu = torch.cuda.is_available()
+    has_eval = config.val_fraction > 0
+    return dict(
+        output_dir=str(context.run.checkpoints),
+        seed=config.seed,
+        data_seed=config.seed,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler_type,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        optim="adamw_bnb_8bit" if config.optimizer == "adamw_8bit" else "adamw_torch",
+        deepspeed=deepspeed_config_path(config.deepspeed),
+        dataloader_num_workers=config.dataloader_num_workers,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,
+        remove_unused_columns=True,
+        save_only_model=False,
+        include_num_input_tokens_seen="all",
+    )
+
+
+def evaluate_at_end(trainer: Any, has_eval: bool) -> None:
+    """One last evaluation, unless the last step was just evaluated."""
+    eval_steps = trainer.args.eval_steps or 0
+    if has_eval and not (eval_steps and trainer.state.global_step % eval_steps == 0):
+        trainer.evaluate()
+
+
+def run_trainer(trainer: Any, callback: RunDirCallback, context: StageContext) -> bool:
+    """Train (resuming when the run has a checkpoint); True when it ran to the end, False when stopped."""
+    resume = str(context.resume_from) if context.resume_from else None
+    trainer.train(resume_from_checkpoint=resume)
+    return not callback.stopped

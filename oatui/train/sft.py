@@ -1,0 +1,75 @@
+"""The SFT stage: trl's SFTTrainer on the conversations of the export trees, loss on assistant tokens.
+
+Run by ``oatui train sft`` as ``python -m oatui.train.sft --run-dir DIR`` (or under accelerate /
+deepspeed); it reads everything else from the run directory.
+"""
+
+from __future__ import annotations
+
+from oatui.config import SFTConfig
+from oatui.train.common import StageContext, StageStopped, save_final, stage_main
+
+
+def train_sft(context: StageContext) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    from oatui.data.datasets import sft_mix, tokenize_sft
+    from oatui.models.loading import load_causal_lm, load_tokenizer, lora_config, uses_lora
+    from oatui.train.hf import AtomicCheckpoints, RunDirCallback, evaluate_at_end, run_trainer, trainer_arguments
+
+    config = context.config
+    assert isinstance(config, SFTConfig)
+    model_name = context.model_name()
+    tokenizer = load_tokenizer(model_name, config.trust_remote_code)
+    mix = sft_mix(config.datasets, context.workspace.root, config.seed, config.val_fraction, config.skip_invalid)
+    context.log("data: " + mix.describe("conversations"))
+    train_rows = tokenize_sft(mix.train, tokenizer, config.max_length, config.system_prompt)
+    eval_rows = tokenize_sft(mix.eval, tokenizer, config.max_length, config.system_prompt)
+    trained_tokens = sum(sum(row["assistant_masks"]) for row in train_rows)
+    context.log(f"{len(train_rows)} train / {len(eval_rows)} eval conversations, {trained_tokens} assistant tokens carry the loss")
+
+    model = load_causal_lm(model_name, config, tokenizer)
+    peft_config = lora_config(model, config, "CAUSAL_LM") if uses_lora(config) else None
+
+    class Trainer(AtomicCheckpoints, SFTTrainer):
+        pass
+
+    args = TrlSFTConfig(
+        **trainer_arguments(config, context),
+        max_length=config.max_length,
+        packing=False,
+        completion_only_loss=False,
+        dataset_num_proc=None,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+    )
+    callback = RunDirCallback(context)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
+    if not run_trainer(trainer, callback, context):
+        raise StageStopped()
+    evaluate_at_end(trainer, bool(eval_rows))
+    if trainer.is_world_process_zero():
+        final_model = trainer.model
+        if peft_config is not None:
+            final_model = final_model.merge_and_unload()
+        save_final(final_model, tokenizer, context.run.final)
+        context.log(f"final model: {context.run.final}")
+    trainer.accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main("sft", train_sft, argv)
+
+
+if __name__ == "__main__":
+    main()
