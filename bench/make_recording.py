@@ -107,17 +107,25 @@ def synthesise_8xh100() -> list[MonitorSnapshot]:
             if index < 6:
                 if phase == "checkpoint":
                     utilization = rng.uniform(2, 9)
-                    pcie_rx, pcie_tx = rng.randint(20_000, 60_000), rng.randint(9_000_000, 13_500_000)
+                    pcie_rx, pcie_tx = (
+                        rng.randint(20_000, 60_000),
+                        rng.randint(9_000_000, 13_500_000),
+                    )
                 elif phase == "rollout":
                     utilization = rng.uniform(58, 78)
                     pcie_rx, pcie_tx = rng.randint(150_000, 450_000), rng.randint(80_000, 300_000)
                 else:
                     utilization = min(100.0, rng.uniform(93, 101))
-                    pcie_rx, pcie_tx = rng.randint(600_000, 2_400_000), rng.randint(500_000, 2_000_000)
+                    pcie_rx, pcie_tx = (
+                        rng.randint(600_000, 2_400_000),
+                        rng.randint(500_000, 2_000_000),
+                    )
                 # Memory grows while the allocator warms up, then breathes with the phases.
                 warm = min(1.0, step / 25)
                 process_memory = int(
-                    58 * GIB + warm * 9 * GIB + memory_offsets[index]
+                    58 * GIB
+                    + warm * 9 * GIB
+                    + memory_offsets[index]
                     + (2.5 * GIB if phase == "optimise" else 0)
                 )
                 processes.append(
@@ -131,7 +139,13 @@ def synthesise_8xh100() -> list[MonitorSnapshot]:
                 )
                 if index == 5 and step in STRAY_STEPS:
                     processes.append(
-                        GpuProcess(pid=STRAY_PID, user=None, command=None, gpu_memory=2150 * MIB, type="compute")
+                        GpuProcess(
+                            pid=STRAY_PID,
+                            user=None,
+                            command=None,
+                            gpu_memory=2150 * MIB,
+                            type="compute",
+                        )
                     )
                 memory_used = sum(p.gpu_memory or 0 for p in processes) + 531 * MIB
                 utilization_memory = utilization * rng.uniform(0.38, 0.5)
@@ -140,7 +154,13 @@ def synthesise_8xh100() -> list[MonitorSnapshot]:
                 utilization = min(100.0, triton_load * 85 + rng.uniform(0, 3))
                 process_memory = int(35.4 * GIB)
                 processes.append(
-                    GpuProcess(pid=TRITON_PID, user="alice", command=TRITON_COMMAND, gpu_memory=process_memory, type="compute")
+                    GpuProcess(
+                        pid=TRITON_PID,
+                        user="alice",
+                        command=TRITON_COMMAND,
+                        gpu_memory=process_memory,
+                        type="compute",
+                    )
                 )
                 memory_used = process_memory + 531 * MIB
                 utilization_memory = utilization * rng.uniform(0.55, 0.7)
@@ -193,7 +213,9 @@ def synthesise_8xh100() -> list[MonitorSnapshot]:
                     uuid=gpu_uuids[index],
                     name=H100_NAME,
                     utilization_gpu=None if utilization is None else float(round(utilization)),
-                    utilization_memory=None if utilization_memory is None else float(round(utilization_memory)),
+                    utilization_memory=None
+                    if utilization_memory is None
+                    else float(round(utilization_memory)),
                     memory_used=memory_used,
                     memory_total=H100_MEMORY,
                     temperature=float(round(temperatures[index])),
@@ -284,7 +306,9 @@ def write(path: Path, snapshots: list[MonitorSnapshot]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("tests/data/recordings"), help="folder to write into")
+    parser.add_argument(
+        "--out", type=Path, default=Path("tests/data/recordings"), help="folder to write into"
+    )
     args = parser.parse_args()
     write(args.out / "8xh100.jsonl", synthesise_8xh100())
     write(args.out / "no-driver.jsonl", synthesise_no_driver())

@@ -115,7 +115,9 @@ def test_nvml_failure_is_retried_only_after_the_interval():
     def refuse():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
-    fake = SimpleNamespace(NVMLError=pynvml.NVMLError, NVML_ERROR_LIBRARY_NOT_FOUND=12, nvmlInit=refuse)
+    fake = SimpleNamespace(
+        NVMLError=pynvml.NVMLError, NVML_ERROR_LIBRARY_NOT_FOUND=12, nvmlInit=refuse
+    )
     session = NvmlSession(fake, retry_interval=60.0, clock=lambda: now[0])
     for _ in range(5):
         assert session.query_gpus() == ()
@@ -138,7 +140,10 @@ def test_driver_not_loaded_and_odd_failures_are_one_sentence():
     def mismatch():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH)
 
-    for init, expected in ((not_loaded, "driver is not loaded"), (mismatch, "NVML could not start")):
+    for init, expected in (
+        (not_loaded, "driver is not loaded"),
+        (mismatch, "NVML could not start"),
+    ):
         fake = SimpleNamespace(
             NVMLError=pynvml.NVMLError,
             NVML_ERROR_LIBRARY_NOT_FOUND=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND,
@@ -209,7 +214,12 @@ def _fake_nvml(vanished_pid: int):
         return [process(me, None, 0, 0)] if handle == ("gpu", 0) else []
 
     names = {("gpu", 0): b"NVIDIA H100 80GB HBM3", ("gpu", 1): "NVIDIA A100-SXM4-80GB"}
-    uuids = {("gpu", 0): "GPU-aaaa", ("gpu", 1): "GPU-bbbb", ("mig", 1, 0): "MIG-cccc", ("mig", 1, 2): "MIG-dddd"}
+    uuids = {
+        ("gpu", 0): "GPU-aaaa",
+        ("gpu", 1): "GPU-bbbb",
+        ("mig", 1, 0): "MIG-cccc",
+        ("mig", 1, 2): "MIG-dddd",
+    }
     calls = {"init": 0, "shutdown": 0}
 
     def init():
@@ -276,7 +286,12 @@ def test_query_gpus_turns_every_device_into_a_snapshot():
     assert plain.memory_used == 10 * 2**30 and plain.memory_total == 80 * 2**30
     assert plain.power_draw == pytest.approx(412.345) and plain.power_limit == 700.0
     assert plain.fan is None  # not supported: None, not a crash
-    assert (plain.clock_sm, plain.clock_mem, plain.pcie_rx, plain.pcie_tx) == (1980, 2619, 1234, 1234)
+    assert (plain.clock_sm, plain.clock_mem, plain.pcie_rx, plain.pcie_tx) == (
+        1980,
+        2619,
+        1234,
+        1234,
+    )
     assert plain.mig_mode is None and plain.mig_devices == ()
     by_pid = {process.pid: process for process in plain.processes}
     me = by_pid[os.getpid()]
@@ -286,11 +301,21 @@ def test_query_gpus_turns_every_device_into_a_snapshot():
     assert (gone.user, gone.command, gone.gpu_memory, gone.type) == (None, None, 2**30, "compute")
 
     assert mig.mig_mode is True and mig.utilization_gpu is None and mig.pcie_rx is None
-    assert [(m.index, m.uuid, m.gpu_instance_id) for m in mig.mig_devices] == [(0, "MIG-cccc", 1), (2, "MIG-dddd", 2)]
+    assert [(m.index, m.uuid, m.gpu_instance_id) for m in mig.mig_devices] == [
+        (0, "MIG-cccc", 1),
+        (2, "MIG-dddd", 2),
+    ]
     assert mig.mig_devices[0].memory_used == 15 * 2**30
-    assert [(p.pid, p.mig_index, p.gpu_memory) for p in mig.processes] == [(os.getpid(), 0, 5 * 2**30)]
+    assert [(p.pid, p.mig_index, p.gpu_memory) for p in mig.processes] == [
+        (os.getpid(), 0, 5 * 2**30)
+    ]
 
-    assert lost.uuid is None and lost.name is None and lost.memory_used is None and lost.processes == ()
+    assert (
+        lost.uuid is None
+        and lost.name is None
+        and lost.memory_used is None
+        and lost.processes == ()
+    )
     assert again == tuple(replace(gpu) for gpu in again)  # frozen, comparable
     with pytest.raises(AttributeError):
         plain.index = 5  # type: ignore[misc]
@@ -302,7 +327,7 @@ def test_query_gpus_turns_every_device_into_a_snapshot():
 def test_recording_lines_round_trip_byte_for_byte(h100):
     lines = H100.read_text().splitlines()
     assert len(lines) == len(h100) == 60
-    for line, snapshot in zip(lines, h100):
+    for line, snapshot in zip(lines, h100, strict=True):
         assert MonitorSnapshot.from_dict(snapshot.to_dict()) == snapshot
         assert snapshot_to_line(snapshot) == line
     keys = list(json.loads(lines[0]))
@@ -395,16 +420,31 @@ def test_any_snapshot_round_trips_through_json(snapshot):
     [
         (lambda d: d.pop("host"), "missing key 'host'"),
         (lambda d: d.update(format=2), "format 1, not 2"),
-        (lambda d: d.update(time="now"), "snapshot.time: expected a finite number, got the string 'now'"),
-        (lambda d: d["gpus"][3].update(memory_used=1.5), "snapshot.gpus[3].memory_used: expected a 64-bit integer"),
-        (lambda d: d["gpus"][7]["mig_devices"][1].pop("uuid"), "snapshot.gpus[7].mig_devices[1]: missing key 'uuid'"),
-        (lambda d: d["gpus"][0]["processes"][0].update(type="cuda"), "processes[0].type: expected one of"),
+        (
+            lambda d: d.update(time="now"),
+            "snapshot.time: expected a finite number, got the string 'now'",
+        ),
+        (
+            lambda d: d["gpus"][3].update(memory_used=1.5),
+            "snapshot.gpus[3].memory_used: expected a 64-bit integer",
+        ),
+        (
+            lambda d: d["gpus"][7]["mig_devices"][1].pop("uuid"),
+            "snapshot.gpus[7].mig_devices[1]: missing key 'uuid'",
+        ),
+        (
+            lambda d: d["gpus"][0]["processes"][0].update(type="cuda"),
+            "processes[0].type: expected one of",
+        ),
         (lambda d: d["gpus"][0].update(mig_mode="yes"), "expected true, false or null"),
         (lambda d: d["host"].update(load_average=[1, 2]), "expected 3 numbers, got 2"),
         (lambda d: d["host"].update(cpu_percent=[1, None]), "expected a list of finite numbers"),
         (lambda d: d.update(gpus={}), "snapshot.gpus: expected a list, got an object"),
         (lambda d: d["gpus"][1].update(index=True), "expected a 64-bit integer, got true"),
-        (lambda d: d["gpus"][1].update(index=2**70), "expected a 64-bit integer, got the number 1180"),
+        (
+            lambda d: d["gpus"][1].update(index=2**70),
+            "expected a 64-bit integer, got the number 1180",
+        ),
         (lambda d: d["gpus"][1].update(index=10**400), "got a number too large"),
     ],
 )
@@ -527,12 +567,20 @@ def test_gpus_watch_count_and_no_driver_notice_once(capsys, tmp_path):
     assert main(argv + ["--json", "--workspace", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert _one_line(err) == f"oatui gpus: {NO_DRIVER}"
-    assert [MonitorSnapshot.from_dict(json.loads(line)).notice for line in out.splitlines()] == [NO_DRIVER] * 4
+    assert [MonitorSnapshot.from_dict(json.loads(line)).notice for line in out.splitlines()] == [
+        NO_DRIVER
+    ] * 4
 
 
 @pytest.mark.parametrize(
     "option",
-    [["--interval", "0"], ["--interval", "-1"], ["--interval", "nan"], ["--interval", "x"], ["--count", "0"]],
+    [
+        ["--interval", "0"],
+        ["--interval", "-1"],
+        ["--interval", "nan"],
+        ["--interval", "x"],
+        ["--count", "0"],
+    ],
 )
 def test_bad_options_are_one_line_exit_2(capsys, option):
     with pytest.raises(SystemExit) as stop:
@@ -544,7 +592,17 @@ def test_bad_options_are_one_line_exit_2(capsys, option):
 
 def test_gpus_json_subprocess_is_a_recording_that_replays(tmp_path, capsys):
     result = subprocess.run(
-        [str(OATUI), "gpus", "--json", "--count", "2", "--interval", "0.05", "--workspace", str(tmp_path / "ws")],
+        [
+            str(OATUI),
+            "gpus",
+            "--json",
+            "--count",
+            "2",
+            "--interval",
+            "0.05",
+            "--workspace",
+            str(tmp_path / "ws"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -560,7 +618,9 @@ def test_gpus_json_subprocess_is_a_recording_that_replays(tmp_path, capsys):
         assert result.stderr == ""
     recording = tmp_path / "session.jsonl"
     recording.write_text(result.stdout)
-    assert [replace(s, time=0.0) for s in read_recording(recording)] == [replace(s, time=0.0) for s in snapshots]
+    assert [replace(s, time=0.0) for s in read_recording(recording)] == [
+        replace(s, time=0.0) for s in snapshots
+    ]
     assert main(["gpus", "--replay", str(recording), "--workspace", str(tmp_path)]) == 0
     assert "HOST" in capsys.readouterr().out
 
@@ -577,7 +637,16 @@ def test_gpus_subprocess_bad_recording_is_one_line(tmp_path):
 
 def test_gpus_watch_stops_quietly_on_ctrl_c(tmp_path):
     process = subprocess.Popen(
-        [str(OATUI), "gpus", "--json", "--watch", "--interval", "0.1", "--replay", str(NO_DRIVER_RECORDING)],
+        [
+            str(OATUI),
+            "gpus",
+            "--json",
+            "--watch",
+            "--interval",
+            "0.1",
+            "--replay",
+            str(NO_DRIVER_RECORDING),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -610,7 +679,9 @@ def _json_paths(value, path=()):
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=5,
 )
 
@@ -619,11 +690,13 @@ _json_values = st.recursive(
 def _corruptions(draw) -> bytes:
     lines = list(_corpus)
     target = draw(st.integers(0, len(lines) - 1))
-    how = draw(st.sampled_from(["cut", "insert", "replace-value", "drop-key", "truncate-file", "blank"]))
+    how = draw(
+        st.sampled_from(["cut", "insert", "replace-value", "drop-key", "truncate-file", "blank"])
+    )
     line = lines[target]
     if how == "cut":
         start = draw(st.integers(0, len(line)))
-        lines[target] = line[:start] + line[start + draw(st.integers(1, 50)):]
+        lines[target] = line[:start] + line[start + draw(st.integers(1, 50)) :]
     elif how == "insert":
         at = draw(st.integers(0, len(line)))
         lines[target] = line[:at] + draw(st.text(min_size=1, max_size=5)) + line[at:]
@@ -647,7 +720,9 @@ def _corruptions(draw) -> bytes:
     return "\n".join(lines).encode("utf-8", "surrogatepass")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(content=_corruptions())
 def test_any_corrupted_recording_is_exit_2_one_line_or_works(tmp_path, capsys, content):
     path = tmp_path / "corrupt.jsonl"
@@ -730,7 +805,11 @@ def test_history_keeps_the_last_values_per_gpu_and_metric(h100):
 def test_cpu_percent_between_readings():
     times = namedtuple("times", "user nice system idle iowait guest guest_nice")
     before = [times(100, 0, 50, 850, 0, 0, 0), times(10, 0, 0, 90, 0, 0, 0)]
-    after = [times(150, 0, 100, 850, 0, 0, 0), times(10, 0, 0, 190, 10, 0, 0), times(1, 0, 0, 1, 0, 0, 0)]
+    after = [
+        times(150, 0, 100, 850, 0, 0, 0),
+        times(10, 0, 0, 190, 10, 0, 0),
+        times(1, 0, 0, 1, 0, 0, 0),
+    ]
     assert cpu_percent_between(before, after) == (100.0, 0.0, 0.0)
     assert cpu_percent_between(before, before) == (0.0, 0.0)
 
@@ -756,7 +835,11 @@ def test_process_lookup_names_live_pids_and_skips_vanished_ones():
 
 
 def test_formatters():
-    assert format_bytes(None) == "N/A" and format_bytes(512) == "512 B" and format_bytes(1536) == "1.5 KiB"
+    assert (
+        format_bytes(None) == "N/A"
+        and format_bytes(512) == "512 B"
+        and format_bytes(1536) == "1.5 KiB"
+    )
     assert format_bytes(3 * 2**40) == "3.0 TiB"
     assert format_rate_kb(300) == "300 KB/s" and format_rate_kb(310 * 1024) == "310 MB/s"
     assert format_rate_kb(12 * 1024 * 1024) == "12.0 GB/s"
@@ -767,7 +850,9 @@ def test_formatters():
 def test_long_commands_are_shortened_to_the_terminal(h100):
     text = format_snapshot(h100[0], width=100)
     process_lines = [line for line in text.splitlines() if "/home/alice/oatui" in line]
-    assert process_lines and all(len(line) <= 100 and line.endswith("...") for line in process_lines)
+    assert process_lines and all(
+        len(line) <= 100 and line.endswith("...") for line in process_lines
+    )
 
 
 def test_control_characters_in_a_recording_are_not_printed(h100):
@@ -782,9 +867,12 @@ def test_control_characters_in_a_recording_are_not_printed(h100):
 def test_monitor_imports_nothing_heavy():
     code = (
         "import sys, oatui.monitor, oatui.monitor.nvml, oatui.monitor.text, oatui.commands.gpus\n"
-        "print(','.join(m for m in ('textual', 'torch', 'numpy', 'transformers', 'pynvml') if m in sys.modules))"
+        "heavy = ('textual', 'torch', 'numpy', 'transformers', 'pynvml')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"loaded: {result.stdout.strip()}"
 
@@ -792,9 +880,11 @@ def test_monitor_imports_nothing_heavy():
 def test_bench_generator_writes_the_committed_recordings(tmp_path):
     script = Path(__file__).parent.parent / "bench" / "make_recording.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=60
+        [sys.executable, str(script), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "8xh100.jsonl").read_bytes() == H100.read_bytes()
     assert (tmp_path / "no-driver.jsonl").read_bytes() == NO_DRIVER_RECORDING.read_bytes()
-
