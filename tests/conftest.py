@@ -6,32 +6,12 @@ subprocesses, through `oatui train`); serving, RL, app and demo tests reuse its 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-OATUI = str(Path(sys.executable).parent / "oatui")
-
-
-def run_oatui(*args: str, workspace: Path | None = None, timeout: float = 600, check: bool = False,
-              env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real `oatui` command; returns the completed process (text stdout/stderr)."""
-    argv = [OATUI, *args]
-    if workspace is not None:
-        argv += ["--workspace", str(workspace)]
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env,
-                            cwd=str(cwd) if cwd else None)
-    if check and result.returncode != 0:
-        raise AssertionError(f"oatui {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+from helpers import run_oatui
 
 
 @pytest.fixture
@@ -81,8 +61,3 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedWorkspace:
     sft = _train("sft", ["defaults", "tiny"], root)
     rm = _train("rm", ["defaults_rm", "tiny_rm"], root)
     return TrainedWorkspace(root, sft, rm)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]

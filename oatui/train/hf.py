@@ -33,7 +33,7 @@ class RunDirCallback(TrainerCallback):
         self._last_tokens: tuple[float, float] | None = None  # (time, tokens) at the previous log
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.context.log(f"training for {state.max_steps} steps")
+        self.context.log(f"training for {state.max_steps} steps on {args.world_size} process(es)")
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         if stop_requested_everywhere():
@@ -115,7 +115,7 @@ def trainer_arguments(config: StageConfig, context: StageContext) -> dict[str, A
         save_total_limit=config.save_total_limit,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         optim="adamw_bnb_8bit" if config.optimizer == "adamw_8bit" else "adamw_torch",
         deepspeed=deepspeed_config_path(config.deepspeed),
         dataloader_num_workers=config.dataloader_num_workers,

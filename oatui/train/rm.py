@@ -44,8 +44,6 @@ def train_rm(context: StageContext) -> None:
         center_rewards_coefficient=config.center_rewards_coefficient,
         dataset_num_proc=None,
         disable_dropout=True,
-        eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token,
     )
     callback = RunDirCallback(context)
     trainer = Trainer(

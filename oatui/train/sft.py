@@ -42,8 +42,6 @@ def train_sft(context: StageContext) -> None:
         packing=False,
         completion_only_loss=False,
         dataset_num_proc=None,
-        eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token,
     )
     callback = RunDirCallback(context)
     trainer = Trainer(

@@ -1,0 +1,32 @@
+"""Helpers shared by the tests (import with `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OATUI = str(Path(sys.executable).parent / "oatui")
+
+
+def run_oatui(*args: str, workspace: Path | None = None, timeout: float = 600, check: bool = False,
+              env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `oatui` command; returns the completed process (text stdout/stderr)."""
+    argv = [OATUI, *args]
+    if workspace is not None:
+        argv += ["--workspace", str(workspace)]
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env,
+                            cwd=str(cwd) if cwd else None)
+    if check and result.returncode != 0:
+        raise AssertionError(f"oatui {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
