@@ -207,13 +207,6 @@ def _row_major(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _interpretable(tensor: torch.Tensor) -> torch.Tensor:
-    # The interpreter computes through numpy, which has no bfloat16, and silently reads zeros.
-    if INTERPRETED and tensor.dtype == torch.bfloat16:
-        return tensor.to(torch.float32)
-    return tensor
-
-
 def kl_reward_gae_triton(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -237,10 +230,8 @@ def kl_reward_gae_triton(
     """
     n_rows, n_tokens = logprobs.shape
     device = logprobs.device
-    logprobs, ref_logprobs, values = (
-        _interpretable(_row_major(t)) for t in (logprobs, ref_logprobs, values)
-    )
-    scores = _interpretable(scores.contiguous())
+    logprobs, ref_logprobs, values = (_row_major(t) for t in (logprobs, ref_logprobs, values))
+    scores = scores.contiguous()
     lengths = lengths.to(device=device, dtype=torch.int32).contiguous()
     rewards, advantages, returns = (
         torch.empty(n_rows, n_tokens, dtype=torch.float32, device=device) for _ in range(3)
