@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from oatui.errors import UserError
 
@@ -137,58 +138,136 @@ class RMConfig(StageConfig):
     """Cap on the pairs taken from one group (a group of k replies has k(k-1)/2)."""
 
 
+TRITON_HOST_FORMAT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}/[A-Za-z0-9_.\-]+$")
+
+
 class RLConfig(StageConfig):
     """PPO against the reward model, with a KL penalty to the SFT model."""
 
     sft_model: str = "latest"
-    """The policy's starting point: ``latest`` (newest succeeded SFT run's ``final/``) or a folder."""
+    """The policy's starting point (and the reference model): ``latest`` (newest succeeded SFT run's
+    ``final/``) or a folder."""
     rm_model: str = "latest"
-    """The reward model: ``latest`` (newest succeeded RM run's ``final/``) or a folder."""
+    """The reward model: ``latest`` (newest succeeded RM run's ``final/``) or a folder. With
+    ``triton_host_rm`` only its tokenizer is read (for the EOS of its chat format), when it exists."""
     triton_host_rm: str | None = None
     """Score on a Triton server instead of in-process: ``host:grpcport/model`` ($TRITON_HOST_RM wins)."""
     triton_host_ref: str | None = None
     """Reference log-probs from a Triton server: ``host:grpcport/model`` ($TRITON_HOST_REF wins)."""
+    remote_retries: int = 5
+    """Attempts for a failed call to a Triton server, with exponential backoff, before the stage stops."""
+    remote_timeout: float = 60.0
+    """Seconds one call to a Triton server may take."""
     prompts: list[DatasetSpec] | None = None
     """Prompt sources: export files (their prompter turns) or a JSONL of ``{"prompt": ...}``;
     default: the stage's ``datasets``."""
     value_model: Literal["policy", "rm"] = "policy"
-    """``policy``: a value head on the policy's trunk; ``rm``: a separate value model initialised from the RM."""
+    """``policy``: a value head on the policy's trunk (one network, the memory of one model);
+    ``rm``: a separate value network, the RM's trunk with a head started from its score head
+    (a second trunk to train; the RM must share the policy's tokenizer)."""
     total_steps: int = 100
     """PPO steps (one rollout batch and its optimisation each)."""
     rollout_batch_size: int = 16
     """Prompts per step (per process)."""
     mini_batch_size: int = 8
+    """Sequences per forward/backward pass in training (and per chunk when scoring); an optimizer
+    step every ``gradient_accumulation_steps`` minibatches."""
     ppo_epochs: int = 4
+    """Passes over each rollout batch."""
     max_new_tokens: int = 64
+    """Longest response; a response that reaches it without EOS is cut there."""
     temperature: float = 1.0
     top_k: int = 0
+    """Sample from the k likeliest tokens only (0: all)."""
     top_p: float = 1.0
     max_prompt_length: int = 256
+    """Longest prompt, in tokens; longer ones keep their end."""
     cliprange: float = 0.2
+    """PPO's ε: the probability ratio is clipped to [1 − ε, 1 + ε]."""
     cliprange_value: float = 0.2
+    """Values may move at most this far from the rollout's values in the clipped value loss."""
     vf_coef: float = 0.1
+    """Weight of the value loss."""
     ent_coef: float = 0.0
+    """Weight of the entropy bonus (0: entropy is only measured)."""
     gamma: float = 1.0
     lam: float = 0.95
+    """GAE's λ."""
     init_kl_coef: float = 0.05
+    """Starting KL coefficient β (the whole time, without ``adaptive_kl``)."""
     adaptive_kl: bool = True
     """Ziegler et al.'s adaptive KL controller; off: the coefficient stays ``init_kl_coef``."""
     kl_target: float = 6.0
+    """The adaptive controller's target for ``ppo/kl`` (summed over a response, in nats)."""
     kl_horizon: int = 10000
+    """The adaptive controller's horizon, in sequences: how slowly β moves."""
     kl_estimator: Literal["k1", "k2", "k3", "abs", "mse"] = "k1"
+    """Per-token KL estimate in the reward (x = logπ − logπ_ref): k1 = x, k2/mse = x²/2,
+    k3 = e^−x − 1 + x, abs = |x|."""
     kl_clamp: float | None = None
+    """Clamp the per-token KL estimate to ±this."""
     score_clip: float | None = None
+    """Clip the reward model's score to ±this."""
     whiten_rewards: bool = False
     """Scale the RM scores by their running standard deviation before adding them."""
     whiten_advantages: bool = True
+    """Standardise the advantages over all response tokens of the step (all processes together)."""
     missing_eos_penalty: float | None = None
     """Subtract this from the score of a response that did not end with EOS."""
     ratio_threshold: float = 10.0
     """Skip a minibatch whose mean probability ratio exceeds this (an exploding update)."""
     samples_per_log: int = 4
     """Prompt/response/score triples written to ``samples.jsonl`` every ``logging_steps``."""
-    remote_retries: int = 5
-    """Attempts for a failed call to a Triton server, with exponential backoff, before the stage stops."""
+
+    @field_validator("triton_host_rm", "triton_host_ref")
+    @classmethod
+    def _triton_host(cls, value: str | None) -> str | None:
+        if value is not None and not TRITON_HOST_FORMAT.match(value):
+            raise ValueError(f"{value!r} is not host:grpcport/model (e.g. localhost:8001/rm)")
+        return value
+
+    @field_validator("total_steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                     "max_prompt_length", "kl_horizon")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("temperature", "kl_target", "ratio_threshold", "remote_timeout")
+    @classmethod
+    def _above_zero(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be above 0")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("must be in (0, 1]")
+        return value
+
+    @field_validator("gamma", "lam")
+    @classmethod
+    def _unit_interval(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError("must be in [0, 1]")
+        return value
+
+    @field_validator("mini_batch_size")
+    @classmethod
+    def _batches_divide(cls, value: int, info: ValidationInfo) -> int:
+        # Fields validate in order: rollout_batch_size and (from StageConfig) gradient_accumulation_steps come first.
+        rollout = info.data.get("rollout_batch_size")
+        accumulation = info.data.get("gradient_accumulation_steps") or 1
+        if value >= 1 and rollout is not None:
+            if rollout % value:
+                raise ValueError(f"rollout_batch_size {rollout} is not a multiple of mini_batch_size {value}")
+            if (rollout // value) % accumulation:
+                raise ValueError(f"the {rollout // value} minibatches of a rollout batch do not divide into "
+                                 f"gradient_accumulation_steps {accumulation}")
+        return value
 
 
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "rl": RLConfig}

@@ -1,0 +1,161 @@
+"""Setting the RL stage up: which models, where they run, the accelerator and the optimizer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from oatui.config import RLConfig, deepspeed_config_path
+from oatui.errors import UserError
+from oatui.train.ppo.models import ActorCritic, ValueHead, disable_dropout, value_model_from_rm
+from oatui.train.ppo.scoring import LocalReference, LocalRewardModel, RemoteReference, RemoteRewardModel
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from oatui.train.common import StageContext
+    from oatui.train.ppo.scoring import Reference, RewardModel
+
+FIRST_RUN = {"sft": "oatui train sft --configs defaults tiny", "rm": "oatui train rm --configs defaults_rm tiny_rm"}
+
+
+def resolve_stage_model(value: str, stage: str, context: "StageContext") -> str:
+    """``latest`` → the newest succeeded ``stage`` run's ``final/``; anything else → a loadable name."""
+    if value == "latest":
+        from oatui.stages.runs import latest_final
+
+        final = latest_final(context.workspace.runs, stage)
+        if final is None:
+            raise UserError(f"no succeeded {stage} run in {context.workspace.root}; train one with "
+                            f"`{FIRST_RUN[stage]}` or set {stage}_model")
+        return str(final)
+    return context.model_name(value)
+
+
+def make_accelerator(config: RLConfig, hidden_size: int) -> "Accelerator":
+    """An ``Accelerator``; with ``deepspeed`` set, through accelerate's DeepSpeed plugin.
+
+    There is no dataloader for accelerate to read batch sizes from, so the DeepSpeed config's
+    ``auto`` values are filled here.
+    """
+    from accelerate import Accelerator
+
+    from oatui.models.loading import pick_dtype
+    from oatui.train.common import world_size
+
+    options: dict[str, Any] = dict(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    if config.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        path = deepspeed_config_path(config.deepspeed)
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))  # type: ignore[arg-type]
+        dtype = pick_dtype(config.dtype)
+        filled = {
+            "train_micro_batch_size_per_gpu": config.mini_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "train_batch_size": config.mini_batch_size * config.gradient_accumulation_steps * world_size(),
+            "gradient_clipping": config.max_grad_norm,
+        }
+        for key, value in filled.items():
+            if ds.get(key, "auto") == "auto":
+                ds[key] = value
+        for key, enabled in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+            if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+                ds[key]["enabled"] = enabled
+        zero = ds.get("zero_optimization", {})
+        sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+                 "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                 "stage3_param_persistence_threshold": 10 * hidden_size}
+        for key, value in sizes.items():
+            if zero.get(key) == "auto":
+                zero[key] = value
+        options["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+        options["mixed_precision"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return Accelerator(**options)
+
+
+def zero_stage(accelerator: "Accelerator") -> int:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def build_actor_critic(config: RLConfig, sft_path: str, rm_path: str | None,
+                       tokenizer: "PreTrainedTokenizerBase") -> ActorCritic:
+    """The policy from the SFT model (LoRA-wrapped when asked) and the value estimates ``value_model`` names."""
+    from oatui.models.loading import load_causal_lm, load_reward_model, load_tokenizer, lora_config, uses_lora
+
+    policy = load_causal_lm(sft_path, config, tokenizer)
+    if uses_lora(config):
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(policy, config, "CAUSAL_LM"))
+    if config.value_model == "policy":
+        model = ActorCritic(policy, ValueHead(policy.config.hidden_size))
+    else:
+        assert rm_path is not None
+        rm_tokenizer = load_tokenizer(rm_path, config.trust_remote_code)
+        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"value_model: rm reads the policy's tokens, but the reward model {rm_path} has another "
+                            "tokenizer; use value_model: policy")
+        trunk, head = value_model_from_rm(load_reward_model(rm_path, config, rm_tokenizer))
+        if uses_lora(config):
+            from peft import get_peft_model
+
+            trunk = get_peft_model(trunk, lora_config(trunk, config, "FEATURE_EXTRACTION"))
+        model = ActorCritic(policy, head, trunk)
+    disable_dropout(model)
+    return model
+
+
+def build_reference(config: RLConfig, model: ActorCritic, sft_path: str, address: str | None,
+                    device: torch.device) -> "Reference":
+    """A Triton server; else the LoRA policy with its adapter off; else a frozen copy of the SFT model."""
+    from oatui.models.loading import load_for_inference, uses_lora
+
+    if address:
+        return RemoteReference(address, config.remote_retries, config.remote_timeout)
+    if uses_lora(config):
+        return LocalReference(model.policy, disable_adapter=True)
+    reference, _ = load_for_inference(sft_path, "causal", device=str(device), dtype=config.dtype)
+    reference.requires_grad_(False)
+    return LocalReference(reference)
+
+
+def build_reward_model(config: RLConfig, rm_path: str | None, address: str | None, device: torch.device,
+                       fallback_eos: str) -> "RewardModel":
+    from oatui.models.loading import load_for_inference, load_tokenizer
+
+    if address:
+        eos = load_tokenizer(rm_path, config.trust_remote_code).eos_token if rm_path else fallback_eos
+        return RemoteRewardModel(address, eos, config.remote_retries, config.remote_timeout)
+    assert rm_path is not None
+    reward_model, rm_tokenizer = load_for_inference(rm_path, "rm", device=str(device), dtype=config.dtype)
+    reward_model.requires_grad_(False)
+    return LocalRewardModel(reward_model, rm_tokenizer, batch_size=config.mini_batch_size)
+
+
+def optimizer_steps(config: RLConfig) -> int:
+    minibatches = config.rollout_batch_size // config.mini_batch_size
+    return config.total_steps * config.ppo_epochs * minibatches // config.gradient_accumulation_steps
+
+
+def make_optimizer(model: torch.nn.Module, config: RLConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters, and the learning-rate schedule."""
+    from transformers import get_scheduler
+
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if config.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    total = optimizer_steps(config)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(config.warmup_ratio * total), num_training_steps=total)
+    return optimizer, scheduler
