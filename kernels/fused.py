@@ -9,7 +9,7 @@ import torch
 
 from .result import KLRewardGAE
 from .torch_path import kl_reward_gae_torch
-from .validation import check_options, check_tensors, response_lengths
+from .validation import check_options, check_tensors, response_lengths, too_few_tokens_error
 
 _TRITON_MODULE = "oatui_kernels.triton_kernel"
 
@@ -90,11 +90,6 @@ def fused_kl_reward_gae(
         backend=backend,
     )
     check_tensors(logprobs, ref_logprobs, values, scores, mask)
-    mask32, lengths, total_tokens = response_lengths(mask)
-    if options.whiten and total_tokens < 2:
-        raise ValueError(
-            f"whitening needs at least two response tokens in the batch, the mask holds {total_tokens}"
-        )
     chosen = _resolve_backend(options.backend, logprobs.device)
     arguments = dict(
         kl_coef=options.kl_coef,
@@ -108,9 +103,14 @@ def fused_kl_reward_gae(
     # The outputs are targets for the PPO losses, never something to differentiate through.
     with torch.no_grad():
         if chosen == "triton":
-            return _triton_kernel_module().kl_reward_gae_triton(
-                logprobs, ref_logprobs, values, scores, lengths, **arguments
-            )
+            kernels = _triton_kernel_module()
+            lengths, total_tokens = kernels.mask_lengths(mask)
+            if options.whiten and total_tokens < 2:
+                raise too_few_tokens_error(total_tokens)
+            return kernels.kl_reward_gae_triton(logprobs, ref_logprobs, values, scores, lengths, **arguments)
+        mask32, lengths, total_tokens = response_lengths(mask)
+        if options.whiten and total_tokens < 2:
+            raise too_few_tokens_error(total_tokens)
         return kl_reward_gae_torch(
             logprobs, ref_logprobs, values, scores, mask32, lengths, total_tokens, **arguments
         )

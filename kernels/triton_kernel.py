@@ -1,6 +1,8 @@
 """The OpenAI Triton kernels for the fused KL-penalised reward + GAE (+ whitening).
 
-Three launches, no host synchronisation between them:
+First ``_mask_kernel`` reads the mask once: response lengths, and per row whether it holds
+anything but 0 and 1 or a 1 after a 0; one small read-back turns those into ValueErrors. Then
+three launches, with no host synchronisation between them:
 
 1. ``_rows_kernel``: one program per block of ``ROWS`` rows. It walks each row in chunks of
    ``BLOCK_T`` tokens from the end of the row towards its start, reading logprobs, ref_logprobs
@@ -29,6 +31,7 @@ import triton.language as tl
 
 from .estimators import K3_SERIES_BOUND, K3_SERIES_COEFFICIENTS, estimator_code
 from .result import KLRewardGAE
+from .validation import not_binary_error, not_prefix_error
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
@@ -69,6 +72,31 @@ def _kl_estimate(x, ESTIMATOR: tl.constexpr):
     else:  # abs
         k = tl.abs(x)
     return k
+
+
+@triton.jit
+def _mask_kernel(
+    mask_ptr, lengths_ptr, problems_ptr, n_rows, n_tokens, stride_mask,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < n_rows
+    row_start = mask_ptr + row.to(tl.int64)[:, None] * stride_mask
+    count = tl.zeros([ROWS], dtype=tl.int32)
+    not_binary = tl.zeros([ROWS], dtype=tl.int32)
+    rises = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, n_tokens, BLOCK_T):
+        token = (start + tl.arange(0, BLOCK_T))[None, :]
+        inside = (token < n_tokens) & row_ok[:, None]
+        # Compared in the mask's own dtype: a float64 1 - 1e-12 must not round to 1 first.
+        value = tl.load(row_start + token, mask=inside, other=0)
+        previous = tl.load(row_start + token - 1, mask=inside & (token > 0), other=1)
+        is_set = value != 0
+        count += tl.sum(is_set.to(tl.int32), axis=1)
+        not_binary = tl.maximum(not_binary, tl.max((is_set & (value != 1)).to(tl.int32), axis=1))
+        rises = tl.maximum(rises, tl.max(((previous == 0) & is_set).to(tl.int32), axis=1))
+    tl.store(lengths_ptr + row, count, mask=row_ok)
+    tl.store(problems_ptr + row, not_binary + 2 * rises, mask=row_ok)
 
 
 @triton.jit
@@ -205,6 +233,27 @@ def _tile(n_rows: int, n_tokens: int, block_t: int | None) -> tuple[int, int]:
 def _row_major(tensor: torch.Tensor) -> torch.Tensor:
     # Rows may be strided (a slice of a wider buffer); tokens must be adjacent.
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def mask_lengths(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-row response lengths (int32) and their total, after checking that ``mask`` holds only
+    0 and 1 with the ones on a contiguous prefix of each row; ValueError otherwise."""
+    n_rows, n_tokens = mask.shape
+    mask = _row_major(mask)
+    lengths = torch.empty(n_rows, dtype=torch.int32, device=mask.device)
+    problems = torch.empty_like(lengths)
+    rows, block = _tile(n_rows, n_tokens, None)
+    _mask_kernel[(triton.cdiv(n_rows, rows),)](
+        mask, lengths, problems, n_rows, n_tokens, mask.stride(0),
+        ROWS=rows, BLOCK_T=block, num_warps=4 if rows * block >= 512 else 2,
+    )
+    # The one host synchronisation of the Triton path.
+    worst, total = torch.stack([problems.amax().long(), lengths.sum(dtype=torch.int64)]).tolist()
+    if worst & 1:
+        raise not_binary_error()
+    if worst & 2:
+        raise not_prefix_error(int(((problems & 2) != 0).nonzero()[0]))
+    return lengths, int(total)
 
 
 def kl_reward_gae_triton(

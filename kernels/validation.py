@@ -136,8 +136,24 @@ def check_tensors(
             raise ValueError(f"{name} is on {tensor.device} but logprobs is on {logprobs.device}")
 
 
+def not_binary_error() -> ValueError:
+    return ValueError("mask must hold only 0 and 1 (or be bool)")
+
+
+def not_prefix_error(row: int) -> ValueError:
+    return ValueError(
+        "mask must be 1 on a contiguous prefix of each row and 0 after it (right padding); "
+        f"row {row} has a 1 after a 0"
+    )
+
+
+def too_few_tokens_error(total: int) -> ValueError:
+    return ValueError(f"whitening needs at least two response tokens in the batch, the mask holds {total}")
+
+
 def response_lengths(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Check that each row of ``mask`` holds 1 on a contiguous prefix and 0 after it.
+    """Check that each row of ``mask`` holds 1 on a contiguous prefix and 0 after it (the PyTorch
+    path's check; the Triton path checks in a kernel of its own, reading the mask once).
 
     Returns the mask as float32 0/1 (what the PyTorch path multiplies by), the per-row response
     lengths (int64, on the mask's device) and their total. Only float arithmetic is used: on CPU
@@ -160,11 +176,7 @@ def response_lengths(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, in
     ).tolist()
     low, high, off, rise, total = flags
     if not (low >= 0 and high <= 1 and off == 0):
-        raise ValueError(f"mask must hold only 0 and 1 (or be bool); it holds values in [{low:g}, {high:g}]")
+        raise not_binary_error()
     if rise > 0:
-        row = int(((checked[:, 1:] - checked[:, :-1]) > 0).any(dim=1).nonzero()[0])
-        raise ValueError(
-            "mask must be 1 on a contiguous prefix of each row and 0 after it (right padding); "
-            f"row {row} has a 1 after a 0"
-        )
+        raise not_prefix_error(int(((checked[:, 1:] - checked[:, :-1]) > 0).any(dim=1).nonzero()[0]))
     return mask32, lengths, int(total)

@@ -166,6 +166,49 @@ def test_kernel_reads_strided_rows(kernel_module):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float16, torch.float32, torch.float64])
+def test_mask_kernel_reads_every_mask_dtype(kernel_module, mask_dtype):
+    inputs = make_batch([9, 0, 4, 1], 9, seed=15)
+    lengths, total = kernel_module.mask_lengths(inputs[4].to(mask_dtype))
+    assert lengths.tolist() == [9, 0, 4, 1] and total == 14
+    expected = fused_kl_reward_gae(*inputs, kl_coef=0.1, backend="torch")
+    ours = fused_kl_reward_gae(*inputs[:4], inputs[4].to(mask_dtype), kl_coef=0.1, backend="triton")
+    for name, a, b in zip(OUTPUTS, ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], "row 1 has a 1 after a 0"),
+        ([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 1]], "row 2 has a 1 after a 0"),
+        ([[1, 1, 2, 0, 0]], "only 0 and 1"),
+        ([[1, 0.5, 0, 0, 0]], "only 0 and 1"),
+        ([[1, 1, float("nan"), 0, 0]], "only 0 and 1"),
+    ],
+)
+def test_mask_kernel_refuses_bad_masks(kernel_module, rows, message):
+    mask = torch.tensor(rows, dtype=torch.float32)
+    inputs = make_batch([5] * mask.shape[0], 5)[:4]
+    with pytest.raises(ValueError, match=message):
+        fused_kl_reward_gae(*inputs, mask, kl_coef=0.1, backend="triton")
+
+
+def test_mask_kernel_checks_float64_before_rounding(kernel_module):
+    mask = torch.ones(2, 5, dtype=torch.float64)
+    mask[1, 2] = 1 - 1e-12
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        fused_kl_reward_gae(*make_batch([5, 5], 5)[:4], mask, kl_coef=0.1, backend="triton")
+
+
+def test_triton_path_whitening_needs_two_tokens(kernel_module):
+    inputs = make_batch([1, 0], 4)
+    with pytest.raises(ValueError, match="at least two response tokens"):
+        fused_kl_reward_gae(*inputs, kl_coef=0.1, backend="triton")
+    out = fused_kl_reward_gae(*inputs, kl_coef=0.1, backend="triton", whiten=False)
+    assert out.rewards[1].abs().sum() == 0 and out.kl_sum[1] == 0
+
+
 def test_kernel_imported_before_the_variable_is_refused(monkeypatch):
     """Setting TRITON_INTERPRET after the module was imported (compiled for a GPU) is an error
     that says so, not a crash inside Triton."""
