@@ -148,49 +148,58 @@ def _response_lengths(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=1).round_().long()
 
 
-def _kl_rewards(
+def _empty_like_rows(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+
+
+def _kl_rewards_into(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     scores: torch.Tensor,
     mask: torch.Tensor,
     lengths: torch.Tensor,
+    rewards: torch.Tensor,
+    kl_sum: torch.Tensor,
     *,
     kl_coef: float,
     kl_estimator: str,
     kl_clamp: float | None,
     score_clip: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    x = _as_float32(logprobs) - _as_float32(ref_logprobs)
-    # Every tensor here is ours (x is a fresh difference), so the steps below work in place.
-    k = _finite_or_selected(kl_estimate_(x, kl_estimator, kl_clamp), mask).mul_(mask)
-    kl_sum = k.sum(dim=1)
-    rewards = k.mul_(-kl_coef)
+) -> None:
+    """Rewards and kl_sum into the given float32 buffers; ``mask`` float32, ``lengths`` its row sums."""
+    x = torch.sub(_as_float32(logprobs), _as_float32(ref_logprobs), out=rewards)
+    k = _finite_or_selected(kl_estimate_(x, kl_estimator, kl_clamp), mask)
+    if k is not rewards:
+        rewards.copy_(k)  # k3 and the select fallback build new tensors
+    rewards.mul_(mask)
+    torch.sum(rewards, dim=1, out=kl_sum)
+    rewards.mul_(-kl_coef)
     score = _as_float32(scores)
     if score_clip is not None:
         score = score.clamp(-score_clip, score_clip)
     # Rows with no response get nothing; index 0 there only keeps scatter in bounds.
     last = (lengths - 1).clamp_(min=0).unsqueeze(1)
     rewards.scatter_add_(1, last, torch.where(lengths > 0, score, 0.0).unsqueeze(1))
-    return rewards, kl_sum
 
 
-def _gae(
+def _gae_into(
     rewards: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
     *,
     gamma: float,
     lam: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) for float32 rewards that are already 0 outside the mask."""
+) -> None:
+    """Advantages (not whitened) and returns into the given buffers, for float32 rewards that are
+    0 outside the float32 ``mask``. The returns buffer holds δ until the advantages are known."""
     values = _finite_or_selected(_as_float32(values), mask)
     # δ_t = r_t - V_t + γ·V_{t+1}, with V taken as 0 from each row's length on (V_L = 0).
-    delta = torch.addcmul(rewards, values, mask, value=-1.0)
+    delta = torch.addcmul(rewards, values, mask, value=-1.0, out=returns)
     delta[:, :-1].addcmul_(values[:, 1:], mask[:, 1:], value=gamma)
-    advantages = discounted_reverse_cumsum(delta, gamma * lam)
-    # δ is no longer needed: its buffer takes the returns.
-    returns = torch.addcmul(advantages, values, mask, out=delta)
-    return advantages, returns
+    discounted_reverse_cumsum(delta, gamma * lam, out=advantages)
+    torch.addcmul(advantages, values, mask, out=returns)
 
 
 def _whiten_(advantages: torch.Tensor, mask: torch.Tensor, count: int, eps: float) -> torch.Tensor:
@@ -221,17 +230,14 @@ def kl_penalized_rewards(
     score, clipped to ±score_clip when given, on each row's last response token; 0 elsewhere.
     """
     mask = float_mask(mask)
-    return _kl_rewards(
-        logprobs,
-        ref_logprobs,
-        scores,
-        mask,
-        _response_lengths(mask),
-        kl_coef=kl_coef,
-        kl_estimator=canonical_estimator(kl_estimator),
-        kl_clamp=kl_clamp,
-        score_clip=score_clip,
+    rewards = _empty_like_rows(logprobs)
+    kl_sum = torch.empty(logprobs.shape[0], dtype=torch.float32, device=logprobs.device)
+    _kl_rewards_into(
+        logprobs, ref_logprobs, scores, mask, _response_lengths(mask), rewards, kl_sum,
+        kl_coef=kl_coef, kl_estimator=canonical_estimator(kl_estimator),
+        kl_clamp=kl_clamp, score_clip=score_clip,
     )
+    return rewards, kl_sum
 
 
 def gae(
@@ -249,7 +255,9 @@ def gae(
     """
     mask = float_mask(mask)
     rewards = _finite_or_selected(_as_float32(rewards), mask) * mask
-    return _gae(rewards, values, mask, gamma=gamma, lam=lam)
+    advantages, returns = _empty_like_rows(rewards), _empty_like_rows(rewards)
+    _gae_into(rewards, values, mask, advantages, returns, gamma=gamma, lam=lam)
+    return advantages, returns
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
@@ -263,47 +271,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = WHITEN_EPS) 
         raise ValueError(f"whitening needs at least two masked tokens, got {count}")
     selected = _finite_or_selected(_as_float32(x), mask) * mask
     return _whiten_(selected, mask, count, eps)
-
-
-def _rows_into(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    values: torch.Tensor,
-    scores: torch.Tensor,
-    mask: torch.Tensor,
-    lengths: torch.Tensor,
-    rewards: torch.Tensor,
-    advantages: torch.Tensor,
-    returns: torch.Tensor,
-    kl_sum: torch.Tensor,
-    *,
-    kl_coef: float,
-    gamma: float,
-    lam: float,
-    kl_estimator: str,
-    kl_clamp: float | None,
-    score_clip: float | None,
-) -> None:
-    """Rewards, kl_sum, (unwhitened) advantages and returns for a block of rows, into the given
-    output slices; the returns buffer holds δ until the advantages are known."""
-    x = torch.sub(_as_float32(logprobs), _as_float32(ref_logprobs), out=rewards)
-    k = _finite_or_selected(kl_estimate_(x, kl_estimator, kl_clamp), mask)
-    if k is not rewards:
-        rewards.copy_(k)  # k3 and the select fallback build new tensors
-    rewards.mul_(mask)
-    torch.sum(rewards, dim=1, out=kl_sum)
-    rewards.mul_(-kl_coef)
-    score = _as_float32(scores)
-    if score_clip is not None:
-        score = score.clamp(-score_clip, score_clip)
-    last = (lengths - 1).clamp_(min=0).unsqueeze(1)
-    rewards.scatter_add_(1, last, torch.where(lengths > 0, score, 0.0).unsqueeze(1))
-
-    values = _finite_or_selected(_as_float32(values), mask)
-    delta = torch.addcmul(rewards, values, mask, value=-1.0, out=returns)
-    delta[:, :-1].addcmul_(values[:, 1:], mask[:, 1:], value=gamma)
-    discounted_reverse_cumsum(delta, gamma * lam, out=advantages)
-    torch.addcmul(advantages, values, mask, out=returns)
 
 
 def kl_reward_gae_torch(
@@ -331,8 +298,7 @@ def kl_reward_gae_torch(
     so the normalisation is the only pass that revisits the batch.
     """
     batch, tokens = logprobs.shape
-    options = dict(kl_coef=kl_coef, gamma=gamma, lam=lam, kl_estimator=kl_estimator,
-                   kl_clamp=kl_clamp, score_clip=score_clip)
+    reward_options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, score_clip=score_clip)
     rewards, advantages, returns = (
         torch.empty(batch, tokens, dtype=torch.float32, device=logprobs.device) for _ in range(3)
     )
@@ -341,10 +307,11 @@ def kl_reward_gae_torch(
     blocks = [slice(start, start + rows_per_block) for start in range(0, batch, rows_per_block)]
     block_stats = []
     for rows in blocks:
-        _rows_into(
-            logprobs[rows], ref_logprobs[rows], values[rows], scores[rows], mask[rows],
-            lengths[rows], rewards[rows], advantages[rows], returns[rows], kl_sum[rows], **options,
+        _kl_rewards_into(
+            logprobs[rows], ref_logprobs[rows], scores[rows], mask[rows], lengths[rows],
+            rewards[rows], kl_sum[rows], **reward_options,
         )
+        _gae_into(rewards[rows], values[rows], mask[rows], advantages[rows], returns[rows], gamma=gamma, lam=lam)
         if whiten:
             block = advantages[rows]
             count = lengths[rows].sum().to(torch.float32)
