@@ -50,14 +50,20 @@ def estimator_code(name: str) -> int:
 
 
 def _k3(x: torch.Tensor) -> torch.Tensor:
-    y = -x
+    # The series takes y = -x where |x| < bound and 0 elsewhere, the closed form the other way
+    # round; both give 0 at 0, so the two add up without a select (torch's bool kernels are slow
+    # on CPU). far is exactly 0 or 1: (|x| - bound)·1e12 + 1 is 1 at the bound and far below 0
+    # under it, since float32 spacing near 0.5 is 3e-8.
+    far = (x.abs() - K3_SERIES_BOUND).mul_(1e12).add_(1.0).clamp_(0.0, 1.0)
+    y_far = x.mul(far).neg_()
+    # Clamped first so that an infinite x far away gives 0·bound here, not inf·0.
+    y_near = x.clamp(-K3_SERIES_BOUND, K3_SERIES_BOUND).mul_(1.0 - far).neg_()
     # Horner form of y**2 * (1/2 + y/6 + y**2/24 + ... + y**6/8!), in place to spare allocations.
-    series = torch.full_like(y, K3_SERIES_COEFFICIENTS[-1])
+    series = torch.full_like(y_near, K3_SERIES_COEFFICIENTS[-1])
     for coefficient in reversed(K3_SERIES_COEFFICIENTS[:-1]):
-        series.mul_(y).add_(coefficient)
-    series.mul_(y).mul_(y)
-    closed_form = torch.exp(y).sub_(1.0).add_(x)
-    return torch.where(x.abs() < K3_SERIES_BOUND, series, closed_form)
+        series.mul_(y_near).add_(coefficient)
+    series.mul_(y_near).mul_(y_near)
+    return torch.exp(y_far).sub_(1.0).sub_(y_far).add_(series)
 
 
 def kl_estimate(x: torch.Tensor, estimator: str = "k1", clamp: float | None = None) -> torch.Tensor:
