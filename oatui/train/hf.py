@@ -48,7 +48,7 @@ class RunDirCallback(TrainerCallback):
         metrics = rename_trainer_logs(logs)
         tokens = logs.get("num_tokens") or state.num_input_tokens_seen or None
         now = time.time()
-        if tokens and "train/loss" in metrics and "train_runtime" not in logs:
+        if tokens and "train/loss" in metrics:
             if self._last_tokens is not None and now > self._last_tokens[0] and tokens >= self._last_tokens[1]:
                 metrics["perf/tokens_per_s"] = round((tokens - self._last_tokens[1]) / (now - self._last_tokens[0]), 1)
             self._last_tokens = (now, float(tokens))

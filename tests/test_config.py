@@ -1,0 +1,112 @@
+"""Config sections: composition in order, --set, and one clear line per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oatui.cli import main
+from oatui.config import RLConfig, compose, load_index, load_stage_config, parse_set, to_yaml
+from oatui.errors import UserError
+
+
+def test_sections_compose_in_order_and_set_wins() -> None:
+    config = load_stage_config("sft", ["defaults", "tiny"], ["learning_rate=3e-4", "max_steps=7"])
+    assert config.model_name == "tiny"
+    assert config.max_length == 128  # from tiny, over defaults' 512
+    assert config.learning_rate == pytest.approx(3e-4) and config.max_steps == 7
+    reversed_order = load_stage_config("sft", ["tiny", "defaults"])
+    assert reversed_order.max_length == 512
+
+
+def test_every_stage_ships_defaults_a_tiny_set_and_real_model_sets() -> None:
+    names = load_index().names()
+    for required in ["defaults", "defaults_rm", "defaults_rl", "tiny", "tiny_rm", "tiny_rl",
+                     "pythia-1.4b", "pythia-12b", "oasst-rm-pythia-1.4b"]:
+        assert required in names
+    assert load_stage_config("sft", ["defaults", "pythia-12b"]).deepspeed == "zero3"
+    assert load_stage_config("rm", ["defaults_rm", "oasst-rm-pythia-1.4b"]).model_name.startswith("EleutherAI/")
+    assert isinstance(load_stage_config("rl", ["defaults_rl", "tiny_rl"]), RLConfig)
+    lora = load_stage_config("sft", ["defaults", "pythia-1.4b-lora-8bit"])
+    assert lora.peft_model and lora.load_in_8bit and lora.optimizer == "adamw_8bit"
+
+
+@pytest.mark.parametrize(
+    ("names", "overrides", "message"),
+    [
+        (["defaults", "tinny"], [], "unknown config section 'tinny' (did you mean 'tiny'?); available: defaults,"),
+        (["defaults"], ["lerning_rate=1"], "unknown key 'lerning_rate' for the sft stage, from --set lerning_rate=1; did you mean 'learning_rate'?"),
+        (["defaults"], ["learning_rate=fast"], "learning_rate: expected a number, got 'fast', from --set learning_rate=fast"),
+        (["defaults"], ["dtype=fp8"], "dtype: expected one of 'auto', 'float32', 'bfloat16', 'float16'"),
+        (["defaults"], ["max_steps=[1]"], "max_steps: expected an integer"),
+        (["defaults"], ["datasets=[{path: a, weight: 2}]"], "datasets.0.weight: unknown key 'weight'"),
+        (["defaults"], ["novalue"], "--set novalue: expected key=value"),
+        (["defaults_rm"], ["center_rewards_coeficient=0.1"], "did you mean 'center_rewards_coefficient'"),
+    ],
+)
+def test_mistakes_are_one_line(names: list[str], overrides: list[str], message: str) -> None:
+    stage = "rm" if names == ["defaults_rm"] else "sft"
+    with pytest.raises(UserError) as caught:
+        load_stage_config(stage, names, overrides)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_key_in_a_file_names_file_and_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "more"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("mine:\n  model_name: tiny\n  eval_step: 3\n")
+    monkeypatch.setenv("OATUI_CONFIG_PATH", str(folder))
+    with pytest.raises(UserError) as caught:
+        load_stage_config("sft", ["defaults", "mine"])
+    assert f"unknown key 'eval_step' for the sft stage, from section 'mine' ({folder / 'mine.yaml'}:1); did you mean 'eval_steps'?" == str(caught.value)
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "more"
+    folder.mkdir()
+    (folder / "broken.yaml").write_text("ok:\n  a: 1\nbroken:\n  b: [1, 2\n  c: 3\n")
+    monkeypatch.setenv("OATUI_CONFIG_PATH", str(folder))
+    with pytest.raises(UserError) as caught:
+        load_index()
+    assert str(caught.value).startswith(f"{folder / 'broken.yaml'}:") and "malformed YAML" in str(caught.value)
+
+
+def test_workspace_sections_replace_shipped_ones(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "local.yaml").write_text("tiny:\n  max_length: 64\n")
+    assert load_stage_config("sft", ["defaults", "tiny"], workspace=tmp_path).max_length == 64
+
+
+def test_set_values_are_read_as_yaml() -> None:
+    assert parse_set("a=3") == ("a", 3)
+    assert parse_set("a=true") == ("a", True)
+    assert parse_set("a=null") == ("a", None)
+    assert parse_set("a=x=y") == ("a", "x=y")
+    assert parse_set("a=[1, 2]") == ("a", [1, 2])
+
+
+def test_resolved_config_round_trips() -> None:
+    config = load_stage_config("rm", ["defaults_rm", "tiny_rm"])
+    again = load_stage_config("rm", [], [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                                        for k, v in yaml.safe_load(to_yaml(config)).items()])
+    assert again == config
+    assert compose(["tiny"]).origin["max_length"].startswith("section 'tiny'")
+
+
+def test_cli_config_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", "sft", "--configs", "defaults", "nope", "--workspace", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown config section 'nope'" in err
+    code = main(["train", "sft", "--configs", "defaults", "--set", "model_name=/no/such/model", "--workspace", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "/no/such/model" in err
+    code = main(["train", "sft", "--configs", "defaults", "tiny", "--gpus", "99", "--workspace", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--gpus 99: GPU 99 does not exist" in err
+    code = main(["train", "sft", "--configs", "defaults", "--set", "datasets=[{path: missing.jsonl}]", "--workspace", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.jsonl: no such file" in err
+    assert not list((tmp_path / "runs").glob("*")), "a rejected launch must not leave a run behind"
