@@ -18,6 +18,7 @@ bytes, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -88,19 +89,33 @@ def make_batch(batch: int, tokens: int, device: torch.device, seed: int = 0) -> 
     return tuple(t.to(device) for t in (logprobs, ref_logprobs, values, scores, mask))
 
 
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def median_ms(function: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> float:
     """Median wall time of ``function`` in milliseconds, synchronising CUDA around each run."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        function()
+    return median_ms_side_by_side([function], repeats, device, warmup)[0]
+
+
+def median_ms_side_by_side(
+    functions: list[Callable[[], object]], repeats: int, device: torch.device, warmup: int = 2
+) -> list[float]:
+    """Median wall time of each function in milliseconds, the functions taking turns within each
+    repeat so that a busy neighbour or a clock change slows all of them alike."""
+    synchronize = _synchronizer(device)
+    for function in functions:
+        for _ in range(warmup):
+            function()
     synchronize()
-    times = []
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for function, samples in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            synchronize()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) * 1e3 for samples in times]
 
 
 def compulsory_bytes(inputs: tuple[torch.Tensor, ...]) -> int:
@@ -150,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     header = ["shape", "classic ms", f"ours ({ours_backend}) ms", "speedup"]
     if on_cuda:
         header += ["torch path ms", "triton GB/s", "copy GB/s", "of copy"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# device: {torch.cuda.get_device_name() if on_cuda else 'cpu'}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}, "
+          f"load average {load:.2f} at start")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|")
     options = dict(kl_coef=KL_COEF, gamma=GAMMA, lam=LAM)
@@ -166,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             return classic_kl_reward_gae(*inputs, **options)
 
         check_agreement(ours(), classic(), label)
-        classic_ms = median_ms(classic, args.repeats, device)
-        ours_ms = median_ms(ours, args.repeats, device)
+        classic_ms, ours_ms = median_ms_side_by_side([classic, ours], args.repeats, device)
         row = [label, f"{classic_ms:.1f}", f"{ours_ms:.2f}", f"{classic_ms / ours_ms:.0f}×"]
         if on_cuda:
             check_agreement(ours("torch"), classic(), label + " (torch path)")
