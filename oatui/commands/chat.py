@@ -1,14 +1,134 @@
-"""`oatui chat`."""
+"""`oatui chat`: streamed answers from the served policy model, in the terminal."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
+
+DEFAULT_URL = "127.0.0.1:8001"
+
+DESCRIPTION = """\
+Stream the served policy's answer to PROMPT; with no PROMPT, chat turn by turn (the whole
+conversation goes with each question; an empty line or Ctrl-D ends, Ctrl-C stops an answer).
+The server is --url, else the one 'oatui serve --detach' runs for this workspace, else
+127.0.0.1:8001.
+"""
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("chat", parents=parents, help="(not built yet)")
+    parser = sub.add_parser(
+        "chat",
+        parents=parents,
+        help="chat with the served policy model",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="one question (default: an interactive chat)")
+    parser.add_argument("--url", metavar="HOST:GRPCPORT", help="the server's gRPC address")
+    parser.add_argument("--model", default="policy", help="model name on the server (default policy)")
+    parser.add_argument("--system", metavar="TEXT", help="a system message placed before the conversation")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens (server default 256)")
+    parser.add_argument("--temperature", type=float, metavar="T", help="0 for greedy (server default 1.0)")
+    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling (server default 1.0: off)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="top-k sampling (server default 0: off)")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R", help="above 1 discourages repeats")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed for a repeatable answer")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="longest wait for each piece of the answer (default 30)")
     parser.set_defaults(func=run)
 
 
+def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The request parameters the options ask for (left out: the server's defaults)."""
+    values = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def default_url(workspace_path: str | None) -> str:
+    """The detached server's gRPC address for this workspace, if one runs; else 127.0.0.1:8001."""
+    from oatui.serve.server import status
+    from oatui.workspace import Workspace
+
+    info = status(Workspace.open(workspace_path))
+    return info.grpc_url if info is not None else DEFAULT_URL
+
+
+def print_stream(pieces: Iterator[str], out: TextIO) -> str:
+    """Write pieces as they come; returns the whole answer."""
+    answer = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        answer.append(piece)
+    return "".join(answer)
+
+
+def answer_turns(client: Any, turns: Sequence[tuple[str, str]], system: str | None, sampling: dict[str, Any],
+                 out: TextIO) -> str:
+    """Stream the answer to a conversation (``(role, text)`` turns ending with the prompter's)."""
+    return print_stream(client.stream(turns=list(turns), system=system, **sampling), out)
+
+
+def interactive(client: Any, system: str | None, sampling: dict[str, Any], out: TextIO,
+                read: Callable[[str], str] = input) -> None:
+    turns: list[tuple[str, str]] = []
+    while True:
+        try:
+            question = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        if not question.strip():
+            return
+        turns.append(("prompter", question))
+        out.write("assistant> ")
+        out.flush()
+        pieces: list[str] = []
+        try:
+            for piece in client.stream(turns=list(turns), system=system, **sampling):
+                out.write(piece)
+                out.flush()
+                pieces.append(piece)
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        out.write("\n")
+        # What was shown stays in the conversation, a stopped answer included.
+        turns.append(("assistant", "".join(pieces)))
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("oatui chat: not built yet")
+    from oatui.errors import UserError
+    from oatui.serve.client import ChatClient, RemoteError, ServerUnavailable
+
+    url = args.url or default_url(args.workspace)
+    sampling = sampling_from_args(args)
+    if args.timeout <= 0:
+        raise UserError(f"--timeout {args.timeout:g}: must be above 0")
+    client = ChatClient(url, model=args.model, timeout=args.timeout)
+    try:
+        if args.prompt is not None:
+            if not args.prompt.strip():
+                raise UserError("PROMPT is empty")
+            print_stream(client.stream(prompt=args.prompt, system=args.system, **sampling), sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            print(f"chatting with {args.model} at {url}; an empty line or Ctrl-D ends, Ctrl-C stops an answer",
+                  file=sys.stderr)
+            interactive(client, args.system, sampling, sys.stdout)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    except (ServerUnavailable, RemoteError) as error:
+        sys.stdout.flush()
+        raise UserError(str(error)) from None
+    finally:
+        client.close()
+    return 0

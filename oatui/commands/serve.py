@@ -1,14 +1,118 @@
-"""`oatui serve`."""
+"""`oatui serve`: run Triton Inference Server on a model repository."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+Run tritonserver on a model repository written by 'oatui export' (default WORKSPACE/triton).
+The server is --server-bin (a path, or a wrapper's command line such as
+'apptainer exec --nv tritonserver.sif tritonserver'), else tritonserver on PATH, else the one
+bundled in nvidia-pytriton (CPU; set up under WORKSPACE/state/triton-backends). It listens on
+127.0.0.1 unless --address says otherwise; a non-loopback address restricts the
+model-repository and shared-memory APIs to requests carrying the header 'admin-key' (the key is
+--admin-key, or a random one, stored in a 0600 file under WORKSPACE/state).
+In the foreground Ctrl-C stops it; --detach leaves it running under a supervisor
+('oatui serve --status' / '--stop'). The log goes to WORKSPACE/logs/tritonserver-TIME.log.
+"""
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("serve", parents=parents, help="(not built yet)")
+    parser = sub.add_parser(
+        "serve",
+        parents=parents,
+        help="run Triton Inference Server on the model repository",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--repo", metavar="DIR", help="model repository (default: WORKSPACE/triton)")
+    parser.add_argument("--http-port", type=int, default=8000, metavar="N", help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
+    parser.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")
+    parser.add_argument("--address", default="127.0.0.1", metavar="ADDR",
+                        help="address to listen on (default 127.0.0.1; others need the admin key, see above)")
+    parser.add_argument("--models", metavar="A,B", help="load only these models (default: all in the repository)")
+    parser.add_argument("--gpus", metavar="LIST", help="GPUs the server may use, e.g. 7 or 0,1 (CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--server-bin", metavar="CMD",
+                        help="tritonserver to run: a path or a command line (split like a shell, never run by one)")
+    parser.add_argument("--admin-key", metavar="KEY", help="key for the restricted APIs (default: a random one)")
+    parser.add_argument("--ready-timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for the server and its models to be ready (default 60)")
+    actions = parser.add_mutually_exclusive_group()
+    actions.add_argument("--detach", action="store_true", help="start it in the background and return once it is ready")
+    actions.add_argument("--status", action="store_true", help="print the detached server's record, or 'not running'")
+    actions.add_argument("--stop", action="store_true", help="stop the detached server")
     parser.set_defaults(func=run)
 
 
+def _options(args: argparse.Namespace, workspace) -> "ServerOptions":  # noqa: F821
+    from pathlib import Path
+
+    from oatui.errors import UserError
+    from oatui.serve.server import ServerOptions
+
+    repo = Path(args.repo).expanduser().absolute() if args.repo else workspace.triton_repo
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else ()
+    if args.models is not None and not models:
+        raise UserError("--models: name at least one model")
+    if args.ready_timeout <= 0:
+        raise UserError(f"--ready-timeout {args.ready_timeout:g}: must be above 0")
+    return ServerOptions(
+        repo=str(repo),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        address=args.address,
+        models=models,
+        gpus=args.gpus,
+        server_bin=args.server_bin,
+        ready_timeout=args.ready_timeout,
+    )
+
+
+def _describe(info, prefix: str) -> str:
+    models = ", ".join(info.models)
+    return (f"{prefix}: gRPC {info.grpc_url}, HTTP {info.http_url}, metrics {info.metrics_url}; "
+            f"models {models}; log {info.log}")
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("oatui serve: not built yet")
+    from oatui.serve import server
+    from oatui.workspace import Workspace
+
+    workspace = Workspace.open(args.workspace)
+    if args.status:
+        info = server.status(workspace)
+        if info is None:
+            print("not running")
+        else:
+            print(json.dumps(info.to_dict(), indent=2, sort_keys=True))
+        return 0
+    if args.stop:
+        info = server.stop(workspace)
+        print("not running" if info is None else f"stopped tritonserver {info.pid} ({info.grpc_url})", file=sys.stderr)
+        return 0
+    options = _options(args, workspace)
+    if not server.is_loopback(options.address):
+        print(f"oatui serve: listening on {options.address}: reachable from other machines", file=sys.stderr)
+
+    def announce_key(key_file: str | None) -> None:
+        if key_file:
+            print(f"admin key for the model-repository and shared-memory APIs (header '{server.ADMIN_HEADER}'): "
+                  f"stored in {key_file}", file=sys.stderr)
+
+    if args.detach:
+        info = server.start_detached(workspace, options, admin_key=args.admin_key)
+        announce_key(info.admin_key_file)
+        print(_describe(info, f"tritonserver {info.pid} ready"), file=sys.stderr)
+        print(info.grpc_url)
+        return 0
+    options = server.prepare_options(workspace, options, admin_key=args.admin_key)
+    announce_key(options.admin_key_file)
+
+    def on_ready(info) -> None:
+        print(_describe(info, f"tritonserver {info.pid} ready") + " (Ctrl-C stops it)", file=sys.stderr, flush=True)
+
+    return server.serve_foreground(workspace, options, on_ready)
