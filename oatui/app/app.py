@@ -1,0 +1,555 @@
+"""The oatui workstation: GPUs and host, runs with their logs and curves, and the chat pane.
+
+The app never holds NVML handles, model weights or training processes. It reads:
+- monitor snapshots (``oatui.monitor``: a live ``Sampler`` or the ``ReplaySource`` of a recording),
+  in a thread worker once per ``refresh`` seconds;
+- run directories (``oatui.stages``), in another thread worker at the same pace: the list of
+  runs, and the new lines of the selected run's log and metrics;
+- the workspace's Triton server record (``oatui.serve.server.status``).
+Stages and the server are started detached, so they outlive the app and the SSH session; the app
+shows them again when it is reopened.
+
+``make_app`` is the one factory used by the ``oatui`` command, the tests and the snapshot tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
+
+from oatui.app import messages as m
+from oatui.app.commands import OatuiCommands
+from oatui.app.follow import FileFollower, MetricsFollower
+from oatui.app.owners import EMPTY, ActiveRun, OwnerFinder, Ownership
+from oatui.app.widgets.chat_pane import ChatPane
+from oatui.app.widgets.curves import RunCurves
+from oatui.app.widgets.dialogs import ConfirmDialog, HelpDialog
+from oatui.app.widgets.forms import LaunchForm
+from oatui.app.widgets.gpu_panel import GpuPanel
+from oatui.app.widgets.host_panel import HostPanel
+from oatui.app.widgets.run_log import RunLog
+from oatui.app.widgets.runs_panel import RunList
+from oatui.errors import UserError
+from oatui.monitor import History, MonitorSnapshot, SnapshotSource, make_source
+from oatui.workspace import Workspace
+
+#: Below this width the panels stack instead of standing side by side.
+NARROW_WIDTH = 100
+EXPORT_MODES = {"sft": "policy", "rl": "policy", "rm": "rm"}
+ACTIVE = ("queued", "running")
+
+KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("Anywhere", (
+        ("1 / 2 / 3", "launch an SFT / RM / RL run (a form: config sections, --set overrides, launcher, GPUs)"),
+        ("x", "stop the selected run (asks first; the run saves a checkpoint and ends 'stopped')"),
+        ("e", "export the selected run's model into WORKSPACE/triton (policy for SFT/RL, rm for RM)"),
+        ("s", "start or stop tritonserver on the workspace repository"),
+        ("c", "chat: focus the prompt"),
+        ("g", "GPUs: focus and zoom the GPU panel (again: unzoom)"),
+        ("r", "focus the list of runs"),
+        ("l / v", "show the selected run's log / curves"),
+        ("z", "zoom the focused panel in or out"),
+        ("tab", "next panel"),
+        ("ctrl+p", "command palette: every action by name"),
+        ("?", "this help"),
+        ("q", "quit (runs and the server keep going)"),
+    )),
+    ("Runs list", (
+        ("up / down", "select a run: its log and curves follow"),
+    )),
+    ("Chat", (
+        ("enter", "send the prompt; the answer streams in"),
+        ("esc", "stop the answer (the server stops generating); else leave the prompt"),
+        ("ctrl+n", "new conversation"),
+        ("ctrl+o", "options: model, system prompt, temperature, top-p, max new tokens"),
+        ("ctrl+y", "copy the last answer to the clipboard (works over SSH: OSC 52)"),
+    )),
+    ("Forms and dialogs", (
+        ("ctrl+s / enter", "submit"),
+        ("esc", "cancel"),
+        ("y / n", "answer a confirmation"),
+    )),
+)
+
+
+class OatuiApp(App[None]):
+    """The workstation. Build it with :func:`make_app`."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "oatui"
+    COMMANDS = App.COMMANDS | {OatuiCommands}
+    BINDINGS = [
+        Binding("1", "launch('sft')", "SFT"),
+        Binding("2", "launch('rm')", "RM"),
+        Binding("3", "launch('rl')", "RL"),
+        Binding("x", "stop_run", "Stop"),
+        Binding("e", "export", "Export"),
+        Binding("s", "toggle_server", "Server"),
+        Binding("c", "focus_chat", "Chat"),
+        Binding("g", "focus_gpus", "GPUs"),
+        Binding("r", "focus_runs", "Runs", show=False),
+        Binding("l", "show_log", "Log", show=False),
+        Binding("v", "show_curves", "Curves", show=False),
+        Binding("z", "zoom", "Zoom", show=False),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        source: SnapshotSource,
+        refresh: float = 1.0,
+        server_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.workspace = workspace
+        self.source = source
+        self.refresh_interval = refresh
+        self.server_options = dict(server_options or {})
+        self.history = History()
+        self.snapshot: MonitorSnapshot | None = None
+        self.owners: Ownership = EMPTY
+        self.runs: list[Any] = []
+        self.server_info: Any = None
+        self.server_busy = False
+        self.sub_title = str(workspace.root)
+        self._owner_finder = OwnerFinder(workspace.runs)
+        self._active_runs: tuple[ActiveRun, ...] = ()
+        self._gpu_busy = False
+        self._runs_busy = False
+        self._states: dict[str, str] = {}
+        self._selected: tuple[str, str] | None = None
+        self._log_follower: FileFollower | None = None
+        self._metrics_follower: MetricsFollower | None = None
+        self._server_checked = False
+
+    # -- layout -------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header(icon="◆")
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield GpuPanel(id="gpus")
+                yield HostPanel(id="host")
+            with Vertical(id="right"):
+                with Vertical(id="runs-panel"):
+                    yield Static("No runs yet: press 1 (SFT), 2 (RM) or 3 (RL) to launch one.", id="runs-empty")
+                    yield RunList(id="runs")
+                with TabbedContent(id="detail", initial="tab-log"):
+                    with TabPane("Log", id="tab-log"):
+                        yield RunLog(id="run-log")
+                    with TabPane("Curves", id="tab-curves"):
+                        yield RunCurves(id="run-curves")
+                    with TabPane("Chat", id="tab-chat"):
+                        yield ChatPane(self.workspace.root, id="chat")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#runs-panel").border_title = "Runs"
+        self.query_one(RunLog).start(None, "Select a run to follow its log.")
+        self._apply_width(self.size.width)
+        self.poll()
+        self.set_interval(self.refresh_interval, self.poll, name="poll")
+        self.query_one(RunList).focus()
+
+    def on_resize(self, event: Any) -> None:
+        self._apply_width(event.size.width)
+
+    def _apply_width(self, width: int) -> None:
+        self.set_class(width < NARROW_WIDTH, "-narrow")
+        self.query_one(Footer).compact = width < NARROW_WIDTH
+
+    def on_unmount(self) -> None:
+        try:
+            self.source.close()
+        except Exception:  # noqa: BLE001 - closing NVML at exit
+            pass
+
+    # -- polling ------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Start one GPU sample and one runs read, unless the previous ones are still at work."""
+        if not self._gpu_busy:
+            self._gpu_busy = True
+            self.sample_gpus(self._active_runs)
+        if not self._runs_busy:
+            self._runs_busy = True
+            self.read_runs(self._selected, self._log_follower, self._metrics_follower)
+
+    def action_refresh_now(self) -> None:
+        self.poll()
+
+    @work(thread=True, exclusive=True, group="gpu-poll")
+    def sample_gpus(self, active: tuple[ActiveRun, ...]) -> None:
+        try:
+            snapshot = self.source.sample()
+            try:
+                owners = self._owner_finder.find(snapshot, active)
+            except Exception:  # noqa: BLE001 - highlighting is a nicety; the numbers still show
+                owners = EMPTY
+            self.post_message(m.GpuSampled(snapshot, owners))
+        except Exception as error:  # noqa: BLE001 - a sampler failure is one line in the panel
+            self.post_message(m.GpuSampled(_empty_snapshot(f"{type(error).__name__}: {error}"), EMPTY))
+
+    @on(m.GpuSampled)
+    def _gpu_sampled(self, message: m.GpuSampled) -> None:
+        self._gpu_busy = False
+        self.snapshot = message.snapshot
+        self.owners = message.owners
+        self.history.add(message.snapshot)
+        self.query_one(GpuPanel).show(message.snapshot, message.owners, self.history)
+        self.query_one(HostPanel).show(message.snapshot.host, self.history)
+
+    @work(thread=True, exclusive=True, group="runs-poll")
+    def read_runs(self, selected: tuple[str, str] | None, log: FileFollower | None,
+                  metrics: MetricsFollower | None) -> None:
+        from oatui.stages.runs import list_runs
+
+        try:
+            runs = list_runs(self.workspace.runs)
+        except Exception as error:  # noqa: BLE001 - a runs folder we cannot list: say so, keep going
+            self.post_message(m.ActionFailed(f"cannot list runs: {error}"))
+            runs = []
+        self.post_message(m.RunsRefreshed(runs))
+        if selected is not None and log is not None and metrics is not None:
+            run_id, stage = selected
+            lines = log.read_new()
+            if lines:
+                self.post_message(m.LogLinesRead(run_id, lines))
+            records = metrics.read_new()
+            if records:
+                self.post_message(m.MetricsRead(run_id, stage, records))
+        try:
+            from oatui.serve.server import status
+
+            info = status(self.workspace)
+        except Exception:  # noqa: BLE001 - an unreadable server record reads as "not running"
+            info = None
+        self.post_message(m.ServerChecked(info))
+
+    @on(m.RunsRefreshed)
+    def _runs_refreshed(self, message: m.RunsRefreshed) -> None:
+        self._runs_busy = False
+        self.runs = message.runs
+        table = self.query_one(RunList)
+        table.show(message.runs)
+        self.query_one("#runs-empty").display = not message.runs
+        table.display = bool(message.runs)
+        active = []
+        for run in message.runs:
+            previous = self._states.get(run.id)
+            if previous in ACTIVE and run.state not in ACTIVE:
+                self.post_message(m.RunFinished(run.id, run.state))
+            self._states[run.id] = run.state
+            if run.info is not None and run.state in ACTIVE:
+                active.append(ActiveRun(run.id, run.info.pid, run.info.supervisor_pid, run.info.gpus))
+        if self.server_info is not None:
+            active.append(ActiveRun("tritonserver", self.server_info.pid, self.server_info.supervisor_pid, None))
+        self._active_runs = tuple(active)
+        self._follow(table.selected)
+
+    @on(DataTable.RowHighlighted, "#runs")
+    def _run_highlighted(self) -> None:
+        self._follow(self.query_one(RunList).selected)
+
+    def _follow(self, run: Any) -> None:
+        """Follow the log and metrics of ``run`` (a RunView or None) when it is not followed yet."""
+        key = None if run is None else (run.id, run.stage)
+        if key == self._selected:
+            return
+        self._selected = key
+        log_view = self.query_one(RunLog)
+        curves = self.query_one(RunCurves)
+        if run is None:
+            self._log_follower = self._metrics_follower = None
+            log_view.start(None, "Select a run to follow its log.")
+            curves.start(None, None)
+            return
+        self._log_follower = FileFollower(run.path / "stdout.log")
+        self._metrics_follower = MetricsFollower(run.path / "metrics.jsonl")
+        log_view.start(run.id)
+        if run.problem:
+            log_view.write(f"{run.id}: {run.problem}")
+        curves.start(run.id, run.stage if run.info else None)
+        if not self._runs_busy:
+            self._runs_busy = True
+            self.read_runs(self._selected, self._log_follower, self._metrics_follower)
+
+    @on(m.LogLinesRead)
+    def _log_lines_read(self, message: m.LogLinesRead) -> None:
+        log_view = self.query_one(RunLog)
+        if log_view.run_id == message.run_id:
+            log_view.append(message.lines)
+
+    @on(m.MetricsRead)
+    def _metrics_read(self, message: m.MetricsRead) -> None:
+        curves = self.query_one(RunCurves)
+        if curves.run_id == message.run_id:
+            curves.add(message.records)
+
+    @on(m.RunFinished)
+    def _run_finished(self, message: m.RunFinished) -> None:
+        severity = "information" if message.state == "succeeded" else "warning"
+        self.notify(f"Run {message.run_id} {message.state}.", severity=severity)
+
+    @on(m.ServerChecked)
+    def _server_checked_message(self, message: m.ServerChecked) -> None:
+        if self.server_busy:
+            return
+        changed = not self._server_checked or _server_key(message.info) != _server_key(self.server_info)
+        self._server_checked = True
+        self.server_info = message.info
+        if changed:
+            self.query_one(ChatPane).set_server(message.info)
+
+    @on(m.ActionFailed)
+    def _action_failed(self, message: m.ActionFailed) -> None:
+        self.notify(message.error, severity="error", timeout=8)
+
+    # -- launching and stopping runs -------------------------------------------------------------
+    def action_launch(self, stage: str) -> None:
+        def launched(result: tuple[str, str] | None) -> None:
+            if result is not None:
+                self.post_message(m.RunStarted(*result))
+
+        self.push_screen(LaunchForm(stage, self.workspace.root), launched)
+
+    @on(m.RunStarted)
+    def _run_started(self, message: m.RunStarted) -> None:
+        self.notify(f"Launched {message.run_id}.")
+        self._states[message.run_id] = "queued"
+        self.call_after_refresh(self._select_after_refresh, message.run_id, 20)
+        if not self._runs_busy:
+            self._runs_busy = True
+            self.read_runs(self._selected, self._log_follower, self._metrics_follower)
+
+    def _select_after_refresh(self, run_id: str, tries: int) -> None:
+        table = self.query_one(RunList)
+        if table.select_run(run_id):
+            table.focus()
+        elif tries > 0:
+            self.set_timer(0.2, lambda: self._select_after_refresh(run_id, tries - 1))
+
+    def selected_run(self) -> Any:
+        return self.query_one(RunList).selected
+
+    def action_stop_run(self) -> None:
+        run = self.selected_run()
+        if run is None:
+            self.notify("Select a run first.", severity="warning")
+            return
+        if run.state not in ACTIVE:
+            self.notify(f"Run {run.id} is not running (it {run.state}).", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.stop_selected(run.path)
+
+        self.push_screen(
+            ConfirmDialog(f"Stop run {run.id}?", "It saves a checkpoint, then ends as 'stopped'; "
+                          "resume it later with 'oatui train --resume'.", yes="Stop"),
+            answered,
+        )
+
+    @work(thread=True, exclusive=True, group="stop")
+    def stop_selected(self, path: Path) -> None:
+        from oatui.stages.rundir import RunDir
+        from oatui.stages.runs import stop_run
+
+        try:
+            stop_run(RunDir(path))
+        except UserError as error:
+            self.post_message(m.ActionFailed(str(error)))
+        except Exception as error:  # noqa: BLE001 - one line, never a traceback
+            self.post_message(m.ActionFailed(f"cannot stop {path.name}: {error}"))
+        else:
+            self.post_message(m.RunStopRequested(path.name))
+
+    @on(m.RunStopRequested)
+    def _stop_requested(self, message: m.RunStopRequested) -> None:
+        self.notify(f"Asked {message.run_id} to stop: it saves a checkpoint first.")
+        self.poll()
+
+    # -- export and the server -----------------------------------------------------------------
+    def action_export(self) -> None:
+        run = self.selected_run()
+        if run is None:
+            self.notify("Select a finished run to export.", severity="warning")
+            return
+        mode = EXPORT_MODES.get(run.stage)
+        if mode is None or not (run.path / "final" / "config.json").is_file():
+            self.notify(f"Run {run.id} has no final model to export (yet).", severity="warning")
+            return
+        self.notify(f"Exporting {run.id} as '{mode}'…")
+        self.export_run(run.id, mode)
+
+    @work(thread=True, exclusive=True, group="export")
+    def export_run(self, run_id: str, mode: str) -> None:
+        # In a child process: exporting reads the tokenizer (transformers), which the app never imports.
+        argv = [sys.executable, "-m", "oatui.cli", "export", "--mode", mode, "--model", run_id, "--force",
+                "--workspace", str(self.workspace.root)]
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except (OSError, subprocess.TimeoutExpired) as error:
+            self.post_message(m.ExportFinished(run_id, mode, False, str(error)))
+            return
+        output = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        detail = output[-1] if output else f"exit status {result.returncode}"
+        self.post_message(m.ExportFinished(run_id, mode, result.returncode == 0, detail))
+
+    @on(m.ExportFinished)
+    def _export_finished(self, message: m.ExportFinished) -> None:
+        if message.ok:
+            note = " Restart the server (s, s) to serve it." if self.server_info is not None else ""
+            self.notify(f"Exported {message.run_id} as '{message.name}'.{note}")
+            self.query_one(ChatPane).list_models()
+        else:
+            self.notify(f"Export failed: {message.detail}", severity="error", timeout=10)
+
+    def action_toggle_server(self) -> None:
+        if self.server_busy:
+            self.notify("The server is starting or stopping…", severity="warning")
+            return
+        self.server_busy = True
+        if self.server_info is None:
+            self.post_message(m.ServerStarting())
+        self.toggle_server(self.server_info is None)
+
+    @work(thread=True, exclusive=True, group="server")
+    def toggle_server(self, start: bool) -> None:
+        from oatui.serve import server
+
+        try:
+            if not start:
+                server.stop(self.workspace)
+                self.post_message(m.ServerStopped())
+                return
+            if server.status(self.workspace) is None:
+                repo = self.workspace.triton_repo
+                from oatui.serve.repository import list_models
+
+                if not list_models(repo):
+                    raise UserError(f"no models in {repo}: select a finished run and press e to export one")
+                info = server.start_detached(self.workspace, server.ServerOptions(repo=str(repo),
+                                                                                  **self.server_options))
+            else:
+                info = server.status(self.workspace)
+            self.post_message(m.ServerStarted(info))
+        except UserError as error:
+            self.post_message(m.ServerFailed(str(error)))
+        except Exception as error:  # noqa: BLE001 - one line, never a traceback
+            self.post_message(m.ServerFailed(f"{type(error).__name__}: {error}"))
+
+    @on(m.ServerStarting)
+    def _server_starting(self) -> None:
+        self.query_one(ChatPane).set_server(None, "Starting tritonserver on the workspace repository…")
+
+    @on(m.ServerStarted)
+    def _server_started(self, message: m.ServerStarted) -> None:
+        self.server_busy = False
+        self.server_info = message.info
+        self.query_one(ChatPane).set_server(message.info)
+        self.notify(f"tritonserver ready on {message.info.grpc_url} ({', '.join(message.info.models)}).")
+
+    @on(m.ServerStopped)
+    def _server_stopped(self) -> None:
+        self.server_busy = False
+        self.server_info = None
+        self.query_one(ChatPane).set_server(None)
+        self.notify("tritonserver stopped.")
+
+    @on(m.ServerFailed)
+    def _server_failed(self, message: m.ServerFailed) -> None:
+        self.server_busy = False
+        self.query_one(ChatPane).set_server(self.server_info)
+        self.notify(f"Server: {message.error}", severity="error", timeout=10)
+
+    # -- focus and views -------------------------------------------------------------------------
+    def action_focus_chat(self) -> None:
+        self.screen.minimize()
+        self.query_one("#detail", TabbedContent).active = "tab-chat"
+        self.query_one(ChatPane).focus_prompt()
+
+    def action_focus_gpus(self) -> None:
+        panel = self.query_one(GpuPanel)
+        if self.screen.maximized is panel:
+            self.screen.minimize()
+            return
+        panel.focus()
+        self.screen.maximize(panel, container=False)
+
+    def action_focus_runs(self) -> None:
+        self.screen.minimize()
+        self.query_one(RunList).focus()
+
+    def action_show_log(self) -> None:
+        self.query_one("#detail", TabbedContent).active = "tab-log"
+
+    def action_show_curves(self) -> None:
+        self.query_one("#detail", TabbedContent).active = "tab-curves"
+
+    def action_zoom(self) -> None:
+        if self.screen.maximized is not None:
+            self.screen.minimize()
+        elif self.focused is not None:
+            self.screen.maximize(self.focused)
+
+    def action_new_conversation(self) -> None:
+        self.action_focus_chat()
+        self.run_worker(self.query_one(ChatPane).action_new_conversation(), exclusive=False)
+
+    def action_chat_options(self) -> None:
+        self.query_one(ChatPane).action_options()
+
+    def action_copy_answer(self) -> None:
+        self.query_one(ChatPane).action_copy_answer()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpDialog(KEYS, "Runs and the server are detached: they keep going after q, "
+                                          "and the app shows them again when reopened."))
+
+
+def _server_key(info: Any) -> tuple[Any, ...] | None:
+    return None if info is None else (info.pid, info.grpc_url, tuple(info.models))
+
+
+def _empty_snapshot(reason: str) -> MonitorSnapshot:
+    import time
+
+    from oatui.monitor import HostSnapshot
+
+    host = HostSnapshot(None, (), None, None, None, None, None, None, None, None, None)
+    return MonitorSnapshot(time.time(), host, (), None, None, f"GPU sampling failed: {reason}")
+
+
+def make_app(
+    workspace: str | os.PathLike[str] | Workspace | None = None,
+    replay: str | os.PathLike[str] | None = None,
+    refresh: float = 1.0,
+    *,
+    source: SnapshotSource | None = None,
+    server_options: dict[str, Any] | None = None,
+) -> OatuiApp:
+    """The app on ``workspace``, its GPU panel fed by ``replay`` (a recording) or this machine.
+
+    ``refresh`` is the seconds between two samples of the GPUs and two reads of the runs.
+    ``source`` replaces the snapshot source (tests); ``server_options`` are extra
+    ``ServerOptions`` fields (ports, ready timeout) for the server the ``s`` key starts.
+    A bad recording or refresh is a ``UserError`` raised here, before anything is drawn.
+    """
+    if refresh <= 0 or refresh != refresh:
+        raise UserError(f"--refresh {refresh}: must be a number of seconds above 0")
+    workspace = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+    if source is None:
+        source = make_source(replay, workspace.root)
+    return OatuiApp(workspace, source, refresh=refresh, server_options=server_options)

@@ -1,0 +1,44 @@
+"""The command palette's oatui commands (ctrl+p): every action of the app, searchable by name."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+#: (name, help, action run on the app) for every oatui command.
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("Launch SFT run", "Open the SFT launch form (key 1)", "launch('sft')"),
+    ("Launch RM run", "Open the reward-model launch form (key 2)", "launch('rm')"),
+    ("Launch RL run", "Open the PPO launch form (key 3)", "launch('rl')"),
+    ("Stop run", "Stop the selected run after a checkpoint (key x)", "stop_run"),
+    ("Export model", "Export the selected run's model into the Triton repository (key e)", "export"),
+    ("Start/stop server", "Start or stop tritonserver on the workspace repository (key s)", "toggle_server"),
+    ("Chat", "Focus the chat pane (key c)", "focus_chat"),
+    ("GPUs", "Focus and zoom the GPU panel (key g)", "focus_gpus"),
+    ("Runs", "Focus the list of runs (key r)", "focus_runs"),
+    ("Run log", "Show the selected run's log (key l)", "show_log"),
+    ("Run curves", "Show the selected run's curves (key v)", "show_curves"),
+    ("Zoom", "Zoom the focused panel in or out (key z)", "zoom"),
+    ("New conversation", "Start a new chat conversation (ctrl+n in the chat)", "new_conversation"),
+    ("Chat options", "Model, system prompt and sampling parameters (ctrl+o in the chat)", "chat_options"),
+    ("Copy answer", "Copy the last answer to the clipboard (ctrl+y in the chat)", "copy_answer"),
+    ("Refresh", "Read GPUs, runs and the server again now", "refresh_now"),
+    ("Help", "Every key binding (key ?)", "help"),
+    ("Quit", "Quit the app; runs and the server keep going (key q)", "quit"),
+)
+
+
+class OatuiCommands(Provider):
+    """oatui's own commands, next to Textual's system commands."""
+
+    async def discover(self) -> Hits:
+        for name, help_text, action in COMMANDS:
+            yield DiscoveryHit(name, partial(self.app.run_action, action), help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_text, action in COMMANDS:
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), partial(self.app.run_action, action), help=help_text)

@@ -1,0 +1,296 @@
+"""The GPU panel: one row per GPU with a utilization sparkline, MIG devices, and GPU processes.
+
+It draws ``MonitorSnapshot`` objects handed to ``show()`` and nothing else; rows are rebuilt only
+when the GPUs change, and each row's text and sparkline are updated only when their values do.
+Without a driver the panel holds one sentence (the snapshot's ``notice``) and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, Sparkline, Static
+
+from oatui.app.owners import Ownership
+from oatui.monitor import GpuSnapshot, History, MonitorSnapshot
+from oatui.monitor.text import NA, format_bytes, format_percent, format_rate_kb, format_used_total, printable
+
+#: Samples drawn in each sparkline (the newest ones).
+SPARK_SAMPLES = 120
+
+# Row layouts by the room the panel has: which columns a GPU row shows.
+COMPACT, MEDIUM, WIDE = "compact", "medium", "wide"
+
+
+def layout_for(width: int) -> str:
+    if width >= 120:
+        return WIDE
+    if width >= 84:
+        return MEDIUM
+    return COMPACT
+
+
+def _short_name(name: str | None) -> str:
+    text = printable(name)
+    for prefix in ("NVIDIA ", "Tesla "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text[:16]
+
+
+def _power(gpu: GpuSnapshot) -> str:
+    if gpu.power_draw is None and gpu.power_limit is None:
+        return NA
+    draw = NA if gpu.power_draw is None else f"{gpu.power_draw:.0f}"
+    limit = NA if gpu.power_limit is None else f"{gpu.power_limit:.0f}"
+    return f"{draw}/{limit}W"
+
+
+def _temperature(gpu: GpuSnapshot) -> str:
+    return NA if gpu.temperature is None else f"{gpu.temperature:.0f}°C"
+
+
+def _clocks(gpu: GpuSnapshot) -> str:
+    sm = NA if gpu.clock_sm is None else str(gpu.clock_sm)
+    mem = NA if gpu.clock_mem is None else str(gpu.clock_mem)
+    return f"{sm}/{mem}"
+
+
+def _pcie(gpu: GpuSnapshot) -> str:
+    if gpu.pcie_rx is None and gpu.pcie_tx is None:
+        return NA
+    return f"↓{format_rate_kb(gpu.pcie_rx)} ↑{format_rate_kb(gpu.pcie_tx)}"
+
+
+# (title, width, right-aligned, layouts that show it)
+_COLUMNS: tuple[tuple[str, int, bool, tuple[str, ...]], ...] = (
+    ("GPU", 3, True, (COMPACT, MEDIUM, WIDE)),
+    ("NAME", 16, False, (MEDIUM, WIDE)),
+    ("UTIL", 4, True, (COMPACT, MEDIUM, WIDE)),
+    ("MEMORY", 14, True, (COMPACT, MEDIUM, WIDE)),
+    ("TEMP", 5, True, (COMPACT, MEDIUM, WIDE)),
+    ("POWER", 9, True, (COMPACT, MEDIUM, WIDE)),
+    ("FAN", 4, True, (WIDE,)),
+    ("SM/MEM MHz", 10, True, (MEDIUM, WIDE)),
+    ("PCIE RX/TX", 22, True, (WIDE,)),
+)
+
+
+def _cells(gpu: GpuSnapshot) -> list[str]:
+    return [
+        str(gpu.index),
+        _short_name(gpu.name),
+        "MIG" if gpu.utilization_gpu is None and gpu.mig_mode else format_percent(gpu.utilization_gpu),
+        format_used_total(gpu.memory_used, gpu.memory_total),
+        _temperature(gpu),
+        _power(gpu),
+        format_percent(gpu.fan),
+        _clocks(gpu),
+        _pcie(gpu),
+    ]
+
+
+def _join(cells: Sequence[str], layout: str) -> str:
+    parts = []
+    for cell, (_, width, right, layouts) in zip(cells, _COLUMNS):
+        if layout in layouts:
+            cell = cell[:width]
+            parts.append(cell.rjust(width) if right else cell.ljust(width))
+    return " ".join(parts)
+
+
+def gpu_header(layout: str) -> str:
+    return _join([title for title, *_ in _COLUMNS], layout) + " UTIL HISTORY"
+
+
+def gpu_text(gpu: GpuSnapshot, layout: str) -> Text:
+    return Text(_join(_cells(gpu), layout))
+
+
+def owners_text(owners: Sequence[str]) -> Text:
+    return Text("◆ " + ", ".join(owners), style="bold") if owners else Text("")
+
+
+def _series(values: Sequence[float | None]) -> list[float]:
+    return [0.0 if value is None else float(value) for value in values[-SPARK_SAMPLES:]]
+
+
+class GpuRow(Horizontal):
+    """One GPU: its numbers, then the history of its utilization."""
+
+    DEFAULT_CSS = """
+    GpuRow { height: 1; }
+    GpuRow > .gpu-text { width: auto; }
+    GpuRow > Sparkline { width: 1fr; min-width: 6; max-width: 60; margin-left: 1; }
+    GpuRow > .gpu-owners { width: auto; margin-left: 1; }
+    """
+
+    def __init__(self, index: int) -> None:
+        super().__init__(classes="gpu-row")
+        self.index = index
+        self._pending: tuple[GpuSnapshot, str, tuple[str, ...], tuple[float, ...]] | None = None
+        self._text_key: tuple[object, ...] | None = None
+        self._spark_key: tuple[float, ...] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(classes="gpu-text")
+        yield Sparkline([], summary_function=max)
+        yield Static(classes="gpu-owners")
+
+    def on_mount(self) -> None:
+        self._apply()
+
+    def show(self, gpu: GpuSnapshot, layout: str, owners: tuple[str, ...], history: Sequence[float | None]) -> None:
+        self._pending = (gpu, layout, owners, tuple(_series(history)))
+        if self.is_mounted:
+            self._apply()
+
+    def _apply(self) -> None:
+        if self._pending is None:
+            return
+        gpu, layout, owners, series = self._pending
+        key = (gpu, layout, owners)
+        if key != self._text_key:
+            self._text_key = key
+            self.query_one(".gpu-text", Static).update(gpu_text(gpu, layout))
+            self.query_one(".gpu-owners", Static).update(owners_text(owners))
+            self.set_class(bool(owners), "-ours")
+        if series != self._spark_key:
+            self._spark_key = series
+            self.query_one(Sparkline).data = list(series)
+
+
+class ProcessTable(DataTable):
+    """Every process on every GPU; ours (the workspace's runs) marked with ◆ and the run id."""
+
+    COLUMNS = ("GPU", "PID", "USER", "GPU MEM", "RUN", "COMMAND")
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=False, show_cursor=False, **kwargs)  # type: ignore[arg-type]
+        self._key: tuple[object, ...] | None = None
+
+    def on_mount(self) -> None:
+        self.add_columns(*self.COLUMNS)
+
+    def show(self, snapshot: MonitorSnapshot, owners: Ownership) -> int:
+        """Draw the processes; returns how many there are."""
+        rows = []
+        for gpu in snapshot.gpus:
+            for process in gpu.processes:
+                where = str(gpu.index) if process.mig_index is None else f"{gpu.index}:{process.mig_index}"
+                rows.append((where, process, owners.processes.get(process.pid)))
+        key = tuple((where, process, owner) for where, process, owner in rows)
+        if key == self._key:
+            return len(rows)
+        self._key = key
+        self.clear()
+        for where, process, owner in rows:
+            style = "bold" if owner else ""
+            self.add_row(
+                Text(where, style=style, justify="right"),
+                Text(str(process.pid), style=style, justify="right"),
+                Text(printable(process.user), style=style),
+                Text(format_bytes(process.gpu_memory), style=style, justify="right"),
+                Text(f"◆ {owner}" if owner else "", style=style),
+                Text(printable(process.command)[:160], style=style),
+            )
+        return len(rows)
+
+
+def mig_text(snapshot: MonitorSnapshot) -> Text:
+    text = Text()
+    for gpu in snapshot.gpus:
+        for mig in gpu.mig_devices:
+            if text:
+                text.append("\n")
+            name = printable(mig.name)
+            profile = name.rsplit(" MIG ", 1)[-1] if " MIG " in name else name
+            text.append(f"GPU {gpu.index} MIG {mig.index} ", style="bold")
+            text.append(
+                f"{profile:<8} GI {mig.gpu_instance_id if mig.gpu_instance_id is not None else NA} "
+                f"CI {mig.compute_instance_id if mig.compute_instance_id is not None else NA}  "
+                f"{format_used_total(mig.memory_used, mig.memory_total)}  "
+                f"util {format_percent(mig.utilization_gpu)}"
+            )
+    return text
+
+
+class GpuPanel(VerticalScroll):
+    """Every GPU of the snapshot (or the notice that there are none), MIG devices and processes."""
+
+    ALLOW_MAXIMIZE = True
+    BORDER_TITLE = "GPUs"
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.snapshot: MonitorSnapshot | None = None
+        self.owners: Ownership = Ownership({}, {})
+        self.history: History | None = None
+        self.layout_name = COMPACT
+        self._gpu_indices: tuple[int, ...] | None = None
+        self._notice: object = "waiting"
+        self._mig_key: object = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("Waiting for the first sample…", id="gpu-notice")
+        yield Static(id="gpu-header", classes="-hidden")
+        yield Vertical(id="gpu-rows")
+        yield Static(id="gpu-mig", classes="-hidden")
+        yield Static("Processes", id="gpu-processes-title", classes="section-title -hidden")
+        yield ProcessTable(id="gpu-processes", classes="-hidden")
+
+    def on_resize(self) -> None:
+        layout = layout_for(self.scrollable_content_region.width)
+        if layout != self.layout_name:
+            self.layout_name = layout
+            if self.snapshot is not None:
+                self._draw()
+
+    def show(self, snapshot: MonitorSnapshot, owners: Ownership, history: History) -> None:
+        self.snapshot, self.owners, self.history = snapshot, owners, history
+        self._draw()
+
+    def _draw(self) -> None:
+        snapshot, history = self.snapshot, self.history
+        assert snapshot is not None and history is not None
+        notice = printable(snapshot.notice) if snapshot.notice else None
+        if not snapshot.gpus and notice is None:
+            notice = "No GPUs."
+        if notice != self._notice:
+            self._notice = notice
+            widget = self.query_one("#gpu-notice", Static)
+            widget.update(notice or "")
+            widget.set_class(notice is None, "-hidden")
+        indices = tuple(gpu.index for gpu in snapshot.gpus)
+        rows = self.query_one("#gpu-rows", Vertical)
+        if indices != self._gpu_indices:
+            self._gpu_indices = indices
+            rows.remove_children()
+            rows.mount_all([GpuRow(index) for index in indices])
+        self._draw_rows()
+        header = self.query_one("#gpu-header", Static)
+        header.update(Text(gpu_header(self.layout_name), style="bold"))
+        header.set_class(not snapshot.gpus, "-hidden")
+        mig_key = tuple((gpu.index, gpu.mig_devices) for gpu in snapshot.gpus if gpu.mig_devices)
+        if mig_key != self._mig_key:
+            self._mig_key = mig_key
+            mig = self.query_one("#gpu-mig", Static)
+            mig.update(mig_text(snapshot))
+            mig.set_class(not mig_key, "-hidden")
+        table = self.query_one(ProcessTable)
+        count = table.show(snapshot, self.owners)
+        table.set_class(not count, "-hidden")
+        self.query_one("#gpu-processes-title").set_class(not count, "-hidden")
+
+    def _draw_rows(self) -> None:
+        snapshot, history = self.snapshot, self.history
+        if snapshot is None or history is None:
+            return
+        for row in self.query_one("#gpu-rows").query_children(GpuRow):
+            gpu = snapshot.gpu(row.index)
+            if gpu is not None:
+                row.show(gpu, self.layout_name, self.owners.gpus.get(row.index, ()),
+                         history.gpu(row.index, "utilization_gpu"))
