@@ -554,8 +554,10 @@ class AsyncChatClient:
             try:
                 while True:
                     try:
-                        response = await asyncio.wait_for(call.read(), self.timeout)
-                    except asyncio.TimeoutError:
+                        # asyncio.timeout, not wait_for: wait_for may swallow a cancellation on 3.11.
+                        async with asyncio.timeout(self.timeout):
+                            response = await call.read()
+                    except TimeoutError:
                         raise ServerUnavailable(f"{self.where}: no answer for {self.timeout:g} s") from None
                     if response is grpc.aio.EOF:
                         if received:
@@ -581,9 +583,10 @@ class AsyncChatClient:
                     raise ServerUnavailable(f"{self.where}: the connection broke mid-answer ({_message(error)})") from None
                 raise classify(error, self.where, self.timeout) from None
             except asyncio.CancelledError:
-                if call.cancelled():
-                    return
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the caller's task is being cancelled (Esc): let it
+                return  # cancel() was called: the answer just ends
             finally:
                 self._calls.discard(call)
                 if not finished:

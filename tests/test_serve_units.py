@@ -1,0 +1,338 @@
+"""Serving pieces that need no real server: addresses, sampling checks, decoding, argv, logs, export files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import run_oatui
+from oatui.errors import UserError
+from oatui.serve.client import AddressError, TritonAddress, classify, RemoteError, ServerUnavailable
+from oatui.serve.generation import SamplingParams
+from oatui.serve.server import (
+    ServerCommand,
+    ServerOptions,
+    check_port_free,
+    connect_host,
+    is_loopback,
+    log_excerpt,
+    redact,
+    resolve_admin_key,
+    server_argv,
+    server_environment,
+)
+from oatui.workspace import Workspace
+
+
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "model"),
+    [
+        ("localhost:8001/rm", "localhost", 8001, "rm"),
+        ("10.0.0.5:9001/ref-model", "10.0.0.5", 9001, "ref-model"),
+        ("grpc://host:8001/policy/", "host", 8001, "policy"),
+        ("[::1]:8001/rm", "[::1]", 8001, "rm"),
+    ],
+)
+def test_triton_address_parses_the_open_assistant_form(text: str, host: str, port: int, model: str) -> None:
+    address = TritonAddress.parse(text)
+    assert (address.host, address.port, address.model) == (host, port, model)
+    assert address.url == f"{host}:{port}"
+    assert str(address) == f"{host}:{port}/{model}"
+
+
+def test_triton_address_needs_a_model_unless_given_a_default() -> None:
+    with pytest.raises(AddressError, match="no model name"):
+        TritonAddress.parse("localhost:8001")
+    assert TritonAddress.parse("localhost:8001", default_model="rm").model == "rm"
+    assert TritonAddress.parse("localhost:8001/", default_model="rm").model == "rm"
+    for bad in ("localhost/rm", "localhost:port/rm", "localhost:70000/rm", ":8001/rm", "h:1/a/b"):
+        with pytest.raises(AddressError):
+            TritonAddress.parse(bad)
+    # One line, exit 2 from the command line: an AddressError is a UserError.
+    assert issubclass(AddressError, UserError) and issubclass(AddressError, ValueError)
+
+
+def test_errors_are_classified_by_grpc_status() -> None:
+    from tritonclient.utils import InferenceServerException
+
+    unavailable = classify(InferenceServerException("refused", status="StatusCode.UNAVAILABLE"), "h:1/m")
+    assert isinstance(unavailable, ServerUnavailable) and "h:1/m" in str(unavailable)
+    late = classify(InferenceServerException("late", status="StatusCode.DEADLINE_EXCEEDED"), "h:1/m", 3)
+    assert isinstance(late, ServerUnavailable) and "3 s" in str(late)
+    missing = classify(InferenceServerException("Request for unknown model: 'x' is not found",
+                                                status="StatusCode.NOT_FOUND"), "h:1/x")
+    assert isinstance(missing, ServerUnavailable)
+    bad = classify(InferenceServerException("input 'text' is empty"), "h:1/m")
+    assert isinstance(bad, RemoteError) and "input 'text' is empty" in str(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling parameters
+
+
+def test_sampling_parameters_are_checked_by_name() -> None:
+    params = SamplingParams.from_mapping({"max_new_tokens": 5, "temperature": 0, "top_p": 0.9, "top_k": 3, "seed": 1,
+                                          "repetition_penalty": 1.2, "ignore_eos": True})
+    assert params.temperature == 0.0 and isinstance(params.temperature, float) and params.top_k == 3
+    for bad, needle in [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"temperature": float("nan")}, "finite"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"max_tokens": 3}, "unknown parameter 'max_tokens'"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            SamplingParams.from_mapping(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation pieces on a real (untrained) tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory):
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from oatui.models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(512)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return GPTNeoXForCausalLM(config).eval(), tokenizer
+
+
+def test_incremental_decoder_never_splits_a_character(tiny_lm) -> None:  # noqa: ANN001
+    from oatui.serve.generation import IncrementalDecoder
+
+    _, tokenizer = tiny_lm
+    text = "Grüße aus Köln! 你好, мир 🙂🙂 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Byte-level BPE on a tokenizer trained on little data: multi-byte characters span tokens.
+    assert len(ids) > len(text) // 2
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(token) for token in ids]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert sum(1 for piece in pieces if piece) > 5
+
+
+def test_decode_loop_matches_full_forward_greedy(tiny_lm) -> None:  # noqa: ANN001
+    """The KV-cache loop picks the same greedy tokens as recomputing the whole sequence."""
+    import torch
+
+    from oatui.serve.generation import generate_ids
+
+    model, tokenizer = tiny_lm
+    prompt = tokenizer("<|prompter|>hello there<|endoftext|><|assistant|>", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    got = list(generate_ids(model, prompt, params, {tokenizer.eos_token_id}, len(tokenizer), 64))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, : len(tokenizer)]
+            ids.append(int(torch.argmax(logits)))
+    assert got == ids[len(prompt):]
+    # The context limit ends generation: 64 positions in all.
+    long = list(generate_ids(model, prompt, SamplingParams(max_new_tokens=500, ignore_eos=True),
+                             set(), len(tokenizer), 64))
+    assert len(long) == 64 - len(prompt)
+    # A cancellation check before each step.
+    calls = []
+    stopped = list(generate_ids(model, prompt, SamplingParams(max_new_tokens=50, ignore_eos=True), set(),
+                                len(tokenizer), 64, should_stop=lambda: calls.append(1) or len(calls) > 3))
+    assert len(stopped) == 3
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny_lm) -> None:  # noqa: ANN001
+    from oatui.serve.generation import generate_ids
+
+    model, tokenizer = tiny_lm
+    prompt = tokenizer("<|prompter|>hi<|endoftext|><|assistant|>", add_special_tokens=False)["input_ids"]
+
+    def run(**kw):  # noqa: ANN003, ANN202
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True, **kw)
+        return list(generate_ids(model, prompt, params, set(), len(tokenizer), 64))
+
+    assert run(seed=7, temperature=1.0) == run(seed=7, temperature=1.0)
+    assert run(seed=7, top_k=1) == run(temperature=0)  # top-1 sampling is greedy
+    assert run(seed=3, top_p=1e-6) == run(temperature=0)
+    assert all(t < len(tokenizer) for t in run(seed=5, repetition_penalty=1.3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The server command line, environment, admin key and logs
+
+
+def test_server_argv_for_the_bundled_server(tmp_path: Path) -> None:
+    options = ServerOptions(repo=str(tmp_path / "repo"), http_port=9000, grpc_port=9001, metrics_port=9002,
+                            models=("policy", "rm"))
+    argv = server_argv(ServerCommand(["/x/tritonserver"], True), options, tmp_path / "backends", None)
+    assert argv[0] == "/x/tritonserver"
+    for flag in ("--disable-auto-complete-config", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+                 "--metrics-address=127.0.0.1", "--grpc-port=9001", f"--backend-directory={tmp_path / 'backends'}",
+                 "--model-control-mode=explicit", "--load-model=policy", "--load-model=rm"):
+        assert flag in argv
+    assert not any("restricted" in arg for arg in argv)
+    everything = server_argv(ServerCommand(["apptainer", "exec", "--nv", "t.sif", "tritonserver"], False),
+                             ServerOptions(repo="/r", address="0.0.0.0"), None, "s3cret")
+    assert everything[:5] == ["apptainer", "exec", "--nv", "t.sif", "tritonserver"]
+    assert "--model-control-mode=none" in everything and not any("backend-directory" in a for a in everything)
+    assert "--grpc-restricted-protocol=model-repository,shared-memory:admin-key=s3cret" in everything
+    assert "--http-restricted-api=model-repository,shared-memory:admin-key=s3cret" in everything
+    assert not any("s3cret" in arg for arg in redact(everything, "s3cret"))
+
+
+def test_bundled_server_environment_finds_libpython_and_the_virtualenv() -> None:
+    import sysconfig
+
+    env = server_environment(True, "7", base={"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
+    libs = env["LD_LIBRARY_PATH"].split(":")
+    assert libs[0] == sysconfig.get_config_var("LIBDIR")
+    assert libs[1].endswith("nvidia_pytriton.libs") and libs[-1] == "/opt/lib"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.prefix) / "bin")
+    assert env["CUDA_VISIBLE_DEVICES"] == "7"
+    plain = server_environment(False, None, base={"PATH": "/usr/bin"})
+    assert plain["PATH"] == "/usr/bin" and "LD_LIBRARY_PATH" not in plain and "CUDA_VISIBLE_DEVICES" not in plain
+
+
+def test_addresses_and_ports(tmp_path: Path) -> None:
+    import socket
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+    assert connect_host("0.0.0.0") == "127.0.0.1" and connect_host("::1") == "[::1]"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=f"--grpc-port {port}: port in use"):
+            check_port_free("127.0.0.1", port, "--grpc-port")
+    check_port_free("127.0.0.1", port, "--grpc-port")  # free again
+
+
+def test_admin_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
+    workspace = Workspace.open(tmp_path / "ws")
+    assert resolve_admin_key(workspace, "127.0.0.1", None) is None
+    path = resolve_admin_key(workspace, "0.0.0.0", None)
+    assert path is not None and stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = path.read_text().strip()
+    assert len(key) >= 32
+    assert resolve_admin_key(workspace, "0.0.0.0", None).read_text().strip() == key  # kept
+    assert resolve_admin_key(workspace, "127.0.0.1", "mine").read_text().strip() == "mine"
+    with pytest.raises(UserError, match="--admin-key"):
+        resolve_admin_key(workspace, "0.0.0.0", "a b")
+
+
+def test_log_excerpt_prefers_model_failures(tmp_path: Path) -> None:
+    log = tmp_path / "t.log"
+    log.write_text(
+        "[oatui] starting: tritonserver ...\n"
+        'E1124 05:29:17.9 1 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+        'E1124 05:29:18.3 1 model_lifecycle.cc:642] "failed to load \'rm\' version 1: Internal: ValueError: boom\\n\\nAt:\\n  x.py(1)"\n'
+        "| rm | 1 | UNAVAILABLE: Internal: ValueError: boom |\n"
+        "error: creating server: Internal - failed to load all models\n"
+    )
+    assert log_excerpt(log) == ("failed to load 'rm' version 1: Internal: ValueError: boom | "
+                                "error: creating server: Internal - failed to load all models")
+
+
+def test_a_server_that_never_gets_ready_is_stopped_with_its_log(tmp_path: Path) -> None:
+    """A missing shared library makes tritonserver hang silently: the readiness timeout ends it."""
+    workspace = tmp_path / "ws"
+    repo = workspace / "triton" / "m"
+    repo.mkdir(parents=True)
+    (repo / "config.pbtxt").write_text('name: "m"\nbackend: "python"\n')
+    fake = tmp_path / "fake-tritonserver"
+    fake.write_text('#!/bin/sh\necho "E1124 00:00:00.0 1 x.cc:1] \\"libfoo.so: cannot open shared object\\""\n'
+                    'echo $$ > "$0.pid"\nexec sleep 60\n')
+    fake.chmod(0o755)
+    started = time.monotonic()
+    result = run_oatui("serve", "--server-bin", f"{fake} --flag", "--ready-timeout", "1.5",
+                       "--http-port", "0", workspace=workspace)
+    assert result.returncode == 2 and "--http-port 0" in result.stderr  # port numbers are checked first
+    http, grpc, metrics = free_ports(3)
+    result = run_oatui("serve", "--server-bin", f"{fake} --flag", "--ready-timeout", "1.5", "--http-port", str(http),
+                       "--grpc-port", str(grpc), "--metrics-port", str(metrics), workspace=workspace)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "not ready after 1.5 s" in lines[0] and "libfoo.so: cannot open shared object" in lines[0]
+    assert time.monotonic() - started < 30
+    pid = int((tmp_path / "fake-tritonserver.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    logs = list((workspace / "logs").glob("tritonserver-*.log"))
+    assert logs and "--flag" in logs[0].read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Export files (no server)
+
+
+def test_config_text_for_each_mode() -> None:
+    from oatui.serve.repository import config_text
+
+    policy = config_text("policy", "policy", {"model_path": '/a "b"\\c'})
+    assert "model_transaction_policy { decoupled: true }" in policy and "max_batch_size: 0" in policy
+    assert "kind: KIND_MODEL" in policy and "KIND_GPU" not in policy
+    assert 'string_value: "/a \\"b\\"\\\\c"' in policy
+    rm = config_text("rm", "rm", {}, max_batch=8)
+    assert "max_batch_size: 8" in rm and "dynamic_batching" in rm and "TYPE_FP32" in rm
+    ref = config_text("ref", "ref", {})
+    assert 'name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ]' in ref and 'name: "logprobs"' in ref
+
+
+def test_export_errors_are_one_line(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    result = run_oatui("export", "--mode", "rm", "--model", str(tmp_path / "missing"), workspace=workspace)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--model" in result.stderr and "no such folder" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_oatui("export", "--mode", "ref", "--model", str(empty), workspace=workspace)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no config.json" in result.stderr
+    result = run_oatui("export", "--mode", "nope", "--model", str(empty), workspace=workspace)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert not (workspace / "triton").exists() or not any((workspace / "triton").iterdir())
+
+
+def test_server_and_client_modules_stay_light() -> None:
+    """The UI imports these: no torch, no transformers."""
+    code = ("import sys, oatui.serve.server, oatui.serve.client, oatui.serve.repository; "
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert json.loads(out.replace("'", '"')) == []
