@@ -24,6 +24,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
 
 from oatui.app import messages as m
@@ -46,6 +47,10 @@ from oatui.workspace import Workspace
 NARROW_WIDTH = 100
 EXPORT_MODES = {"sft": "policy", "rl": "policy", "rm": "rm"}
 ACTIVE = ("queued", "running")
+MAIN_SCREEN_ACTIONS = {
+    "launch", "stop_run", "export", "toggle_server", "focus_chat", "focus_gpus", "focus_runs", "show_log",
+    "show_curves", "zoom", "help", "new_conversation", "chat_options", "copy_answer", "quit",
+}
 
 KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Anywhere", (
@@ -135,44 +140,61 @@ class OatuiApp(App[None]):
 
     # -- layout -------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
+        # Handlers reach the panels through these references, not app.query_one: a modal screen
+        # (a form, the palette) may be on top when a worker's result arrives.
+        self.gpu_panel = GpuPanel(id="gpus")
+        self.host_panel = HostPanel(id="host")
+        self.run_list = RunList(id="runs")
+        self.runs_empty = Static("No runs yet: press 1 (SFT), 2 (RM) or 3 (RL) to launch one.", id="runs-empty")
+        self.run_log = RunLog(id="run-log")
+        self.run_curves = RunCurves(id="run-curves")
+        self.chat_pane = ChatPane(self.workspace.root, id="chat")
+        self.detail = TabbedContent(id="detail", initial="tab-log")
         yield Header(icon="◆")
         with Horizontal(id="main"):
             with Vertical(id="left"):
-                yield GpuPanel(id="gpus")
-                yield HostPanel(id="host")
+                yield self.gpu_panel
+                yield self.host_panel
             with Vertical(id="right"):
                 with Vertical(id="runs-panel"):
-                    yield Static("No runs yet: press 1 (SFT), 2 (RM) or 3 (RL) to launch one.", id="runs-empty")
-                    yield RunList(id="runs")
-                with TabbedContent(id="detail", initial="tab-log"):
+                    yield self.runs_empty
+                    yield self.run_list
+                with self.detail:
                     with TabPane("Log", id="tab-log"):
-                        yield RunLog(id="run-log")
+                        yield self.run_log
                     with TabPane("Curves", id="tab-curves"):
-                        yield RunCurves(id="run-curves")
+                        yield self.run_curves
                     with TabPane("Chat", id="tab-chat"):
-                        yield ChatPane(self.workspace.root, id="chat")
+                        yield self.chat_pane
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#runs-panel").border_title = "Runs"
-        self.query_one(RunLog).start(None, "Select a run to follow its log.")
+        self.run_log.start(None, "Select a run to follow its log.")
         self._apply_width(self.size.width)
         self.poll()
         self.set_interval(self.refresh_interval, self.poll, name="poll")
-        self.query_one(RunList).focus()
+        self.run_list.focus()
 
     def on_resize(self, event: Any) -> None:
         self._apply_width(event.size.width)
 
     def _apply_width(self, width: int) -> None:
         self.set_class(width < NARROW_WIDTH, "-narrow")
-        self.query_one(Footer).compact = width < NARROW_WIDTH
+        for footer in self.screen.query(Footer):
+            footer.compact = width < NARROW_WIDTH
 
     def on_unmount(self) -> None:
         try:
             self.source.close()
         except Exception:  # noqa: BLE001 - closing NVML at exit
             pass
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # The single-key actions belong to the main screen: in a form or dialog they stay quiet.
+        if action in MAIN_SCREEN_ACTIONS and isinstance(self.screen, ModalScreen):
+            return False
+        return True
 
     # -- polling ------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -205,8 +227,9 @@ class OatuiApp(App[None]):
         self.snapshot = message.snapshot
         self.owners = message.owners
         self.history.add(message.snapshot)
-        self.query_one(GpuPanel).show(message.snapshot, message.owners, self.history)
-        self.query_one(HostPanel).show(message.snapshot.host, self.history)
+        if self.gpu_panel.is_attached:
+            self.gpu_panel.show(message.snapshot, message.owners, self.history)
+            self.host_panel.show(message.snapshot.host, self.history)
 
     @work(thread=True, exclusive=True, group="runs-poll")
     def read_runs(self, selected: tuple[str, str] | None, log: FileFollower | None,
@@ -239,9 +262,11 @@ class OatuiApp(App[None]):
     def _runs_refreshed(self, message: m.RunsRefreshed) -> None:
         self._runs_busy = False
         self.runs = message.runs
-        table = self.query_one(RunList)
+        table = self.run_list
+        if not table.is_attached:
+            return
         table.show(message.runs)
-        self.query_one("#runs-empty").display = not message.runs
+        self.runs_empty.display = not message.runs
         table.display = bool(message.runs)
         active = []
         for run in message.runs:
@@ -258,7 +283,7 @@ class OatuiApp(App[None]):
 
     @on(DataTable.RowHighlighted, "#runs")
     def _run_highlighted(self) -> None:
-        self._follow(self.query_one(RunList).selected)
+        self._follow(self.run_list.selected)
 
     def _follow(self, run: Any) -> None:
         """Follow the log and metrics of ``run`` (a RunView or None) when it is not followed yet."""
@@ -266,8 +291,9 @@ class OatuiApp(App[None]):
         if key == self._selected:
             return
         self._selected = key
-        log_view = self.query_one(RunLog)
-        curves = self.query_one(RunCurves)
+        self.detail.border_title = None if run is None else run.id
+        log_view = self.run_log
+        curves = self.run_curves
         if run is None:
             self._log_follower = self._metrics_follower = None
             log_view.start(None, "Select a run to follow its log.")
@@ -285,13 +311,13 @@ class OatuiApp(App[None]):
 
     @on(m.LogLinesRead)
     def _log_lines_read(self, message: m.LogLinesRead) -> None:
-        log_view = self.query_one(RunLog)
+        log_view = self.run_log
         if log_view.run_id == message.run_id:
             log_view.append(message.lines)
 
     @on(m.MetricsRead)
     def _metrics_read(self, message: m.MetricsRead) -> None:
-        curves = self.query_one(RunCurves)
+        curves = self.run_curves
         if curves.run_id == message.run_id:
             curves.add(message.records)
 
@@ -308,7 +334,7 @@ class OatuiApp(App[None]):
         self._server_checked = True
         self.server_info = message.info
         if changed:
-            self.query_one(ChatPane).set_server(message.info)
+            self.chat_pane.set_server(message.info)
 
     @on(m.ActionFailed)
     def _action_failed(self, message: m.ActionFailed) -> None:
@@ -332,14 +358,14 @@ class OatuiApp(App[None]):
             self.read_runs(self._selected, self._log_follower, self._metrics_follower)
 
     def _select_after_refresh(self, run_id: str, tries: int) -> None:
-        table = self.query_one(RunList)
+        table = self.run_list
         if table.select_run(run_id):
             table.focus()
         elif tries > 0:
             self.set_timer(0.2, lambda: self._select_after_refresh(run_id, tries - 1))
 
     def selected_run(self) -> Any:
-        return self.query_one(RunList).selected
+        return self.run_list.selected
 
     def action_stop_run(self) -> None:
         run = self.selected_run()
@@ -412,7 +438,7 @@ class OatuiApp(App[None]):
         if message.ok:
             note = " Restart the server (s, s) to serve it." if self.server_info is not None else ""
             self.notify(f"Exported {message.run_id} as '{message.name}'.{note}")
-            self.query_one(ChatPane).list_models()
+            self.chat_pane.list_models()
         else:
             self.notify(f"Export failed: {message.detail}", severity="error", timeout=10)
 
@@ -452,36 +478,36 @@ class OatuiApp(App[None]):
 
     @on(m.ServerStarting)
     def _server_starting(self) -> None:
-        self.query_one(ChatPane).set_server(None, "Starting tritonserver on the workspace repository…")
+        self.chat_pane.set_server(None, "Starting tritonserver on the workspace repository…")
 
     @on(m.ServerStarted)
     def _server_started(self, message: m.ServerStarted) -> None:
         self.server_busy = False
         self.server_info = message.info
-        self.query_one(ChatPane).set_server(message.info)
+        self.chat_pane.set_server(message.info)
         self.notify(f"tritonserver ready on {message.info.grpc_url} ({', '.join(message.info.models)}).")
 
     @on(m.ServerStopped)
     def _server_stopped(self) -> None:
         self.server_busy = False
         self.server_info = None
-        self.query_one(ChatPane).set_server(None)
+        self.chat_pane.set_server(None)
         self.notify("tritonserver stopped.")
 
     @on(m.ServerFailed)
     def _server_failed(self, message: m.ServerFailed) -> None:
         self.server_busy = False
-        self.query_one(ChatPane).set_server(self.server_info)
+        self.chat_pane.set_server(self.server_info)
         self.notify(f"Server: {message.error}", severity="error", timeout=10)
 
     # -- focus and views -------------------------------------------------------------------------
     def action_focus_chat(self) -> None:
         self.screen.minimize()
-        self.query_one("#detail", TabbedContent).active = "tab-chat"
-        self.query_one(ChatPane).focus_prompt()
+        self.detail.active = "tab-chat"
+        self.chat_pane.focus_prompt()
 
     def action_focus_gpus(self) -> None:
-        panel = self.query_one(GpuPanel)
+        panel = self.gpu_panel
         if self.screen.maximized is panel:
             self.screen.minimize()
             return
@@ -490,13 +516,13 @@ class OatuiApp(App[None]):
 
     def action_focus_runs(self) -> None:
         self.screen.minimize()
-        self.query_one(RunList).focus()
+        self.run_list.focus()
 
     def action_show_log(self) -> None:
-        self.query_one("#detail", TabbedContent).active = "tab-log"
+        self.detail.active = "tab-log"
 
     def action_show_curves(self) -> None:
-        self.query_one("#detail", TabbedContent).active = "tab-curves"
+        self.detail.active = "tab-curves"
 
     def action_zoom(self) -> None:
         if self.screen.maximized is not None:
@@ -506,13 +532,13 @@ class OatuiApp(App[None]):
 
     def action_new_conversation(self) -> None:
         self.action_focus_chat()
-        self.run_worker(self.query_one(ChatPane).action_new_conversation(), exclusive=False)
+        self.run_worker(self.chat_pane.action_new_conversation(), exclusive=False)
 
     def action_chat_options(self) -> None:
-        self.query_one(ChatPane).action_options()
+        self.chat_pane.action_options()
 
     def action_copy_answer(self) -> None:
-        self.query_one(ChatPane).action_copy_answer()
+        self.chat_pane.action_copy_answer()
 
     def action_help(self) -> None:
         self.push_screen(HelpDialog(KEYS, "Runs and the server are detached: they keep going after q, "

@@ -132,9 +132,15 @@ class ChatSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 256
+    #: Generate exactly ``max_new_tokens`` (load tests, long streams), EOS or not.
+    ignore_eos: bool = False
 
     def sampling(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        values: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p,
+                                  "max_new_tokens": self.max_new_tokens}
+        if self.ignore_eos:
+            values["ignore_eos"] = True
+        return values
 
 
 class TokenReceived(Message):

@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from oatui.app.choices import STAGE_NAMES, LaunchChoice, load_choice, save_choice
 from oatui.app.messages import ChatSettings
@@ -210,6 +210,8 @@ class ChatOptions(ModalScreen[ChatSettings | None]):
                 with Vertical():
                     yield Label("Max new tokens", classes="field-label")
                     yield Input(str(settings.max_new_tokens), id="options-max-new-tokens", compact=True)
+            yield Checkbox("Always generate max new tokens (ignore EOS)", settings.ignore_eos,
+                           id="options-ignore-eos", compact=True)
             yield Static("", id="options-error", classes="form-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save (ctrl+s)", variant="primary", id="options-save", compact=True)
@@ -238,6 +240,7 @@ class ChatOptions(ModalScreen[ChatSettings | None]):
                 temperature=float(self._number("#options-temperature", "Temperature", float, 0.0, 10.0)),
                 top_p=float(self._number("#options-top-p", "Top-p", float, 0.01, 1.0)),
                 max_new_tokens=int(self._number("#options-max-new-tokens", "Max new tokens", int, 1, 32768)),
+                ignore_eos=self.query_one("#options-ignore-eos", Checkbox).value,
             )
         except ValueError as error:
             self.query_one("#options-error", Static).update(str(error))

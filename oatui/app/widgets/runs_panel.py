@@ -47,13 +47,13 @@ def run_cells(run: RunView) -> tuple[Text, ...]:
     state_style = STATE_STYLES.get(run.state, "")
     if run.info is None:
         return (
-            Text(run.id),
             Text("?"),
             Text("broken", style=state_style),
             Text(""),
             Text("-"),
             Text("-"),
             Text("-"),
+            Text(run.id),
             Text(run.problem or "run.json cannot be read", style="red"),
         )
     steps = f"{run.step}/{run.total_steps}" if run.total_steps else "-"
@@ -61,13 +61,13 @@ def run_cells(run: RunView) -> tuple[Text, ...]:
     if not note and run.state == "running" and run.info.stop_requested:
         note = "stopping…"
     return (
-        Text(run.id),
         Text(STAGE_NAMES.get(run.stage, run.stage)),
         Text(run.state, style=state_style),
         Text(progress_bar(run.progress)),
         Text(steps, justify="right"),
-        Text(clock(run.elapsed), justify="right"),
         Text(clock(run.eta) if run.eta is not None else "-", justify="right"),
+        Text(clock(run.elapsed), justify="right"),
+        Text(run.id),
         Text(note, style="red" if run.state == "failed" else ""),
     )
 
@@ -75,7 +75,7 @@ def run_cells(run: RunView) -> tuple[Text, ...]:
 class RunList(DataTable):
     """One row per run, newest first; the highlighted row is the selected run."""
 
-    COLUMNS = ("RUN", "STAGE", "STATE", "PROGRESS", "STEP", "ELAPSED", "ETA", "NOTE")
+    COLUMNS = ("STAGE", "STATE", "PROGRESS", "STEP", "ETA", "ELAPSED", "RUN", "NOTE")
     ALLOW_MAXIMIZE = True
 
     def __init__(self, **kwargs: object) -> None:
