@@ -64,6 +64,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(0o077)  # everything oatui writes in the workspace is private to its user
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "workspace"):

@@ -74,16 +74,22 @@ def run(args: argparse.Namespace) -> int:
         hostfile=args.hostfile,
         resume=args.resume,
     )
+    log_start = 0
+    if args.resume:
+        from oatui.stages.runs import find_run
+
+        log = find_run(workspace.runs, args.resume).log_path
+        log_start = log.stat().st_size if log.exists() else 0  # follow the new attempt only
     run_dir = launch(request, workspace)
     if args.detach:
         print(run_dir.id)
         return 0
     print(f"run {run_dir.id} ({run_dir.path})", file=sys.stderr)
-    return follow(run_dir)
+    return follow(run_dir, log_start)
 
 
-def follow(run_dir, stop_on_interrupt: bool = True) -> int:  # noqa: ANN001
-    """Print the run's log as it grows until it ends; Ctrl-C asks the run to stop."""
+def follow(run_dir, position: int = 0) -> int:  # noqa: ANN001
+    """Print the run's log from ``position`` as it grows until the run ends; Ctrl-C asks it to stop."""
     from oatui.stages.runs import refresh, stop_run
     from oatui.errors import UserError
 
@@ -91,8 +97,6 @@ def follow(run_dir, stop_on_interrupt: bool = True) -> int:  # noqa: ANN001
 
     def on_interrupt(signum: int, frame: object) -> None:
         interrupted["count"] += 1
-        if not stop_on_interrupt:
-            raise KeyboardInterrupt
         try:
             if interrupted["count"] == 1:
                 print("\nstopping at the next step boundary (Ctrl-C again to kill)", file=sys.stderr)
@@ -104,7 +108,6 @@ def follow(run_dir, stop_on_interrupt: bool = True) -> int:  # noqa: ANN001
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     # A dropped terminal ends this follower only; the run goes on under its supervisor.
-    position = 0
     try:
         while True:
             position = _print_new(run_dir.log_path, position)

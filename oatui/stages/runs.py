@@ -21,8 +21,12 @@ QUEUED_GRACE_S = 60.0
 
 
 def process_alive(pid: int | None, started: float | None) -> bool:
-    """True when ``pid`` runs and is the same process (same start time) as the one recorded."""
-    if not pid:
+    """True when ``pid`` runs and is the same process (same start time) as the one recorded.
+
+    Without a recorded start time a pid proves nothing (it may have been reused), so it is not
+    alive: oatui never signals a process it cannot identify.
+    """
+    if not pid or pid <= 1 or started is None or pid == os.getpid():
         return False
     import psutil
 
@@ -30,7 +34,7 @@ def process_alive(pid: int | None, started: float | None) -> bool:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        if started is not None and abs(process.create_time() - started) > 1.0:
+        if abs(process.create_time() - started) > 1.0:
             return False  # the pid was reused by another process
         return True
     except psutil.Error:
@@ -226,11 +230,14 @@ def stop_run(run: RunDir, force: bool = False) -> RunInfo:
 
 
 def _kill_group(pid: int | None, started: float | None, signum: int) -> None:
-    if pid and process_alive(pid, started):
-        try:
+    if not (pid and process_alive(pid, started)):
+        return
+    try:
+        # The stage leads its own process group (its supervisor starts it in a new session).
+        if os.getpgid(pid) == pid:
             os.killpg(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def wait_for_end(run: RunDir, timeout: float | None = None, poll: float = 0.5) -> RunInfo:
