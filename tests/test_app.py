@@ -54,7 +54,9 @@ class Recorder:
         app.notify = notify  # type: ignore[method-assign]
 
     def hook(self, message: Any) -> None:
-        self.messages.append(message)
+        # The hook sees a message at every node it is dispatched to; keep each one once.
+        if not any(message is seen for seen in self.messages[-50:]):
+            self.messages.append(message)
 
     def of(self, kind: type) -> list[Any]:
         return [message for message in self.messages if isinstance(message, kind)]

@@ -15,7 +15,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Sparkline, Static
 
 from oatui.app.owners import Ownership
-from oatui.monitor import GpuSnapshot, History, MonitorSnapshot
+from oatui.monitor import GpuProcess, GpuSnapshot, History, MonitorSnapshot
 from oatui.monitor.text import NA, format_bytes, format_percent, format_rate_kb, format_used_total, printable
 
 #: Samples drawn in each sparkline (the newest ones).
@@ -154,10 +154,13 @@ class GpuRow(Horizontal):
         gpu, layout, owners, series = self._pending
         key = (gpu, layout, owners)
         if key != self._text_key:
+            # The columns have fixed widths: only a new layout or new owners can change the size.
+            relayout = self._text_key is None or self._text_key[1:] != key[1:]
             self._text_key = key
-            self.query_one(".gpu-text", Static).update(gpu_text(gpu, layout))
-            self.query_one(".gpu-owners", Static).update(owners_text(owners))
-            self.set_class(bool(owners), "-ours")
+            self.query_one(".gpu-text", Static).update(gpu_text(gpu, layout), layout=relayout)
+            if relayout:
+                self.query_one(".gpu-owners", Static).update(owners_text(owners))
+                self.set_class(bool(owners), "-ours")
         if series != self._spark_key:
             self._spark_key = series
             self.query_one(Sparkline).data = list(series)
@@ -170,34 +173,51 @@ class ProcessTable(DataTable):
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, show_cursor=False, **kwargs)  # type: ignore[arg-type]
-        self._key: tuple[object, ...] | None = None
+        self._key: tuple[str, ...] | None = None
+        self._cells_by_key: dict[str, tuple[Text, ...]] = {}
 
     def on_mount(self) -> None:
-        self.add_columns(*self.COLUMNS)
+        for name in self.COLUMNS:
+            self.add_column(name, key=name)
 
     def show(self, snapshot: MonitorSnapshot, owners: Ownership) -> int:
-        """Draw the processes; returns how many there are."""
+        """Draw the processes; returns how many there are. Same processes: cells change in place."""
         rows = []
         for gpu in snapshot.gpus:
             for process in gpu.processes:
                 where = str(gpu.index) if process.mig_index is None else f"{gpu.index}:{process.mig_index}"
-                rows.append((where, process, owners.processes.get(process.pid)))
-        key = tuple((where, process, owner) for where, process, owner in rows)
-        if key == self._key:
+                owner = owners.processes.get(process.pid)
+                rows.append((f"{where}/{process.pid}", self._cells(where, process, owner)))
+        keys = tuple(key for key, _ in rows)
+        if keys == self._key:
+            for key, cells in rows:
+                old = self._cells_by_key.get(key)
+                if old == cells:
+                    continue
+                for column, (before, after) in enumerate(zip(old or (), cells)):
+                    if before != after:
+                        self.update_cell(key, self.COLUMNS[column], after,
+                                         update_width=len(after) > len(before))
+                self._cells_by_key[key] = cells
             return len(rows)
-        self._key = key
+        self._key = keys
+        self._cells_by_key = dict(rows)
         self.clear()
-        for where, process, owner in rows:
-            style = "bold" if owner else ""
-            self.add_row(
-                Text(where, style=style, justify="right"),
-                Text(str(process.pid), style=style, justify="right"),
-                Text(printable(process.user), style=style),
-                Text(format_bytes(process.gpu_memory), style=style, justify="right"),
-                Text(f"◆ {owner}" if owner else "", style=style),
-                Text(printable(process.command)[:160], style=style),
-            )
+        for key, cells in rows:
+            self.add_row(*cells, key=key)
         return len(rows)
+
+    @staticmethod
+    def _cells(where: str, process: GpuProcess, owner: str | None) -> tuple[Text, ...]:
+        style = "bold" if owner else ""
+        return (
+            Text(where, style=style, justify="right"),
+            Text(str(process.pid), style=style, justify="right"),
+            Text(printable(process.user), style=style),
+            Text(format_bytes(process.gpu_memory), style=style, justify="right"),
+            Text(f"◆ {owner}" if owner else "", style=style),
+            Text(printable(process.command)[:160], style=style),
+        )
 
 
 def mig_text(snapshot: MonitorSnapshot) -> Text:
@@ -233,6 +253,7 @@ class GpuPanel(VerticalScroll):
         self._gpu_indices: tuple[int, ...] | None = None
         self._notice: object = "waiting"
         self._mig_key: object = None
+        self._header_layout: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("Waiting for the first sample…", id="gpu-notice")
@@ -272,13 +293,17 @@ class GpuPanel(VerticalScroll):
             rows.mount_all([GpuRow(index) for index in indices])
         self._draw_rows()
         header = self.query_one("#gpu-header", Static)
-        header.update(Text(gpu_header(self.layout_name), style="bold"))
+        if self._header_layout != self.layout_name:
+            self._header_layout = self.layout_name
+            header.update(Text(gpu_header(self.layout_name), style="bold"))
         header.set_class(not snapshot.gpus, "-hidden")
         mig_key = tuple((gpu.index, gpu.mig_devices) for gpu in snapshot.gpus if gpu.mig_devices)
         if mig_key != self._mig_key:
+            lines = sum(len(devices) for _, devices in mig_key)
+            previous = sum(len(devices) for _, devices in self._mig_key) if isinstance(self._mig_key, tuple) else -1
             self._mig_key = mig_key
             mig = self.query_one("#gpu-mig", Static)
-            mig.update(mig_text(snapshot))
+            mig.update(mig_text(snapshot), layout=lines != previous)
             mig.set_class(not mig_key, "-hidden")
         table = self.query_one(ProcessTable)
         count = table.show(snapshot, self.owners)

@@ -59,6 +59,7 @@ class HostPanel(Vertical):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._key: object = None
         self._spark_key: object = None
+        self._lines = -1
 
     def compose(self) -> ComposeResult:
         yield Static(id="host-text")
@@ -68,8 +69,10 @@ class HostPanel(Vertical):
         width = self.content_region.width or 80
         key = (host, width)
         if key != self._key:
-            self._key = key
-            self.query_one("#host-text", Static).update(host_text(host, width))
+            text = host_text(host, width)
+            lines = text.plain.count("\n")
+            self.query_one("#host-text", Static).update(text, layout=lines != self._lines)
+            self._key, self._lines = key, lines
         series = tuple(0.0 if v is None else v for v in history.host("cpu_percent_mean")[-120:])
         if series != self._spark_key:
             self._spark_key = series

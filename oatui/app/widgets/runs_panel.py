@@ -111,7 +111,8 @@ class RunList(DataTable):
                     continue
                 for column, (before, after) in enumerate(zip(old or (), new)):
                     if before != after:
-                        self.update_cell(run_id, self.COLUMNS[column], after)
+                        self.update_cell(run_id, self.COLUMNS[column], after,
+                                         update_width=len(after) > len(before))
             self._cells = cells
             return
         selected = self.selected_id
