@@ -21,7 +21,8 @@ from oatui.workspace import Workspace
 
 from test_app import RECORDING, Recorder, run, until
 
-pytestmark = pytest.mark.slow
+# The first test to need `trained` also builds it (a minute on an idle machine, more on a busy one).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def test_chat_streams_the_served_policy_and_esc_cancels_the_second_answer(trained, workspace: Path) -> None:  # noqa: ANN001

@@ -18,7 +18,8 @@ from oatui.stages.runs import process_alive, wait_for_end
 
 from test_app import RECORDING, Recorder, run, until
 
-pytestmark = pytest.mark.slow
+# The first test to need `trained` also builds it (a minute on an idle machine, more on a busy one).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 STEPS = 12
 

@@ -26,6 +26,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
 
 from oatui.app import messages as m
 from oatui.app.commands import OatuiCommands
@@ -132,11 +133,13 @@ class OatuiApp(App[None]):
         self._active_runs: tuple[ActiveRun, ...] = ()
         self._gpu_busy = False
         self._runs_busy = False
+        self._runs_again = False
         self._states: dict[str, str] = {}
         self._selected: tuple[str, str] | None = None
         self._log_follower: FileFollower | None = None
         self._metrics_follower: MetricsFollower | None = None
         self._server_checked = False
+        self._last_poll_error: str | None = None
 
     # -- layout -------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -202,14 +205,21 @@ class OatuiApp(App[None]):
         if not self._gpu_busy:
             self._gpu_busy = True
             self.sample_gpus(self._active_runs)
-        if not self._runs_busy:
-            self._runs_busy = True
-            self.read_runs(self._selected, self._log_follower, self._metrics_follower)
+        self._read_runs_soon()
+
+    def _read_runs_soon(self) -> None:
+        """Read the runs now, or as soon as the read in progress has returned."""
+        if self._runs_busy:
+            self._runs_again = True
+            return
+        self._runs_busy = True
+        self._runs_again = False
+        self.read_runs(self._selected, self._log_follower, self._metrics_follower)
 
     def action_refresh_now(self) -> None:
         self.poll()
 
-    @work(thread=True, exclusive=True, group="gpu-poll")
+    @work(thread=True, exclusive=True, group="gpu-poll", exit_on_error=False)
     def sample_gpus(self, active: tuple[ActiveRun, ...]) -> None:
         try:
             snapshot = self.source.sample()
@@ -221,9 +231,28 @@ class OatuiApp(App[None]):
         except Exception as error:  # noqa: BLE001 - a sampler failure is one line in the panel
             self.post_message(m.GpuSampled(_empty_snapshot(f"{type(error).__name__}: {error}"), EMPTY))
 
+    @on(Worker.StateChanged)
+    def _poll_ended(self, event: Worker.StateChanged) -> None:
+        """A poll may start again once the previous one has returned (its thread is done)."""
+        if event.state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+            return
+        if event.worker.group == "gpu-poll":
+            self._gpu_busy = False
+        elif event.worker.group == "runs-poll":
+            self._runs_busy = False
+            if self._runs_again:
+                self._read_runs_soon()
+        else:
+            return
+        error = event.worker.error
+        if event.state == WorkerState.ERROR and error is not None:
+            text = f"{event.worker.group}: {type(error).__name__}: {error}"
+            if text != self._last_poll_error:  # once, not once per poll
+                self._last_poll_error = text
+                self.notify(text, severity="error", timeout=10)
+
     @on(m.GpuSampled)
     def _gpu_sampled(self, message: m.GpuSampled) -> None:
-        self._gpu_busy = False
         self.snapshot = message.snapshot
         self.owners = message.owners
         self.history.add(message.snapshot)
@@ -231,7 +260,7 @@ class OatuiApp(App[None]):
             self.gpu_panel.show(message.snapshot, message.owners, self.history)
             self.host_panel.show(message.snapshot.host, self.history)
 
-    @work(thread=True, exclusive=True, group="runs-poll")
+    @work(thread=True, exclusive=True, group="runs-poll", exit_on_error=False)
     def read_runs(self, selected: tuple[str, str] | None, log: FileFollower | None,
                   metrics: MetricsFollower | None) -> None:
         from oatui.stages.runs import list_runs
@@ -260,7 +289,6 @@ class OatuiApp(App[None]):
 
     @on(m.RunsRefreshed)
     def _runs_refreshed(self, message: m.RunsRefreshed) -> None:
-        self._runs_busy = False
         self.runs = message.runs
         table = self.run_list
         if not table.is_attached:
@@ -305,9 +333,7 @@ class OatuiApp(App[None]):
         if run.problem:
             log_view.write(f"{run.id}: {run.problem}")
         curves.start(run.id, run.stage if run.info else None)
-        if not self._runs_busy:
-            self._runs_busy = True
-            self.read_runs(self._selected, self._log_follower, self._metrics_follower)
+        self._read_runs_soon()
 
     @on(m.LogLinesRead)
     def _log_lines_read(self, message: m.LogLinesRead) -> None:
@@ -353,9 +379,7 @@ class OatuiApp(App[None]):
         self.notify(f"Launched {message.run_id}.")
         self._states[message.run_id] = "queued"
         self.call_after_refresh(self._select_after_refresh, message.run_id, 20)
-        if not self._runs_busy:
-            self._runs_busy = True
-            self.read_runs(self._selected, self._log_follower, self._metrics_follower)
+        self._read_runs_soon()
 
     def _select_after_refresh(self, run_id: str, tries: int) -> None:
         table = self.run_list

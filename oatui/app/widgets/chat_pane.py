@@ -104,7 +104,7 @@ class ChatPane(Vertical):
         self.list_models()
 
     def on_resize(self) -> None:
-        self.set_class(self.size.width >= 70, "-wide")
+        self.set_class(self.size.width >= 56, "-wide")
 
     # -- the store ------------------------------------------------------------------------------
     def history(self) -> ChatHistory:

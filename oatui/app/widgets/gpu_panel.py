@@ -110,8 +110,16 @@ def gpu_text(gpu: GpuSnapshot, layout: str) -> Text:
     return Text(_join(_cells(gpu), layout))
 
 
+def short_run_id(run_id: str) -> str:
+    """``rl-20261124-093000-c2d9`` -> ``rl·c2d9``: enough to tell runs apart on a GPU row."""
+    parts = run_id.split("-")
+    if len(parts) >= 4 and parts[1].isdigit():
+        return f"{parts[0]}·{parts[-1]}"
+    return run_id[:12]
+
+
 def owners_text(owners: Sequence[str]) -> Text:
-    return Text("◆ " + ", ".join(owners), style="bold") if owners else Text("")
+    return Text("◆ " + " ".join(short_run_id(owner) for owner in owners), style="bold") if owners else Text("")
 
 
 def _series(values: Sequence[float | None]) -> list[float]:
