@@ -117,7 +117,7 @@ class RemoteRewardModel:
         self.eos_token = eos_token
         self.attempts = attempts
         # Retries and their backoff happen here, so that ``remote_retries`` bounds the whole call.
-        self.client = ScoreClient(TritonAddress.parse(address), timeout=timeout, retries=1)
+        self.client = ScoreClient(TritonAddress.parse(address), timeout=timeout, retries=0)
 
     def score(self, texts: Sequence[str]) -> list[float]:
         return call_with_retries(lambda: list(self.client.score(list(texts))), self.attempts,
@@ -130,7 +130,7 @@ class RemoteReference:
 
         self.address = address
         self.attempts = attempts
-        self.client = RefLogprobClient(TritonAddress.parse(address), timeout=timeout, retries=1)
+        self.client = RefLogprobClient(TritonAddress.parse(address), timeout=timeout, retries=0)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids = input_ids.cpu().numpy().astype("int64")

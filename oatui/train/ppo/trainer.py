@@ -152,7 +152,7 @@ def train_rl(context: StageContext) -> None:
         with timer("advantages"):
             raw_scores = scores
             if config.missing_eos_penalty is not None:
-                scores = torch.where(rollout.has_eos, scores, scores - config.missing_eos_penalty)
+                scores = torch.where(rollout.has_eos.to(device), scores, scores - config.missing_eos_penalty)
             if config.whiten_rewards:
                 score_moments.update(scores)
                 scores = scores / (score_moments.std + 1e-8)

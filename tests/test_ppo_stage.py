@@ -1,0 +1,154 @@
+"""The RL stage as real runs on the tiny models: learning, two processes, stop and exact resume, bad input.
+
+Every run here lives in its own workspace and names the trained SFT and RM models by path, so the
+tests never see each other's runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import read_metrics, run_oatui
+
+pytestmark = pytest.mark.slow
+
+PER_STEP_METRICS = {
+    "ppo/score_mean", "ppo/score_std", "ppo/reward_mean", "ppo/kl", "ppo/kl_coef", "ppo/clipfrac", "ppo/approx_kl",
+    "ppo/entropy", "ppo/value_loss", "ppo/policy_loss", "ppo/response_length", "perf/tokens_per_s",
+    "time/generate", "time/score", "time/advantages", "time/train",
+}
+# A few small steps, for the tests that check the machinery rather than the learning.
+SMALL = ["--set", "rollout_batch_size=4", "--set", "mini_batch_size=2", "--set", "ppo_epochs=1",
+         "--set", "max_new_tokens=8", "--set", "torch_threads=1"]
+
+
+def models(trained) -> list[str]:  # noqa: ANN001
+    return ["--set", f"sft_model={trained.sft_model}", "--set", f"rm_model={trained.rm_model}"]
+
+
+def only_run(workspace: Path) -> Path:
+    (run,) = [p for p in (workspace / "runs").iterdir() if p.name.startswith("rl-")]
+    return run
+
+
+def learning_curve(metrics: list[dict]) -> tuple[float, float]:
+    """Mean ``ppo/score_mean`` over the first and the last fifth of the steps."""
+    scores = [m["ppo/score_mean"] for m in metrics]
+    fifth = max(1, len(scores) // 5)
+    return statistics.mean(scores[:fifth]), statistics.mean(scores[-fifth:])
+
+
+def test_tiny_rl_raises_the_reward_models_score(trained, workspace: Path) -> None:  # noqa: ANN001
+    """A shortened ``oatui train rl --configs defaults_rl tiny_rl``: the score rises, KL stays finite."""
+    started = time.monotonic()
+    result = run_oatui("train", "rl", "--configs", "defaults_rl", "tiny_rl", *models(trained),
+                       "--set", "total_steps=30", workspace=workspace, check=True)
+    run = only_run(workspace)
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    for record in metrics:
+        assert PER_STEP_METRICS <= record.keys(), PER_STEP_METRICS - record.keys()
+        assert math.isfinite(record["ppo/kl"]) and abs(record["ppo/kl"]) < 50
+    first, last = learning_curve(metrics)
+    assert last - first >= 0.5 * metrics[0]["ppo/score_std"], (first, last, metrics[0]["ppo/score_std"])
+    # What users tail: a progress line per step.
+    assert result.stdout.count("[oatui] step ") >= 30 and "score " in result.stdout and "kl " in result.stdout
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "response", "score"} <= samples[0].keys()
+    # final/ is the policy alone, a normal Hugging Face folder that the policy export accepts.
+    final = run / "final"
+    assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
+    exported = run_oatui("export", "--mode", "policy", "--model", str(final), "--repo", str(workspace / "repo"),
+                         workspace=workspace)
+    assert exported.returncode == 0, exported.stderr
+    print(f"tiny RL, 30 steps: {time.monotonic() - started:.0f} s, score {first:+.2f} -> {last:+.2f}")
+
+
+def test_two_processes_under_accelerate(trained, workspace: Path) -> None:  # noqa: ANN001
+    run_oatui("train", "rl", "--configs", "defaults_rl", "tiny_rl", *models(trained), *SMALL,
+              "--set", "total_steps=2", "--set", "save_steps=1", "--launcher", "accelerate", "--num-processes", "2",
+              workspace=workspace, check=True)
+    run = only_run(workspace)
+    info = json.loads((run / "run.json").read_text())
+    assert info["state"] == "succeeded" and info["num_processes"] == 2
+    assert "accelerate.commands.launch" in info["argv"] and "--cpu" in info["argv"]
+    log = (run / "stdout.log").read_text()
+    assert "4 prompts per step on each of 2 process(es)" in log
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2]  # rank 0 writes, once per step
+    assert all(math.isfinite(m["ppo/kl"]) for m in metrics)
+    checkpoint = run / "checkpoints" / "checkpoint-1"
+    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def _comparable(metrics: list[dict]) -> list[dict]:
+    """What must be identical between two runs of the same config: everything but clocks."""
+    return [{k: v for k, v in m.items() if not k.startswith(("time", "perf/"))} for m in metrics]
+
+
+def test_stop_then_resume_takes_the_steps_an_uninterrupted_run_takes(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    from safetensors.torch import load_file
+
+    from oatui.stages.rundir import RunDir
+    from oatui.stages.runs import stop_run, wait_for_end
+
+    options = ["--configs", "defaults_rl", "tiny_rl", *models(trained), *SMALL, "--set", "total_steps=20",
+               "--set", "save_steps=5"]
+    straight_ws, stopped_ws = tmp_path / "straight", tmp_path / "stopped"
+    run_oatui("train", "rl", *options, workspace=straight_ws, check=True)
+
+    run_id = run_oatui("train", "rl", *options, "--detach", workspace=stopped_ws, check=True).stdout.split()[-1]
+    run = RunDir(stopped_ws / "runs" / run_id)
+    deadline = time.monotonic() + 300
+    while not (run.metrics_path.exists() and run.metrics_path.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline, run.log_path.read_text()
+        time.sleep(0.05)
+    stop_run(run)
+    info = wait_for_end(run, timeout=300)
+    assert info.state == "stopped", run.log_path.read_text()[-3000:]
+    stopped_at = read_metrics(run.path)[-1]["step"]
+    assert stopped_at < 20, "the stop came too late to test anything"
+    assert (run.checkpoints / f"checkpoint-{stopped_at}").is_dir()
+    assert not (run.checkpoints / ".partial").exists()
+
+    resumed = run_oatui("train", "rl", "--resume", run_id, workspace=stopped_ws, check=True)
+    assert f"resuming from checkpoint-{stopped_at}" in run.log_path.read_text(), resumed.stdout[-2000:]
+    straight = only_run(straight_ws)
+    assert _comparable(read_metrics(run.path)) == _comparable(read_metrics(straight))
+    ours, theirs = load_file(run.final / "model.safetensors"), load_file(straight / "final" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(bool((ours[k] == theirs[k]).all()) for k in ours)
+    samples_steps = [json.loads(line)["step"] for line in run.samples_path.read_text().splitlines()]
+    assert samples_steps == sorted(samples_steps), "samples logged after the checkpoint are not repeated"
+
+
+def test_latest_without_a_succeeded_run_is_one_line(workspace: Path, trained) -> None:  # noqa: ANN001
+    result = run_oatui("train", "rl", "--configs", "defaults_rl", "tiny_rl", workspace=workspace)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"oatui train: error: no succeeded sft run in {workspace}; train one with "
+        "`oatui train sft --configs defaults tiny` or set sft_model")
+    result = run_oatui("train", "rl", "--configs", "defaults_rl", "tiny_rl", "--set", f"sft_model={trained.sft_model}",
+                       workspace=workspace)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "no succeeded rm run in " f"{workspace}; train one with `oatui train rm --configs defaults_rm tiny_rm` or set rm_model")
+
+
+def test_bad_triton_addresses_are_one_line(workspace: Path, trained) -> None:  # noqa: ANN001
+    result = run_oatui("train", "rl", "--configs", "defaults_rl", "tiny_rl", "--set", "triton_host_rm=localhost/rm",
+                       workspace=workspace)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "triton_host_rm: 'localhost/rm' is not host:grpcport/model" in result.stderr.strip().splitlines()[-1]
+    assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
+    result = run_oatui("train", "rl", "--configs", "defaults_rl", "tiny_rl", *models(trained),
+                       workspace=workspace, env={"TRITON_HOST_REF": "localhost:99999/ref"})
+    assert result.returncode == 2
+    assert "$TRITON_HOST_REF: 'localhost:99999/ref' is not host:grpcport/model" in result.stderr.strip().splitlines()[-1]
