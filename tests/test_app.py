@@ -467,6 +467,7 @@ def test_c_focuses_the_chat_and_the_pane_says_the_server_is_not_running(workspac
             await pilot.press("c")
             assert app.query_one("#detail").active == "tab-chat"
             assert app.focused is app.query_one("#chat-prompt")
+            assert app.screen.maximized is app.chat_pane  # 80 columns: the chat takes the screen
             await pilot.pause(0.2)
             assert "No streaming model exported yet" in screen_text(app)
             # Keys type into the prompt, they do not run app actions.
@@ -476,6 +477,7 @@ def test_c_focuses_the_chat_and_the_pane_says_the_server_is_not_running(workspac
             assert app.query_one("#chat-prompt").value == "sq"
             await pilot.press("escape")  # leaves the prompt: keys act again
             assert app.focused is not app.query_one("#chat-prompt")
+            assert app.screen.maximized is None
 
     run(drive())
 
@@ -517,3 +519,13 @@ def test_make_app_refuses_a_bad_recording_or_refresh_in_one_line(workspace: Path
         make_app(workspace, replay=bad)
     with pytest.raises(UserError, match="--refresh"):
         make_app(workspace, replay=RECORDING, refresh=0)
+
+
+def test_the_command_refuses_bad_options_in_one_line(workspace: Path, tmp_path: Path) -> None:
+    from helpers import run_oatui
+
+    missing = run_oatui("--replay", str(tmp_path / "nope.jsonl"), workspace=workspace)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "no such recording" in missing.stderr and "Traceback" not in missing.stderr
+    refresh = run_oatui("app", "--replay", str(RECORDING), "--refresh", "-1", workspace=workspace)
+    assert refresh.returncode == 2 and "--refresh" in refresh.stderr

@@ -50,7 +50,7 @@ EXPORT_MODES = {"sft": "policy", "rl": "policy", "rm": "rm"}
 ACTIVE = ("queued", "running")
 MAIN_SCREEN_ACTIONS = {
     "launch", "stop_run", "export", "toggle_server", "focus_chat", "focus_gpus", "focus_runs", "show_log",
-    "show_curves", "zoom", "help", "new_conversation", "chat_options", "copy_answer", "quit",
+    "show_curves", "zoom", "unzoom", "help", "new_conversation", "chat_options", "copy_answer", "quit",
 }
 
 KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
@@ -59,11 +59,12 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("x", "stop the selected run (asks first; the run saves a checkpoint and ends 'stopped')"),
         ("e", "export the selected run's model into WORKSPACE/triton (policy for SFT/RL, rm for RM)"),
         ("s", "start or stop tritonserver on the workspace repository"),
-        ("c", "chat: focus the prompt"),
+        ("c", "chat: focus the prompt (zoomed on narrow terminals)"),
         ("g", "GPUs: focus and zoom the GPU panel (again: unzoom)"),
         ("r", "focus the list of runs"),
         ("l / v", "show the selected run's log / curves"),
         ("z", "zoom the focused panel in or out"),
+        ("esc", "unzoom (in the chat: stop the answer first, then leave the prompt)"),
         ("tab", "next panel"),
         ("ctrl+p", "command palette: every action by name"),
         ("?", "this help"),
@@ -92,6 +93,8 @@ class OatuiApp(App[None]):
 
     CSS_PATH = "app.tcss"
     TITLE = "oatui"
+    # Esc belongs to the chat first (stop the answer), even when the chat is zoomed.
+    ESCAPE_TO_MINIMIZE = False
     COMMANDS = App.COMMANDS | {OatuiCommands}
     BINDINGS = [
         Binding("1", "launch('sft')", "SFT"),
@@ -106,6 +109,7 @@ class OatuiApp(App[None]):
         Binding("l", "show_log", "Log", show=False),
         Binding("v", "show_curves", "Curves", show=False),
         Binding("z", "zoom", "Zoom", show=False),
+        Binding("escape", "unzoom", "Unzoom", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
@@ -529,6 +533,9 @@ class OatuiApp(App[None]):
         self.screen.minimize()
         self.detail.active = "tab-chat"
         self.chat_pane.focus_prompt()
+        if self.has_class("-narrow"):
+            # 80x24 leaves the pane a few lines: give it the screen (Esc gives it back).
+            self.screen.maximize(self.chat_pane, container=False)
 
     def action_focus_gpus(self) -> None:
         panel = self.gpu_panel
@@ -553,6 +560,9 @@ class OatuiApp(App[None]):
             self.screen.minimize()
         elif self.focused is not None:
             self.screen.maximize(self.focused)
+
+    def action_unzoom(self) -> None:
+        self.screen.minimize()
 
     def action_new_conversation(self) -> None:
         self.action_focus_chat()

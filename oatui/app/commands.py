@@ -20,6 +20,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("Run log", "Show the selected run's log (key l)", "show_log"),
     ("Run curves", "Show the selected run's curves (key v)", "show_curves"),
     ("Zoom", "Zoom the focused panel in or out (key z)", "zoom"),
+    ("Unzoom", "Give a zoomed panel its place back (Esc)", "unzoom"),
     ("New conversation", "Start a new chat conversation (ctrl+n in the chat)", "new_conversation"),
     ("Chat options", "Model, system prompt and sampling parameters (ctrl+o in the chat)", "chat_options"),
     ("Copy answer", "Copy the last answer to the clipboard (ctrl+y in the chat)", "copy_answer"),

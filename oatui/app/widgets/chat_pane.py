@@ -110,8 +110,9 @@ class ChatPane(Vertical):
     def history(self) -> ChatHistory:
         if self._history is None:
             from oatui.chat.history import ChatHistory
+            from oatui.workspace import Workspace
 
-            self._history = ChatHistory(self.workspace / "state" / "chats.sqlite")
+            self._history = ChatHistory(Workspace(self.workspace).chat_db)
         return self._history
 
     @work(thread=True, exclusive=True, group="chat-history")

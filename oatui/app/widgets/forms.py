@@ -21,6 +21,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from oatui.app.choices import STAGE_NAMES, LaunchChoice, load_choice, save_choice
 from oatui.app.messages import ChatSettings
+from oatui.workspace import Workspace
 
 LAUNCHERS = ("auto", "python", "accelerate", "deepspeed")
 
@@ -54,6 +55,7 @@ class LaunchForm(ModalScreen[tuple[str, str] | None]):
         self.stage = stage
         self.workspace = Path(workspace)
         self.choice = load_choice(self.workspace / "state", stage)
+        self._state = Workspace(self.workspace).state
         self.launching = False
 
     def compose(self) -> ComposeResult:
@@ -129,7 +131,7 @@ class LaunchForm(ModalScreen[tuple[str, str] | None]):
             self.show_error(f"Overrides: {bad[0]!r} is not key=value")
             return
         try:
-            save_choice(self.workspace / "state", self.stage, choice)
+            save_choice(self._state, self.stage, choice)
         except OSError as error:
             self.show_error(f"cannot remember the choice: {error}")
         self.choice = choice
