@@ -143,8 +143,12 @@ def test_chat_streams_pieces_and_equals_the_in_process_loop(grpc_url: str, train
 
     with ChatClient(grpc_url, timeout=30) as client:
         pieces = list(client.stream(prompt="How do I get started with baking bread?", max_new_tokens=40,
-                                    temperature=0))
-        assert len(pieces) >= 5 and all(pieces)
+                                    temperature=0, stream_interval_ms=0))
+        assert len(pieces) >= 10 and all(pieces)  # one response per piece (a token, or a whole character)
+        # By default pieces closer than 5 ms are grouped: fewer responses, the same text.
+        grouped = list(client.stream(prompt="How do I get started with baking bread?", max_new_tokens=40,
+                                     temperature=0))
+        assert "".join(grouped) == "".join(pieces) and 1 <= len(grouped) <= len(pieces)
         # The same conversation through turns (chat format built here with the model's EOS) and text.
         turns = [("prompter", "How do I get started with baking bread?")]
         assert "".join(client.stream(turns=turns, max_new_tokens=40, temperature=0)) == "".join(pieces)
@@ -313,6 +317,7 @@ def test_bad_inputs_get_triton_errors_and_the_server_keeps_serving(grpc_url: str
         prompt.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
         assert "temperature" in raw_stream_error(grpc_url, [prompt], {"temperature": -2.0})
         assert "unknown parameter 'max_tokens'" in raw_stream_error(grpc_url, [prompt], {"max_tokens": 3})
+        assert "stream_interval_ms" in raw_stream_error(grpc_url, [prompt], {"stream_interval_ms": -1})
         assert "exactly one" in raw_stream_error(grpc_url, [])
         # Still serving, every model.
         assert "".join(chat.stream(prompt="Still there?", max_new_tokens=8))

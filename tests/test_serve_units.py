@@ -113,6 +113,13 @@ def test_sampling_parameters_are_checked_by_name() -> None:
     ]:
         with pytest.raises(ValueError, match=needle):
             SamplingParams.from_mapping(bad)
+    from oatui.serve.generation import parse_request_parameters
+
+    params, interval = parse_request_parameters({"seed": 3, "stream_interval_ms": 0})
+    assert params.seed == 3 and interval == 0.0
+    assert parse_request_parameters({})[1] == 0.005
+    with pytest.raises(ValueError, match="stream_interval_ms"):
+        parse_request_parameters({"stream_interval_ms": "soon"})
 
 
 # ---------------------------------------------------------------------------------------------

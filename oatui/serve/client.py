@@ -261,11 +261,11 @@ class RefLogprobClient(_UnaryClient):
 
 def _sampling_parameters(sampling: dict[str, Any]) -> dict[str, Any]:
     """Request parameters, checked here as the server checks them; None values are left out."""
-    from oatui.serve.generation import SamplingParams
+    from oatui.serve.generation import parse_request_parameters
 
     values = {key: value for key, value in sampling.items() if value is not None}
     try:
-        SamplingParams.from_mapping(values)
+        parse_request_parameters(values)
     except ValueError as error:
         raise ValueError(f"sampling: {error}") from None
     return values

@@ -35,6 +35,7 @@ class SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
+            known.add(STREAM_INTERVAL_KEY)
             raise ValueError(f"unknown parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
         out: dict[str, Any] = {}
         for key, value in values.items():
@@ -69,6 +70,25 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+
+
+STREAM_INTERVAL_KEY = "stream_interval_ms"
+DEFAULT_STREAM_INTERVAL_MS = 5.0
+
+
+def parse_request_parameters(values: Mapping[str, Any]) -> tuple[SamplingParams, float]:
+    """Sampling parameters and the streaming interval in seconds, from a request's parameters.
+
+    ``stream_interval_ms``: after the first piece (always sent at once), pieces that come sooner
+    than this after the previous response are sent together. A token every few milliseconds (a
+    small model) then costs one response per group instead of one each; a large model, slower
+    than the interval, still sends every token on its own. 0 sends every piece separately.
+    """
+    values = dict(values)
+    interval = values.pop(STREAM_INTERVAL_KEY, DEFAULT_STREAM_INTERVAL_MS)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval <= 10_000:
+        raise ValueError(f"{STREAM_INTERVAL_KEY} must be a number of milliseconds in [0, 10000], got {interval!r}")
+    return SamplingParams.from_mapping(values), float(interval) / 1000
 
 
 def stop_token_ids(tokenizer: "PreTrainedTokenizerBase") -> set[int]:

@@ -12,7 +12,8 @@ mode      inputs                                                 outputs
 ========  =====================================================  ==========================
 policy    ``text`` | ``prompt`` [+ ``system``]: BYTES [1]         ``text_output`` BYTES [1],
           request parameters: max_new_tokens, temperature,       streamed (decoupled)
-          top_p, top_k, repetition_penalty, seed, ignore_eos
+          top_p, top_k, repetition_penalty, seed, ignore_eos,
+          stream_interval_ms
 rm        ``text`` BYTES [B, 1]                                  ``score`` FP32 [B, 1]
 ref       ``input_ids`` INT64 [B, T], ``attention_mask`` INT64    ``logprobs`` FP32 [B, T-1]
           [B, T] (optional)

@@ -6,11 +6,12 @@ Inputs (all BYTES, shape [1], each optional; exactly one of ``text`` and ``promp
   ``system``  a system message, placed first (with ``text`` or ``prompt``)
 Request parameters (all optional): ``max_new_tokens`` (int), ``temperature`` (float, 0 = greedy),
 ``top_p`` (float), ``top_k`` (int, 0 = off), ``repetition_penalty`` (float), ``seed`` (int),
-``ignore_eos`` (bool: always generate ``max_new_tokens``).
-Output: ``text_output`` (BYTES [1]), one response per decoded piece (usually one token; a
-multi-byte character split over tokens waits for its last byte), then an empty response flagged
-``TRITONSERVER_RESPONSE_COMPLETE_FINAL``. A cancelled request stops before its next token.
-Generation ends at EOS or a role marker, at ``max_new_tokens``, or at the model's context length.
+``ignore_eos`` (bool: always generate ``max_new_tokens``), ``stream_interval_ms`` (float, default
+5: pieces coming sooner than this after the previous response are grouped; 0 = one each).
+Output: ``text_output`` (BYTES [1]), one response per decoded piece or small group of pieces (the
+first at once; a multi-byte character split over tokens waits for its last byte), then an empty
+response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``. Cancellation is checked before every
+token. Generation ends at EOS or a role marker, at ``max_new_tokens``, or at the context length.
 
 Written into a model repository by ``oatui export --mode policy``.
 """
@@ -23,7 +24,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from oatui.data.format import ASSISTANT, SYSTEM, format_conversation
-from oatui.serve.generation import IncrementalDecoder, SamplingParams, context_limit, generate_ids, stop_token_ids
+from oatui.serve.generation import (
+    IncrementalDecoder,
+    context_limit,
+    generate_ids,
+    parse_request_parameters,
+    stop_token_ids,
+)
 from oatui.serve.triton_models.common import (
     BadRequest,
     configure_threads,
@@ -100,29 +107,43 @@ class TritonPythonModel:
             )
         return ids
 
+    @staticmethod
+    def _send_text(sender: "pb_utils.InferenceResponseSender", text: str) -> None:
+        output = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
+        sender.send(pb_utils.InferenceResponse([output]))
+
     def _serve(self, request: "pb_utils.InferenceRequest") -> None:
         sender = request.get_response_sender()
         try:
             prompt_ids = self._prompt_ids(request)
-            params = SamplingParams.from_mapping(request_parameters(request.parameters()))
+            params, interval = parse_request_parameters(request_parameters(request.parameters()))
         except ValueError as error:
             sender.send(error_response(str(error)), flags=FINAL)
             return
         started = time.perf_counter()
         decoder = IncrementalDecoder(self.tokenizer)
         tokens = 0
+        pending: list[str] = []
+        last_sent: float | None = None
         try:
             for token in generate_ids(
                 self.model, prompt_ids, params, self.stop_ids, self.vocab_size, self.limit, sender.is_cancelled
             ):
                 tokens += 1
                 piece = decoder.push(token)
-                if piece:
-                    sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("text_output", np.array([piece.encode()], dtype=np.object_))]))
+                if not piece:
+                    continue
+                pending.append(piece)
+                now = time.perf_counter()
+                if last_sent is None or now - last_sent >= interval:
+                    self._send_text(sender, "".join(pending))
+                    pending.clear()
+                    last_sent = now
             cancelled = sender.is_cancelled()
-            rest = "" if cancelled else decoder.flush()
-            if rest:
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("text_output", np.array([rest.encode()], dtype=np.object_))]))
+            if not cancelled:
+                pending.append(decoder.flush())
+                if "".join(pending):
+                    self._send_text(sender, "".join(pending))
         except Exception as error:  # noqa: BLE001 - any failure becomes this request's error, not a dead stub
             self.tokens_metric.increment(tokens)
             pb_utils.Logger.log_error(f"oatui policy {self.settings.name}: generation failed: {error!r}")

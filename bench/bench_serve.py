@@ -1,0 +1,237 @@
+"""Benchmark: chat answers streamed through Triton (gRPC) against the same model in-process.
+
+Three ways to answer the same prompts with the same sampling settings, side by side in one run:
+
+- ``in-process loop``: ``oatui.serve.generation.stream_text``, the decode loop the Triton policy
+  model runs (KV cache, incremental detokenization), called directly;
+- ``generate()``: transformers' ``model.generate`` with a ``TextIteratorStreamer``;
+- ``Triton gRPC``: ``oatui.serve.client.ChatClient`` streaming from the policy model exported by
+  ``oatui export`` and served by ``oatui serve``'s server code (the bundled tritonserver unless
+  ``--server-bin``), started on free loopback ports for this run.
+
+Each answer is exactly ``--max-new-tokens`` tokens (``ignore_eos``), so tokens per second compare
+like with like. Time to first token is from the call to the first text piece in the caller's
+hands. The prompts are measured in turns (loop, generate(), Triton, then the next prompt) after
+``--warmup`` rounds, and the table shows medians. Torch uses ``--threads`` threads on both sides
+(the server's model is exported with the same ``--cpu-threads``).
+
+    python bench/bench_serve.py --workspace WORKSPACE             # its latest SFT run's model
+    python bench/bench_serve.py --model DIR --prompts 16 --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROMPTS = [
+    "How do I get started with baking bread?",
+    "What is a good way to learn a new language?",
+    "Can you explain how photosynthesis works?",
+    "Give me three tips for sleeping better.",
+    "How should I prepare for a job interview?",
+    "What are the benefits of regular exercise?",
+    "How do I keep a houseplant alive?",
+    "Write a short poem about the sea.",
+    "What is the difference between weather and climate?",
+    "How can I save money on groceries?",
+    "Why is the sky blue?",
+    "How do I make a good cup of coffee?",
+    "What should I pack for a weekend hike?",
+    "How do vaccines work?",
+    "Explain recursion to a beginner.",
+    "What is a healthy breakfast?",
+]
+
+
+@dataclass
+class Series:
+    name: str
+    first_ms: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+
+    def add(self, first_s: float, total_s: float, tokens: int) -> None:
+        self.first_ms.append(first_s * 1000)
+        self.tokens_per_s.append(tokens / total_s)
+
+    @property
+    def first(self) -> float:
+        return statistics.median(self.first_ms)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.tokens_per_s)
+
+
+def timed(pieces) -> tuple[float, float, str]:  # noqa: ANN001
+    """Consume a stream of text pieces: (seconds to the first, seconds in all, the text)."""
+    started = time.perf_counter()
+    first = None
+    text = []
+    for piece in pieces:
+        if first is None:
+            first = time.perf_counter() - started
+        text.append(piece)
+    total = time.perf_counter() - started
+    return (first if first is not None else total), total, "".join(text)
+
+
+def resolve_model(args: argparse.Namespace) -> Path:
+    from oatui.serve.repository import resolve_model as resolve
+    from oatui.stages.runs import latest_final
+    from oatui.workspace import Workspace
+
+    workspace = Workspace.open(args.workspace, create=False)
+    if args.model:
+        return resolve(args.model, workspace.root / "runs")
+    latest = latest_final(workspace.root / "runs", "sft") if (workspace.root / "runs").is_dir() else None
+    if latest is not None:
+        return latest
+    from oatui.models.tiny import TINY_SHAPE, ensure_tiny_model
+
+    print("no SFT run in the workspace: using the untrained tiny model", file=sys.stderr)
+    return ensure_tiny_model(Workspace.open(args.workspace).models, dict(TINY_SHAPE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a checkpoint folder or run id (default: the workspace's latest SFT run)")
+    parser.add_argument("--workspace", default=os.environ.get("OATUI_WORKSPACE") or "workspace")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts measured (default 16)")
+    parser.add_argument("--warmup", type=int, default=3, help="rounds before measuring (default 3)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads on both sides (default 0: half the cores, as the server picks)")
+    parser.add_argument("--server-bin", help="tritonserver to run (default: on PATH, else the bundled one)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from oatui.data.format import format_conversation
+    from oatui.models.loading import load_for_inference
+    from oatui.serve.client import ChatClient
+    from oatui.serve.generation import SamplingParams, context_limit, stream_text
+    from oatui.serve.repository import export_model
+    from oatui.serve.server import ServerOptions, TritonServer
+    from oatui.serve.triton_models.common import cpu_threads
+    from oatui.workspace import Workspace
+
+    threads = cpu_threads(args.threads)
+    torch.set_num_threads(threads)
+    model_path = resolve_model(args)
+    model, tokenizer = load_for_inference(str(model_path), "policy")
+    limit = context_limit(model, tokenizer)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            ignore_eos=True)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+    texts = [format_conversation([("prompter", p)], tokenizer.eos_token, add_generation_prompt=True) for p in prompts]
+    for text in texts:
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) + args.max_new_tokens > limit:
+            parser.error(f"--max-new-tokens {args.max_new_tokens}: prompts would pass the context of {limit}")
+
+    with tempfile.TemporaryDirectory(prefix="oatui-bench-serve-") as scratch:
+        workspace = Workspace.open(Path(scratch) / "ws")
+        export_model("policy", model_path, workspace.triton_repo, cpu_threads=threads)
+        import socket
+
+        ports = []
+        for _ in range(3):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                ports.append(sock.getsockname()[1])
+        options = ServerOptions(repo=str(workspace.triton_repo), http_port=ports[0], grpc_port=ports[1],
+                                metrics_port=ports[2], server_bin=args.server_bin)
+        server = TritonServer(workspace, options)
+        started = time.perf_counter()
+        server.start()
+        startup = time.perf_counter() - started
+        client = ChatClient(server.info().grpc_url, timeout=60)
+        loop, generate, triton = Series("in-process loop"), Series("generate()"), Series("Triton gRPC stream")
+        mismatches = 0
+        try:
+            def run_loop(text: str, seed: int) -> tuple[float, float, str]:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                return timed(stream_text(model, tokenizer, ids, SamplingParams(**{**params.__dict__, "seed": seed}),
+                                         limit=limit))
+
+            def run_generate(text: str, seed: int) -> tuple[float, float, str]:
+                torch.manual_seed(seed)
+                streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+                inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+                kwargs = dict(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens,
+                              min_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
+                              top_k=args.top_k, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+
+                def work() -> None:
+                    with torch.inference_mode():
+                        model.generate(**kwargs)
+
+                started = time.perf_counter()
+                worker = threading.Thread(target=work)
+                worker.start()
+                first, _, text_out = timed(streamer)
+                worker.join()
+                return first + 0.0, time.perf_counter() - started, text_out
+
+            def run_triton(text: str, seed: int) -> tuple[float, float, str]:
+                return timed(client.stream(text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           top_k=args.top_k, ignore_eos=True, seed=seed))
+
+            for round_index in range(args.warmup):
+                for run in (run_loop, run_generate, run_triton):
+                    run(texts[round_index % len(texts)], round_index)
+            for index, text in enumerate(texts):
+                seed = 1000 + index
+                first, total, expected = run_loop(text, seed)
+                loop.add(first, total, args.max_new_tokens)
+                first, total, _ = run_generate(text, seed)
+                generate.add(first, total, args.max_new_tokens)
+                first, total, served = run_triton(text, seed)
+                triton.add(first, total, args.max_new_tokens)
+                mismatches += served != expected
+        finally:
+            client.close()
+            server.stop()
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    print(f"model {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters), "
+          f"{args.prompts} prompts after {args.warmup} warm-up rounds, {args.max_new_tokens} new tokens each, "
+          f"temperature {args.temperature}, top_k {args.top_k}")
+    print(f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} thread(s) on each side; "
+          f"tritonserver ready in {startup:.1f} s")
+    print(f"Triton answers equal to the in-process loop's (same seeds): {args.prompts - mismatches}/{args.prompts}")
+    print()
+    print(f"| {'path':<22} | {'first token (median)':>20} | {'tokens/s (median)':>17} |")
+    print(f"|{'-' * 24}|{'-' * 22}|{'-' * 19}|")
+    for series in (loop, generate, triton):
+        print(f"| {series.name:<22} | {series.first:>17.1f} ms | {series.rate:>17.0f} |")
+    print()
+    overhead = triton.first - loop.first
+    ratio = triton.rate / loop.rate
+    print(f"Triton vs in-process loop: first token {overhead:+.1f} ms (goal < 10 ms), "
+          f"throughput {ratio:.2f}x (goal >= 0.90)")
+    print(f"Triton vs generate():      first token {triton.first - generate.first:+.1f} ms, "
+          f"throughput {triton.rate / generate.rate:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
