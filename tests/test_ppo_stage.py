@@ -78,7 +78,7 @@ def test_two_processes_under_accelerate(trained, workspace: Path) -> None:  # no
     run = only_run(workspace)
     info = json.loads((run / "run.json").read_text())
     assert info["state"] == "succeeded" and info["num_processes"] == 2
-    assert "accelerate.commands.launch" in info["argv"] and "--cpu" in info["argv"]
+    assert "accelerate.commands.launch" in info["argv"] and "--multi_gpu" in info["argv"]
     log = (run / "stdout.log").read_text()
     assert "4 prompts per step on each of 2 process(es)" in log
     metrics = read_metrics(run)

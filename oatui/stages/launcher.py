@@ -112,7 +112,8 @@ def stage_argv(
             if num_processes > 1:
                 argv.append("--multi_gpu")
         else:
-            argv.append("--cpu")
+            # accelerate's --cpu starts a single process; torchrun (--multi_gpu) starts N, each on the CPU with gloo.
+            argv.append("--multi_gpu" if num_processes > 1 else "--cpu")
         return [*argv, "-m", module, *script]
     if launcher == "deepspeed":
         argv = [python, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]

@@ -49,6 +49,9 @@ def make_accelerator(config: RLConfig, hidden_size: int) -> "Accelerator":
     from oatui.train.common import world_size
 
     options: dict[str, Any] = dict(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    if not config.deepspeed and not torch.cuda.is_available():
+        # Several processes on a machine without GPUs: torch.distributed with gloo (accelerate's MULTI_CPU).
+        options["cpu"] = True
     if config.deepspeed:
         from accelerate.utils import DeepSpeedPlugin
 
