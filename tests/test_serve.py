@@ -11,7 +11,9 @@ import glob
 import json
 import os
 import signal
+import re
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_oatui
+from helpers import OATUI, run_oatui
 from oatui.serve.client import (
     AsyncChatClient,
     ChatClient,
@@ -434,6 +436,13 @@ def test_detach_status_chat_stop_round_trip(repo: Path, tmp_path: Path) -> None:
         chat = run_oatui("chat", "How do I bake bread?", "--max-new-tokens", "12", "--temperature", "0",
                          workspace=workspace)
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+        # Interactive: each question goes with the conversation so far.
+        talk = subprocess.run([OATUI, "chat", "--workspace", str(workspace), "--max-new-tokens", "8",
+                               "--temperature", "0"], input="Hi there\nAnd then?\n\n", capture_output=True,
+                              text=True, timeout=120)
+        assert talk.returncode == 0 and talk.stdout.count("assistant> ") == 2, (talk.stdout, talk.stderr)
+        prompt_tokens = [int(m) for m in re.findall(r"(\d+) prompt tokens", Path(info["log"]).read_text())]
+        assert prompt_tokens[-1] > prompt_tokens[-2] + 8  # the second carried the first turn and its answer
         # The admin key guards the repository API; inference stays open.
         index = urllib.request.Request(f"http://127.0.0.1:{http}/v2/repository/index", method="POST", data=b"{}")
         with pytest.raises(urllib.error.HTTPError):

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from oatui.serve.server import ServerInfo, ServerOptions
+    from oatui.workspace import Workspace
 
 DESCRIPTION = """\
 Run tritonserver on a model repository written by 'oatui export' (default WORKSPACE/triton).
 The server is --server-bin (a path, or a wrapper's command line such as
 'apptainer exec --nv tritonserver.sif tritonserver'), else tritonserver on PATH, else the one
-bundled in nvidia-pytriton (CPU; set up under WORKSPACE/state/triton-backends). It listens on
+bundled in nvidia-pytriton (set up under WORKSPACE/state/triton-backends). It listens on
 127.0.0.1 unless --address says otherwise; a non-loopback address restricts the
 model-repository and shared-memory APIs to requests carrying the header 'admin-key' (the key is
 --admin-key, or a random one, stored in a 0600 file under WORKSPACE/state).
@@ -47,7 +52,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     parser.set_defaults(func=run)
 
 
-def _options(args: argparse.Namespace, workspace) -> "ServerOptions":  # noqa: F821
+def _options(args: argparse.Namespace, workspace: "Workspace") -> "ServerOptions":
     from pathlib import Path
 
     from oatui.errors import UserError
@@ -72,7 +77,7 @@ def _options(args: argparse.Namespace, workspace) -> "ServerOptions":  # noqa: F
     )
 
 
-def _describe(info, prefix: str) -> str:
+def _describe(info: "ServerInfo", prefix: str) -> str:
     models = ", ".join(info.models)
     return (f"{prefix}: gRPC {info.grpc_url}, HTTP {info.http_url}, metrics {info.metrics_url}; "
             f"models {models}; log {info.log}")
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     options = server.prepare_options(workspace, options, admin_key=args.admin_key)
     announce_key(options.admin_key_file)
 
-    def on_ready(info) -> None:
+    def on_ready(info: "ServerInfo") -> None:
         print(_describe(info, f"tritonserver {info.pid} ready") + " (Ctrl-C stops it)", file=sys.stderr, flush=True)
 
     return server.serve_foreground(workspace, options, on_ready)

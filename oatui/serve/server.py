@@ -492,6 +492,14 @@ def check_repository(repo: Path, models: Sequence[str]) -> list[str]:
     return list(models) or available
 
 
+def check_gpus(gpus: str | None) -> None:
+    """``--gpus``: indices such as ``7`` or ``0,1`` that this machine has."""
+    if gpus is not None:
+        from oatui.stages.launcher import parse_gpus
+
+        parse_gpus(gpus)
+
+
 class TritonServer:
     """One tritonserver child process: started in its own session, stopped with its stubs."""
 
@@ -499,10 +507,7 @@ class TritonServer:
         self.workspace = workspace
         self.options = options
         self.models = check_repository(Path(options.repo), options.models)
-        if options.gpus is not None:
-            from oatui.stages.launcher import parse_gpus
-
-            parse_gpus(options.gpus)
+        check_gpus(options.gpus)
         self.command = find_server(options.server_bin)
         self.admin_key = read_admin_key(options.admin_key_file) if options.admin_key_file else None
         self.process: subprocess.Popen[bytes] | None = None
@@ -746,6 +751,7 @@ def prepare_options(workspace: Workspace, options: ServerOptions, admin_key: str
     repo = Path(options.repo).expanduser().absolute()
     options = replace(options, repo=str(repo))
     check_repository(repo, options.models)
+    check_gpus(options.gpus)
     find_server(options.server_bin)
     check_ports(options)
     key_file = resolve_admin_key(workspace, options.address, admin_key)
