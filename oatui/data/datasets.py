@@ -52,6 +52,8 @@ class SourceCount:
     trees: int = 0
     examples: int = 0
     used: int = 0
+    units: int = 0
+    """What the used examples amount to for training (pairs, for RM groups)."""
     skipped_lines: int = 0
 
 
@@ -95,6 +97,7 @@ def build_mix(
     seed: int,
     val_fraction: float,
     skip_invalid: bool = False,
+    units: Callable[[T], int] = lambda item: 1,
 ) -> Mix:
     mix = Mix()
     for spec in specs:
@@ -116,6 +119,7 @@ def build_mix(
                     train_items.append(item)
         taken = _take(train_items, spec, seed)
         count.used = len(taken)
+        count.units = sum(units(item) for item in taken)
         count.skipped_lines = len(report.skipped)
         mix.train.extend(taken)
         mix.sources.append(count)
@@ -130,7 +134,8 @@ def sft_mix(specs: Sequence[DatasetSpec], workspace: Path, seed: int, val_fracti
 
 
 def rm_mix(specs: Sequence[DatasetSpec], workspace: Path, seed: int, val_fraction: float, skip_invalid: bool = False) -> Mix:
-    return build_mix(specs, workspace, rm_groups, lambda g: g.message_id, seed, val_fraction, skip_invalid)
+    return build_mix(specs, workspace, rm_groups, lambda g: g.message_id, seed, val_fraction, skip_invalid,
+                     units=lambda g: len(g.pairs))
 
 
 def prompt_contexts(tree: MessageTree) -> list[tuple[Turn, ...]]:

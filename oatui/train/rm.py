@@ -27,10 +27,13 @@ def train_rm(context: StageContext) -> None:
     train_rows = tokenize_rm(mix.train, tokenizer, config.max_length, config.max_pairs_per_group)
     eval_rows = tokenize_rm(mix.eval, tokenizer, config.max_length, config.max_pairs_per_group)
     for source in mix.sources:
-        context.log(f"pairs from {source.path}: groups used {source.used}")
+        context.log(f"{source.path}: {source.used} groups, {source.units} pairs in training")
     context.log(f"{len(train_rows)} train pairs / {len(eval_rows)} held-out pairs")
-    context.metrics.write(0, 0, {"data/train_pairs": len(train_rows), "data/eval_pairs": len(eval_rows),
-                                 **{f"data/groups/{s.path}": s.used for s in mix.sources}})
+    per_source = {}
+    for source in mix.sources:
+        per_source[f"data/groups/{source.path}"] = source.used
+        per_source[f"data/pairs/{source.path}"] = source.units
+    context.metrics.write(0, 0, {"data/train_pairs": len(train_rows), "data/eval_pairs": len(eval_rows), **per_source})
 
     model = load_reward_model(model_name, config, tokenizer)
     peft_config = lora_config(model, config, "SEQ_CLS") if uses_lora(config) else None
