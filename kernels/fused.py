@@ -108,9 +108,11 @@ def fused_kl_reward_gae(
             if options.whiten and total_tokens < 2:
                 raise too_few_tokens_error(total_tokens)
             return kernels.kl_reward_gae_triton(logprobs, ref_logprobs, values, scores, lengths, **arguments)
-        mask32, lengths, total_tokens = response_lengths(mask)
+        returns = torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
+        mask32, lengths, total_tokens = response_lengths(mask, scratch=returns)
         if options.whiten and total_tokens < 2:
             raise too_few_tokens_error(total_tokens)
         return kl_reward_gae_torch(
-            logprobs, ref_logprobs, values, scores, mask32, lengths, total_tokens, **arguments
+            logprobs, ref_logprobs, values, scores, mask32, lengths, total_tokens,
+            returns=returns, **arguments,
         )

@@ -28,6 +28,10 @@ from .result import KLRewardGAE
 #: the problem chunk-fold; 16 measured fastest (8, 32 and 64 slower) on the benchmark machine.
 CHUNK = 16
 
+#: Chunk for the levels above the first: they are small, so fewer, larger matmuls cost less
+#: than more Python-level steps.
+_UPPER_CHUNK = 64
+
 #: Other chunk sizes tried, in order, when CHUNK does not divide the row length, to avoid padding.
 _CHUNK_FALLBACKS = (32, 24, 20, 12, 28, 8, 40, 48)
 
@@ -108,7 +112,7 @@ def discounted_reverse_cumsum(
         result = torch.matmul(blocks.to(matmul_dtype), within).to(x.dtype)
     if n_chunks > 1:
         # The value at each chunk start obeys the same recurrence one level up, with d^size.
-        starts = discounted_reverse_cumsum(result[:, :, 0], float(discount) ** size, chunk)
+        starts = discounted_reverse_cumsum(result[:, :, 0], float(discount) ** size, _UPPER_CHUNK)
         next_start = torch.nn.functional.pad(starts[:, 1:], (0, 1))
         result.addcmul_(next_start.unsqueeze(-1), tail.to(x.dtype))
     result = result.view(-1, padded)
@@ -289,9 +293,11 @@ def kl_reward_gae_torch(
     kl_clamp: float | None,
     score_clip: float | None,
     whiten: bool,
+    returns: torch.Tensor | None = None,
 ) -> KLRewardGAE:
     """The whole computation on validated inputs: ``mask`` float32 0/1 with contiguous prefixes,
-    ``lengths`` its row sums (int64) and ``total_tokens`` their total.
+    ``lengths`` its row sums (int64) and ``total_tokens`` their total. ``returns``, when given,
+    is the float32 B×T buffer to write the returns into.
 
     Works through the batch in blocks of rows. Whitening statistics are gathered per block while
     the block is in cache (count, mean, centred sum of squares) and merged with Chan's formula,
@@ -299,9 +305,9 @@ def kl_reward_gae_torch(
     """
     batch, tokens = logprobs.shape
     reward_options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, score_clip=score_clip)
-    rewards, advantages, returns = (
-        torch.empty(batch, tokens, dtype=torch.float32, device=logprobs.device) for _ in range(3)
-    )
+    rewards, advantages = (_empty_like_rows(logprobs) for _ in range(2))
+    if returns is None:
+        returns = _empty_like_rows(logprobs)
     kl_sum = torch.empty(batch, dtype=torch.float32, device=logprobs.device)
     rows_per_block = max(1, BLOCK_ELEMENTS // tokens)
     blocks = [slice(start, start + rows_per_block) for start in range(0, batch, rows_per_block)]
