@@ -44,6 +44,7 @@ class Recorder:
 
     def __init__(self, app: OatuiApp) -> None:
         self.messages: list[Any] = []
+        self._seen: set[int] = set()
         self.notes: list[tuple[str, str]] = []
         original = app.notify
 
@@ -54,8 +55,10 @@ class Recorder:
         app.notify = notify  # type: ignore[method-assign]
 
     def hook(self, message: Any) -> None:
-        # The hook sees a message at every node it is dispatched to; keep each one once.
-        if not any(message is seen for seen in self.messages[-50:]):
+        # The hook sees a message at every node it is dispatched to; keep each one once (the list
+        # holds them, so their ids stay unique).
+        if id(message) not in self._seen:
+            self._seen.add(id(message))
             self.messages.append(message)
 
     def of(self, kind: type) -> list[Any]:

@@ -85,6 +85,7 @@ class ChatPane(Vertical):
         self.conversation_id: int | None = None
         self.turns: list[tuple[str, str, int | None]] = []  # (role, text, message id)
         self.streaming = False
+        self.stop_requested = False
         self.answer_text = ""
         self._history: ChatHistory | None = None
         self._stream: MarkdownStream | None = None
@@ -226,45 +227,54 @@ class ChatPane(Vertical):
         transcript.scroll_end(animate=False)
         self._stream = Markdown.get_stream(self._answer_view)
         self.streaming = True
+        self.stop_requested = False
         self.answer_text = ""
         self.add_class("-streaming")
         self.send(prompt, self.settings, self.server.grpc_url)
 
     @work(exclusive=True, group="chat")
     async def send(self, prompt: str, settings: ChatSettings, url: str) -> None:
-        """Save the prompt, stream the answer, save the answer (whatever way it ends)."""
-        from oatui.serve.client import AsyncChatClient, RemoteError, ServerUnavailable
-
+        """Save the prompt, stream the answer, save the answer: whatever way it ends (Esc at any
+        moment included), one ``AnswerFinished`` is posted."""
         history = self.history()
-        parent = self.turns[-1][2] if self.turns else None
-        if self.conversation_id is None:
-            conversation = await asyncio.to_thread(
-                history.new_conversation, prompt, model=settings.model, system=settings.system or None,
-                params=settings.sampling())
-            self.conversation_id = conversation.id
-        conversation_id = self.conversation_id
-        asked = await asyncio.to_thread(history.add_message, conversation_id, "prompter", prompt, parent_id=parent)
-        context = [(role, text) for role, text, _ in self.turns] + [("prompter", prompt)]
-        self.turns.append(("prompter", prompt, asked.id))
-        client = AsyncChatClient(url, model=settings.model, timeout=60.0, retries=2)
         pieces: list[str] = []
         pending: list[str] = []
         last_flush = 0.0
         state, error = "complete", None
+        asked = None
+        client = None
         try:
-            async for piece in client.stream(turns=context, system=settings.system or None, **settings.sampling()):
-                pieces.append(piece)
-                pending.append(piece)
-                now = time.monotonic()
-                if now - last_flush >= FLUSH_INTERVAL:
-                    self.post_message(TokenReceived("".join(pending)))
-                    pending.clear()
-                    last_flush = now
+            from oatui.serve.client import AsyncChatClient, RemoteError, ServerUnavailable
+
+            parent = self.turns[-1][2] if self.turns else None
+            if self.conversation_id is None:
+                conversation = await asyncio.to_thread(
+                    history.new_conversation, prompt, model=settings.model, system=settings.system or None,
+                    params=settings.sampling())
+                self.conversation_id = conversation.id
+            asked = await asyncio.to_thread(
+                history.add_message, self.conversation_id, "prompter", prompt, parent_id=parent)
+            context = [(role, text) for role, text, _ in self.turns] + [("prompter", prompt)]
+            self.turns.append(("prompter", prompt, asked.id))
+            client = AsyncChatClient(url, model=settings.model, timeout=60.0, retries=2)
+            try:
+                async for piece in client.stream(turns=context, system=settings.system or None,
+                                                 **settings.sampling()):
+                    pieces.append(piece)
+                    pending.append(piece)
+                    now = time.monotonic()
+                    if now - last_flush >= FLUSH_INTERVAL:
+                        self.post_message(TokenReceived("".join(pending)))
+                        pending.clear()
+                        last_flush = now
+            except (ServerUnavailable, RemoteError, ValueError) as failure:
+                state, error = "error", str(failure)
+            if self.stop_requested and state == "complete":
+                # The client ends its stream quietly when its call was cancelled under it.
+                state = "cancelled"
         except asyncio.CancelledError:
             state = "cancelled"
             raise
-        except (ServerUnavailable, RemoteError, ValueError) as failure:
-            state, error = "error", str(failure)
         except Exception as failure:  # noqa: BLE001 - shown in the pane, never a traceback
             state, error = "error", f"{type(failure).__name__}: {failure}"
         finally:
@@ -272,18 +282,20 @@ class ChatPane(Vertical):
                 self.post_message(TokenReceived("".join(pending)))
             answer = "".join(pieces)
             self.post_message(AnswerFinished(answer, state, error))
-            try:
-                saved = history.add_message(
-                    conversation_id, "assistant", answer, parent_id=asked.id, model=settings.model,
-                    params=settings.sampling(), state=state)
-                if state != "error":
-                    self.turns.append(("assistant", answer, saved.id))
-            except Exception:  # noqa: BLE001 - the answer is on screen; the store reports later
-                pass
-            try:
-                await asyncio.shield(client.close())
-            except BaseException:  # noqa: BLE001 - closing a cancelled channel
-                pass
+            if asked is not None and self.conversation_id is not None:
+                try:
+                    saved = history.add_message(
+                        self.conversation_id, "assistant", answer, parent_id=asked.id, model=settings.model,
+                        params=settings.sampling(), state=state)
+                    if state != "error":
+                        self.turns.append(("assistant", answer, saved.id))
+                except Exception:  # noqa: BLE001 - the answer is on screen; the store reports later
+                    pass
+            if client is not None:
+                try:
+                    await asyncio.shield(client.close())
+                except BaseException:  # noqa: BLE001 - closing a cancelled channel
+                    pass
 
     @on(TokenReceived)
     async def _token_received(self, message: TokenReceived) -> None:
@@ -330,6 +342,7 @@ class ChatPane(Vertical):
     # -- keys -----------------------------------------------------------------------------------
     def action_cancel(self) -> None:
         if self.streaming:
+            self.stop_requested = True
             self.workers.cancel_group(self, "chat")
             return
         if self.screen.maximized is not None:
