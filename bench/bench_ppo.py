@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mini-batch", type=int, default=8)
     parser.add_argument("--ppo-epochs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as tiny_rl sets)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -89,6 +89,18 @@ def test_two_processes_under_accelerate(trained, workspace: Path) -> None:  # no
     assert (run / "final" / "model.safetensors").exists()
 
 
+def test_deepspeed_zero2_through_accelerate(trained, workspace: Path) -> None:  # noqa: ANN001
+    run_oatui("train", "rl", "--configs", "defaults_rl", "tiny_rl", *models(trained), *SMALL,
+              "--set", "total_steps=2", "--set", "save_steps=1", "--set", "deepspeed=zero2",
+              workspace=workspace, check=True)
+    run = only_run(workspace)
+    info = json.loads((run / "run.json").read_text())
+    assert info["launcher"] == "deepspeed" and info["state"] == "succeeded"
+    assert (run / "checkpoints" / "checkpoint-1" / "pytorch_model").is_dir(), "deepspeed writes its own checkpoint"
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
+    assert (run / "final" / "model.safetensors").exists()
+
+
 def _comparable(metrics: list[dict]) -> list[dict]:
     """What must be identical between two runs of the same config: everything but clocks."""
     return [{k: v for k, v in m.items() if not k.startswith(("time", "perf/"))} for m in metrics]
