@@ -108,6 +108,7 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(trained, workspace: Path) 
     stage = subprocess.run([sys.executable, "-m", "oatui.train.sft", "--run-dir", str(run)], cwd=run,
                            preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300)
     assert stage.returncode != 0
+    assert f"resuming from {before[-1]}" in stage.stdout
     assert (run / "checkpoints" / ".partial" / "checkpoint-8").is_dir(), "the save was cut short"
     assert [p.name for p in RunDir(run).complete_checkpoints()] == before
 
@@ -115,7 +116,7 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(trained, workspace: Path) 
     result = run_oatui("train", "sft", "--resume", run_id, workspace=workspace)
     assert result.returncode == 0, result.stderr[-2000:]
     log = (run / "stdout.log").read_text()
-    assert log.count(f"resuming from {before[-1]}") == 2  # the cut-short attempt, then this one
+    assert f"resuming from {before[-1]}" in log
     assert not (run / "checkpoints" / ".partial").exists()
     assert _info(run)["state"] == "succeeded"
 
