@@ -13,7 +13,8 @@ untrained tiny base model serves as both (built in a temporary folder): the time
 same, and its responses rarely stop early, so every step generates ``--max-new-tokens`` tokens.
 
     python bench/bench_ppo.py
-    python bench/bench_ppo.py --sft WS/runs/sft-.../final --rm WS/runs/rm-.../final --batch 32
+    python bench/bench_ppo.py --sft WS/runs/sft-.../final --rm WS/runs/rm-.../final
+    python bench/bench_ppo.py --max-new-tokens 256 --steps 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rm", help="reward model folder (default: the untrained tiny model)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--batch", type=int, default=16, help="rollout_batch_size (tiny_rl: 16)")
+    parser.add_argument("--batch", type=int, default=32, help="rollout_batch_size (tiny_rl: 32)")
     parser.add_argument("--mini-batch", type=int, default=8)
     parser.add_argument("--ppo-epochs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=40)
