@@ -147,7 +147,7 @@ def test_chat_streams_pieces_and_equals_the_in_process_loop(grpc_url: str, train
         pieces = list(client.stream(prompt="How do I get started with baking bread?", max_new_tokens=40,
                                     temperature=0, stream_interval_ms=0))
         assert len(pieces) >= 10 and all(pieces)  # one response per piece (a token, or a whole character)
-        # By default pieces closer than 5 ms are grouped: fewer responses, the same text.
+        # By default pieces closer than 10 ms are grouped: fewer responses, the same text.
         grouped = list(client.stream(prompt="How do I get started with baking bread?", max_new_tokens=40,
                                      temperature=0))
         assert "".join(grouped) == "".join(pieces) and 1 <= len(grouped) <= len(pieces)

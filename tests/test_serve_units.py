@@ -117,9 +117,28 @@ def test_sampling_parameters_are_checked_by_name() -> None:
 
     params, interval = parse_request_parameters({"seed": 3, "stream_interval_ms": 0})
     assert params.seed == 3 and interval == 0.0
-    assert parse_request_parameters({})[1] == 0.005
+    assert parse_request_parameters({})[1] == 0.010
     with pytest.raises(ValueError, match="stream_interval_ms"):
         parse_request_parameters({"stream_interval_ms": "soon"})
+
+
+def test_throttled_check_asks_at_most_once_per_interval() -> None:
+    from oatui.serve.generation import ThrottledCheck
+
+    answers = iter([False, False, True])
+    calls = []
+
+    def check() -> bool:
+        calls.append(time.perf_counter())
+        return next(answers)
+
+    throttled = ThrottledCheck(check, 0.05)
+    assert throttled() is False and len(calls) == 1  # the first call always asks
+    assert all(throttled() is False for _ in range(100)) and len(calls) == 1
+    time.sleep(0.06)
+    assert throttled() is False and len(calls) == 2
+    time.sleep(0.06)
+    assert throttled() is True and throttled() is True and len(calls) == 3  # a yes is kept
 
 
 # ---------------------------------------------------------------------------------------------

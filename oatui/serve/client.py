@@ -200,7 +200,10 @@ class _UnaryClient:
             yield slice(start, min(rows, start + size))
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
+            # Dropped now, while grpc is still importable (its own __del__ fails at interpreter exit).
+            self._client = None
 
     def __enter__(self):
         return self
@@ -315,7 +318,8 @@ class ChatClient:
 
     ``stream(...)`` yields pieces as they arrive; leaving the loop early (or ``close()`` on the
     iterator, or ``cancel()`` from another thread) cancels the request on the server. ``timeout``
-    bounds the wait for each piece. One stream at a time per client.
+    bounds the wait for each piece. One answer at a time per client; the gRPC stream stays open
+    between answers (opening one costs milliseconds), and a cancellation closes it.
     """
 
     def __init__(self, url: str, model: str = "policy", timeout: float = 30.0, retries: int = 3) -> None:
@@ -326,9 +330,11 @@ class ChatClient:
         self.timeout = float(timeout)
         self.retries = int(retries)
         self._grpc = grpcclient
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client: Any = grpcclient.InferenceServerClient(url)
         self._lock = threading.Lock()
-        self._active: queue.Queue[Any] | None = None
+        self._active: queue.Queue[Any] | None = None  # where the answer in progress goes
+        self._request_id: str | None = None
+        self._stream_state = "closed"  # closed | open | broken (a stream error: restart before use)
         self._eos: str | None = None
 
     @property
@@ -339,7 +345,7 @@ class ChatClient:
         """The model's EOS token (from its config), for building the chat format from turns."""
         if self._eos is None:
             config = _with_retries(
-                lambda: self._client.get_model_config(self.model, as_json=True, client_timeout=self.timeout),
+                lambda: self._open_client().get_model_config(self.model, as_json=True, client_timeout=self.timeout),
                 self.where, self.timeout, self.retries)
             parameters = config.get("config", config).get("parameters", {})
             self._eos = parameters.get("eos_token", {}).get("string_value") or "<|endoftext|>"
@@ -350,11 +356,17 @@ class ChatClient:
         """Pieces of the answer to ``text`` (chat format ending with ``<|assistant|>``), ``prompt``
         (one plain message) or ``turns`` (``(role, text)`` pairs or objects with ``.role``/``.text``).
 
-        ``sampling``: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos.
+        ``sampling``: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos,
+        stream_interval_ms.
         """
         parameters = _sampling_parameters(sampling)
         inputs = _chat_inputs(text, prompt, turns, system, self.eos_token)
         return self._stream(inputs, parameters)
+
+    def _open_client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("this ChatClient is closed")
+        return self._client
 
     def _tensors(self, inputs: list[tuple[str, str]]) -> list[Any]:
         tensors = []
@@ -364,49 +376,70 @@ class ChatClient:
             tensors.append(tensor)
         return tensors
 
-    def _start(self, responses: "queue.Queue[Any]", inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> None:
-        """Open a stream and send the request; every outcome arrives in ``responses``."""
+    def _dispatch(self, result: Any, error: Any) -> None:
+        """The stream's callback (tritonclient's thread): hand the response to the answer in progress."""
+        with self._lock:
+            target, request_id = self._active, self._request_id
+            if error is not None and _status_name(error):
+                # A gRPC status (not a model's error message): the stream itself has failed.
+                self._stream_state = "broken"
+        if result is not None and result.get_response().id not in ("", request_id):
+            return  # a late piece of an earlier, cancelled answer
+        if target is not None:
+            target.put((result, error))
+
+    def _close_stream(self, cancel: bool) -> None:
+        with self._lock:
+            self._stream_state = "closed"
+        with contextlib.suppress(Exception):  # the stream is gone either way
+            self._open_client().stop_stream(cancel_requests=cancel)
+
+    def _send(self, responses: "queue.Queue[Any]", inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> None:
+        """Send the request on the (re)opened stream; every outcome arrives in ``responses``."""
         from tritonclient.utils import InferenceServerException
 
-        def on_response(result: Any, error: Any) -> None:
-            responses.put((result, error))
-
+        client = self._open_client()
+        with self._lock:
+            state = self._stream_state
+        if state == "broken":
+            self._close_stream(cancel=True)
+            state = "closed"
+        request_id = f"chat-{next(_request_ids)}"
+        with self._lock:
+            self._request_id = request_id
         try:
-            self._client.start_stream(callback=on_response)
-            self._client.async_stream_infer(
+            if state == "closed":
+                client.start_stream(callback=self._dispatch)
+                with self._lock:
+                    self._stream_state = "open"
+            client.async_stream_infer(
                 self.model,
                 self._tensors(inputs),
-                request_id=f"chat-{next(_request_ids)}",
+                request_id=request_id,
                 parameters=parameters or None,
                 enable_empty_final_response=True,
             )
         except InferenceServerException as error:
             # The stream failed at once (connection refused...): its callback carries the reason.
+            with self._lock:
+                self._stream_state = "broken"
             try:
                 item = responses.get(timeout=1.0)
             except queue.Empty:
                 item = (None, error)
             responses.put(item)
 
-    def _stop(self, cancel: bool) -> None:
-        with self._lock:
-            self._active = None
-            try:
-                self._client.stop_stream(cancel_requests=cancel)
-            except Exception:  # noqa: BLE001 - the stream is gone either way
-                pass
-
     def _stream(self, inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> Iterator[str]:
+        responses: queue.Queue[Any] = queue.Queue()
         with self._lock:
             if self._active is not None:
                 raise RuntimeError("this ChatClient is already streaming; use one client per concurrent stream")
-            responses: queue.Queue[Any] = queue.Queue()
             self._active = responses
         finished = False
         received = False
         attempt = 0
         try:
-            self._start(responses, inputs, parameters)
+            self._send(responses, inputs, parameters)
             while True:
                 try:
                     item = responses.get(timeout=self.timeout)
@@ -418,11 +451,12 @@ class ChatClient:
                 if error is not None:
                     if not received and _is_connection_error(error) and attempt < self.retries:
                         # Nothing was generated yet: start over once the server is back.
-                        with contextlib.suppress(Exception):
-                            self._client.stop_stream(cancel_requests=True)
+                        self._close_stream(cancel=True)
                         time.sleep(_backoff(attempt))
+                        while not responses.empty():  # whatever the dead stream still said
+                            responses.get_nowait()
                         attempt += 1
-                        self._start(responses, inputs, parameters)
+                        self._send(responses, inputs, parameters)
                         continue
                     failure = classify(error, self.where, self.timeout)
                     if received and isinstance(failure, ServerUnavailable):
@@ -436,19 +470,28 @@ class ChatClient:
                     finished = True
                     return
         finally:
-            self._stop(cancel=not finished)
+            with self._lock:
+                self._active = None
+            if not finished:
+                # Cancelling one request means cancelling the stream it travels on.
+                self._close_stream(cancel=True)
 
     def cancel(self) -> None:
-        """Cancel the stream in progress (from any thread); its iterator ends without error."""
+        """Cancel the answer in progress (from any thread); its iterator ends without error."""
         with self._lock:
             active = self._active
         if active is not None:
             active.put(_CANCELLED)
-            self._stop(cancel=True)
+            self._close_stream(cancel=True)
 
     def close(self) -> None:
+        if self._client is None:
+            return
         self.cancel()
+        self._close_stream(cancel=True)
         self._client.close()
+        # Dropped now, while grpc is still importable (its own __del__ fails at interpreter exit).
+        self._client = None
 
     def __enter__(self) -> "ChatClient":
         return self

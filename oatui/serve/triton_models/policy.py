@@ -7,11 +7,12 @@ Inputs (all BYTES, shape [1], each optional; exactly one of ``text`` and ``promp
 Request parameters (all optional): ``max_new_tokens`` (int), ``temperature`` (float, 0 = greedy),
 ``top_p`` (float), ``top_k`` (int, 0 = off), ``repetition_penalty`` (float), ``seed`` (int),
 ``ignore_eos`` (bool: always generate ``max_new_tokens``), ``stream_interval_ms`` (float, default
-5: pieces coming sooner than this after the previous response are grouped; 0 = one each).
+10: pieces coming sooner than this after the previous response are grouped; 0 = one each).
 Output: ``text_output`` (BYTES [1]), one response per decoded piece or small group of pieces (the
 first at once; a multi-byte character split over tokens waits for its last byte), then an empty
-response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``. Cancellation is checked before every
-token. Generation ends at EOS or a role marker, at ``max_new_tokens``, or at the context length.
+response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``. Cancellation is checked between tokens
+(at most every 10 ms: each check is a round trip to the server). Generation ends at EOS or a role
+marker, at ``max_new_tokens``, or at the context length.
 
 Written into a model repository by ``oatui export --mode policy``.
 """
@@ -26,6 +27,7 @@ import triton_python_backend_utils as pb_utils
 from oatui.data.format import ASSISTANT, SYSTEM, format_conversation
 from oatui.serve.generation import (
     IncrementalDecoder,
+    ThrottledCheck,
     context_limit,
     generate_ids,
     parse_request_parameters,
@@ -42,6 +44,7 @@ from oatui.serve.triton_models.common import (
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_CHECK_INTERVAL = 0.010  # seconds between is_cancelled() round trips to the server
 
 
 class TritonPythonModel:
@@ -125,9 +128,10 @@ class TritonPythonModel:
         tokens = 0
         pending: list[str] = []
         last_sent: float | None = None
+        cancelled_check = ThrottledCheck(sender.is_cancelled, CANCEL_CHECK_INTERVAL)
         try:
             for token in generate_ids(
-                self.model, prompt_ids, params, self.stop_ids, self.vocab_size, self.limit, sender.is_cancelled
+                self.model, prompt_ids, params, self.stop_ids, self.vocab_size, self.limit, cancelled_check
             ):
                 tokens += 1
                 piece = decoder.push(token)
