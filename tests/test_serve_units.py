@@ -325,6 +325,32 @@ def test_a_server_that_never_gets_ready_is_stopped_with_its_log(tmp_path: Path) 
     assert logs and "--flag" in logs[0].read_text()
 
 
+def test_ctrl_c_while_the_server_starts_stops_it_at_once(tmp_path: Path) -> None:
+    from helpers import OATUI
+
+    workspace = tmp_path / "ws"
+    (workspace / "triton" / "m").mkdir(parents=True)
+    (workspace / "triton" / "m" / "config.pbtxt").write_text('name: "m"\nbackend: "python"\n')
+    fake = tmp_path / "slow-tritonserver"
+    fake.write_text('#!/bin/sh\necho $$ > "$0.pid"\nexec sleep 60\n')
+    fake.chmod(0o755)
+    http, grpc, metrics = free_ports(3)
+    process = subprocess.Popen([OATUI, "serve", "--workspace", str(workspace), "--server-bin", str(fake),
+                                "--ready-timeout", "60", "--http-port", str(http), "--grpc-port", str(grpc),
+                                "--metrics-port", str(metrics)], stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "slow-tritonserver.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_file.exists()
+    process.send_signal(2)  # SIGINT, as Ctrl-C
+    started = time.monotonic()
+    assert process.wait(timeout=30) == 130
+    assert time.monotonic() - started < 20
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Export files (no server)
 

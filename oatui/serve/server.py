@@ -62,6 +62,10 @@ class ServerStartError(UserError):
     """tritonserver did not start or did not become ready; the message ends with its log's last lines."""
 
 
+class StartCancelled(Exception):
+    """A stop was asked for while the server was starting (it has been stopped)."""
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """What ``oatui serve`` was asked for (the admin key itself travels only in its 0600 file)."""
@@ -125,7 +129,7 @@ class ServerInfo:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "grpc_url": self.grpc_url, "http_url": self.http_url}
+        return {**asdict(self), "grpc_url": self.grpc_url, "http_url": self.http_url, "metrics_url": self.metrics_url}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ServerInfo":
@@ -528,8 +532,12 @@ class TritonServer:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> None:
-        """Start the server and wait until it and its models are ready; on failure nothing is left."""
+    def start(self, cancelled: Callable[[], bool] | None = None) -> None:
+        """Start the server and wait until it and its models are ready; on failure nothing is left.
+
+        ``cancelled`` (polled while waiting) ends the wait early: the server is stopped and
+        :class:`StartCancelled` raised.
+        """
         check_ports(self.options)
         backend_dir = prepare_bundled_backends(self.workspace) if self.command.bundled else None
         argv = server_argv(self.command, self.options, backend_dir, self.admin_key)
@@ -553,9 +561,14 @@ class TritonServer:
             except OSError as error:
                 raise ServerStartError(f"cannot start {argv[0]}: {error.strerror}") from None
         self.started = time.time()
-        if not wait_ready(self.http_url, self.models, self.options.ready_timeout, self.alive):
+        def waiting() -> bool:
+            return self.alive() and not (cancelled is not None and cancelled())
+
+        if not wait_ready(self.http_url, self.models, self.options.ready_timeout, waiting):
             code = self.process.poll()
             self.stop()
+            if code is None and cancelled is not None and cancelled():
+                raise StartCancelled("stopped before it was ready")
             assert self.log_path is not None
             if code is not None:
                 reason = f"tritonserver exited with status {code} before it was ready"
@@ -662,7 +675,10 @@ def serve_foreground(
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        server.start()
+        try:
+            server.start(cancelled=stop_requested.is_set)
+        except StartCancelled:
+            return 130
         if on_ready is not None:
             on_ready(server.info())
         while not stop_requested.is_set():

@@ -20,7 +20,14 @@ import time
 
 from oatui.errors import UserError
 from oatui.fsutil import atomic_write_json
-from oatui.serve.server import ERROR_FILE, ServerOptions, TritonServer, clear_server_file, write_server_file
+from oatui.serve.server import (
+    ERROR_FILE,
+    ServerOptions,
+    StartCancelled,
+    TritonServer,
+    clear_server_file,
+    write_server_file,
+)
 from oatui.workspace import Workspace
 
 
@@ -37,7 +44,10 @@ def supervise(workspace: Workspace, options: ServerOptions) -> int:
     me = os.getpid()
     try:
         server = TritonServer(workspace, options)
-        server.start()
+        server.start(cancelled=stop.is_set)
+    except StartCancelled:
+        print(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} stopped while starting", flush=True)
+        return 0
     except UserError as error:
         atomic_write_json(workspace.state / ERROR_FILE, {"supervisor_pid": me, "error": str(error), "time": time.time()})
         print(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} not started: {error}", flush=True)
