@@ -277,3 +277,60 @@ def test_global_whitening_over_two_ranks_equals_one_process_with_the_whole_batch
         mean, std, count = result["batch"]
         assert count == 6 and mean == pytest.approx(scores[:6].double().mean().item())
         assert std == pytest.approx(scores[:6].double().std().item())
+
+
+# --------------------------------------------------------------------------------------------
+# One PPO update on a toy model
+
+
+def _toy_batch():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from oatui.train.ppo.models import ActorCritic, ValueHead, disable_dropout
+    from oatui.train.ppo.rollout import Rollout
+
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = ActorCritic(GPTNeoXForCausalLM(config), ValueHead(32))
+    disable_dropout(model)
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7], [8, 9], [10, 11, 12], [13]], pad_id=1)
+    response_ids = torch.randint(2, 64, (4, 5))
+    response_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0], [1] * 2 + [0] * 3])
+    contexts = [(Turn("prompter", str(i)),) for i in range(4)]
+    rollout = Rollout(contexts, prompt_ids, prompt_mask, response_ids, response_mask, torch.ones(4, dtype=torch.bool),
+                      ["a", "b", "c", "d"])
+    return model, rollout
+
+
+@pytest.mark.parametrize("old_logprob_shift, skipped", [(0.0, 0), (-5.0, 4)])
+def test_ppo_update_learns_or_skips_a_minibatch_whose_ratio_explodes(old_logprob_shift: float, skipped: int):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from oatui.config import RLConfig
+    from oatui.train.ppo.build import make_optimizer
+    from oatui.train.ppo.models import rollout_logprobs_and_values
+    from oatui.train.ppo.trainer import Batch, ppo_update
+
+    config = RLConfig(rollout_batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3,
+                      lr_scheduler_type="constant", ratio_threshold=10.0)
+    model, rollout = _toy_batch()
+    try:
+        accelerator = Accelerator(cpu=True)
+        optimizer, scheduler = make_optimizer(model, config)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        logprobs, values = rollout_logprobs_and_values(model, rollout, 2, accelerator.device)
+        before = [p.detach().clone() for p in model.parameters()]
+        advantages = torch.where(rollout.response_mask.bool(), torch.randn(4, 5), 0.0)
+        batch = Batch(rollout, logprobs + old_logprob_shift, values, advantages, values + 1.0)
+        stats = ppo_update(accelerator, model, optimizer, scheduler, batch, config, step=1)
+    finally:
+        AcceleratorState._reset_state(True)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert stats["ppo/skipped_minibatches"] == skipped
+    assert moved == (skipped == 0)
+    if skipped == 0:
+        assert stats["ppo/ratio"] == pytest.approx(1.0, abs=0.05) and stats["ppo/value_loss"] > 0
+    else:
+        assert stats["ppo/ratio"] > config.ratio_threshold

@@ -265,6 +265,7 @@ def ppo_update(accelerator: "Accelerator", model: torch.nn.Module, optimizer: An
     sums: dict[str, float] = defaultdict(float)
     minibatches = skipped = 0
     updates_in_window = 0
+    grad_norms: list[float] = []
     for _ in range(config.ppo_epochs):
         order = torch.randperm(len(batch), generator=order_generator)
         for start in range(0, len(batch), config.mini_batch_size):
@@ -294,7 +295,7 @@ def ppo_update(accelerator: "Accelerator", model: torch.nn.Module, optimizer: An
                         if config.max_grad_norm and config.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                             if grad_norm is not None:
-                                sums["ppo/grad_norm"] += float(grad_norm)
+                                grad_norms.append(float(grad_norm))
                         optimizer.step()
                         scheduler.step()
                     optimizer.zero_grad()
@@ -312,7 +313,10 @@ def ppo_update(accelerator: "Accelerator", model: torch.nn.Module, optimizer: An
     local = torch.tensor([sums[name] / minibatches for name in names], dtype=torch.float64, device=device)
     averaged = all_reduce_sum(local) / accelerator.num_processes
     stats = {name: float(value) for name, value in zip(names, averaged.tolist())}
-    stats["ppo/skipped_minibatches"] = float(all_reduce_sum(torch.tensor([float(skipped)], device=device)).item())
+    if grad_norms:
+        # Gradients are averaged over the ranks before they are clipped: every rank measures the same norm.
+        stats["ppo/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    stats["ppo/skipped_minibatches"] = float(skipped)  # decided on all ranks together, so the same everywhere
     return stats
 
 
