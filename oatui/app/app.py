@@ -342,13 +342,13 @@ class OatuiApp(App[None]):
     @on(m.LogLinesRead)
     def _log_lines_read(self, message: m.LogLinesRead) -> None:
         log_view = self.run_log
-        if log_view.run_id == message.run_id:
+        if log_view.is_attached and log_view.run_id == message.run_id:
             log_view.append(message.lines)
 
     @on(m.MetricsRead)
     def _metrics_read(self, message: m.MetricsRead) -> None:
         curves = self.run_curves
-        if curves.run_id == message.run_id:
+        if curves.is_attached and curves.run_id == message.run_id:
             curves.add(message.records)
 
     @on(m.RunFinished)

@@ -90,16 +90,21 @@ class ChatPane(Vertical):
         self._history: ChatHistory | None = None
         self._stream: MarkdownStream | None = None
         self._answer_view: Markdown | None = None
+        # Children are reached by reference: a message may arrive while the app tears them down.
+        self._status = Static(id="chat-status")
+        self._listing = OptionList(id="chat-conversations")
+        self._transcript = VerticalScroll(id="chat-transcript")
+        self._prompt = Input(id="chat-prompt", placeholder="Ask the policy (Enter sends · Esc stops · ctrl+o options)")
 
     def compose(self) -> ComposeResult:
-        yield Static(id="chat-status")
+        yield self._status
         with Horizontal(id="chat-body"):
-            yield OptionList(id="chat-conversations")
-            yield VerticalScroll(id="chat-transcript")
-        yield Input(id="chat-prompt", placeholder="Ask the policy (Enter sends · Esc stops · ctrl+o options)")
+            yield self._listing
+            yield self._transcript
+        yield self._prompt
 
     def on_mount(self) -> None:
-        self.query_one("#chat-conversations", OptionList).border_title = "Conversations"
+        self._listing.border_title = "Conversations"
         self._show_status()
         self.load_conversations()
         self.list_models()
@@ -127,7 +132,7 @@ class ChatPane(Vertical):
 
     @on(ConversationsLoaded)
     def _conversations_loaded(self, message: ConversationsLoaded) -> None:
-        listing = self.query_one("#chat-conversations", OptionList)
+        listing = self._listing
         listing.clear_options()
         listing.add_options(
             Option(f"{conversation.title}", id=str(conversation.id)) for conversation in message.conversations
@@ -159,7 +164,7 @@ class ChatPane(Vertical):
         self.turns = [(m.role, m.text, m.id) for m in message.messages if m.text or m.role == "prompter"]
         if conversation.model:
             self.settings = replace(self.settings, model=conversation.model, system=conversation.system or "")
-        transcript = self.query_one("#chat-transcript", VerticalScroll)
+        transcript = self._transcript
         await transcript.remove_children()
         widgets = []
         for m in message.messages:
@@ -186,7 +191,7 @@ class ChatPane(Vertical):
         self._show_status()
 
     def _show_status(self, error: str | None = None) -> None:
-        status = self.query_one("#chat-status", Static)
+        status = self._status
         text = Text()
         if error:
             text.append(error, style="bold red")
@@ -221,7 +226,7 @@ class ChatPane(Vertical):
             self._show_status("Server not running: press Esc, then s to start it.")
             return
         event.input.value = ""
-        transcript = self.query_one("#chat-transcript", VerticalScroll)
+        transcript = self._transcript
         self._answer_view = self._message_widget("assistant", "", "complete")
         await transcript.mount_all([self._message_widget("prompter", prompt, "complete"), self._answer_view])
         transcript.scroll_end(animate=False)
@@ -302,7 +307,7 @@ class ChatPane(Vertical):
         self.answer_text += message.text
         if self._stream is not None:
             await self._stream.write(message.text)
-        transcript = self.query_one("#chat-transcript", VerticalScroll)
+        transcript = self._transcript
         if transcript.max_scroll_y - transcript.scroll_y <= 3:
             transcript.scroll_end(animate=False)
 
@@ -347,16 +352,16 @@ class ChatPane(Vertical):
             return
         if self.screen.maximized is not None:
             self.screen.minimize()
-        self.query_one("#chat-transcript", VerticalScroll).focus()
+        self._transcript.focus()
 
     async def action_new_conversation(self) -> None:
         if self.streaming:
             return
         self.conversation_id = None
         self.turns = []
-        await self.query_one("#chat-transcript", VerticalScroll).remove_children()
-        self.query_one("#chat-conversations", OptionList).highlighted = None
-        self.query_one("#chat-prompt", Input).focus()
+        await self._transcript.remove_children()
+        self._listing.highlighted = None
+        self._prompt.focus()
 
     def action_options(self) -> None:
         from oatui.app.widgets.forms import ChatOptions
@@ -385,4 +390,4 @@ class ChatPane(Vertical):
         self.notify(f"Copied the answer ({len(text)} characters).")
 
     def focus_prompt(self) -> None:
-        self.query_one("#chat-prompt", Input).focus()
+        self._prompt.focus()

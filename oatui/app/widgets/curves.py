@@ -73,9 +73,11 @@ class RunCurves(Vertical):
         self.series: dict[str, Series] = {}
         self._plots: list[tuple[Any, str, tuple[str, ...]]] = []
         self._dirty = False
+        # Children are reached by reference: a message may arrive while the app tears them down.
+        self._empty = Static("Select a run to see its curves.", id="curves-empty", classes="placeholder")
 
     def compose(self) -> ComposeResult:
-        yield Static("Select a run to see its curves.", id="curves-empty", classes="placeholder")
+        yield self._empty
 
     def start(self, run_id: str | None, stage: str | None) -> None:
         """Show another run: its stage decides the charts."""
@@ -85,7 +87,7 @@ class RunCurves(Vertical):
         for plot, _, _ in self._plots:
             plot.remove()
         self._plots = []
-        empty = self.query_one("#curves-empty", Static)
+        empty = self._empty
         if not charts:
             empty.update("Select a run to see its curves." if run_id is None else "No curves for this run.")
             empty.display = True
@@ -109,7 +111,7 @@ class RunCurves(Vertical):
     def redraw(self) -> None:
         self._dirty = False
         has_points = any(series.steps for series in self.series.values())
-        self.query_one("#curves-empty", Static).display = not has_points
+        self._empty.display = not has_points
         for plot, title, names in self._plots:
             plt = plot.plt
             plt.clear_data()

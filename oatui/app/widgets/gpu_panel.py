@@ -142,11 +142,14 @@ class GpuRow(Horizontal):
         self._pending: tuple[GpuSnapshot, str, tuple[str, ...], tuple[float, ...]] | None = None
         self._text_key: tuple[object, ...] | None = None
         self._spark_key: tuple[float, ...] | None = None
+        self._text = Static(classes="gpu-text")
+        self._spark = Sparkline([], summary_function=max)
+        self._owners = Static(classes="gpu-owners")
 
     def compose(self) -> ComposeResult:
-        yield Static(classes="gpu-text")
-        yield Sparkline([], summary_function=max)
-        yield Static(classes="gpu-owners")
+        yield self._text
+        yield self._spark
+        yield self._owners
 
     def on_mount(self) -> None:
         self._apply()
@@ -165,13 +168,13 @@ class GpuRow(Horizontal):
             # The columns have fixed widths: only a new layout or new owners can change the size.
             relayout = self._text_key is None or self._text_key[1:] != key[1:]
             self._text_key = key
-            self.query_one(".gpu-text", Static).update(gpu_text(gpu, layout), layout=relayout)
+            self._text.update(gpu_text(gpu, layout), layout=relayout)
             if relayout:
-                self.query_one(".gpu-owners", Static).update(owners_text(owners))
+                self._owners.update(owners_text(owners))
                 self.set_class(bool(owners), "-ours")
         if series != self._spark_key:
             self._spark_key = series
-            self.query_one(Sparkline).data = list(series)
+            self._spark.data = list(series)
 
 
 class ProcessTable(DataTable):
@@ -262,14 +265,21 @@ class GpuPanel(VerticalScroll):
         self._notice: object = "waiting"
         self._mig_key: object = None
         self._header_layout: str | None = None
+        # Children are reached by reference: a sample may arrive while the app tears them down.
+        self._notice_view = Static("Waiting for the first sample…", id="gpu-notice")
+        self._header = Static(id="gpu-header", classes="-hidden")
+        self._rows = Vertical(id="gpu-rows")
+        self._mig = Static(id="gpu-mig", classes="-hidden")
+        self._processes_title = Static("Processes", id="gpu-processes-title", classes="section-title -hidden")
+        self._processes = ProcessTable(id="gpu-processes", classes="-hidden")
 
     def compose(self) -> ComposeResult:
-        yield Static("Waiting for the first sample…", id="gpu-notice")
-        yield Static(id="gpu-header", classes="-hidden")
-        yield Vertical(id="gpu-rows")
-        yield Static(id="gpu-mig", classes="-hidden")
-        yield Static("Processes", id="gpu-processes-title", classes="section-title -hidden")
-        yield ProcessTable(id="gpu-processes", classes="-hidden")
+        yield self._notice_view
+        yield self._header
+        yield self._rows
+        yield self._mig
+        yield self._processes_title
+        yield self._processes
 
     def on_resize(self) -> None:
         layout = layout_for(self.scrollable_content_region.width)
@@ -290,17 +300,17 @@ class GpuPanel(VerticalScroll):
             notice = "No GPUs."
         if notice != self._notice:
             self._notice = notice
-            widget = self.query_one("#gpu-notice", Static)
+            widget = self._notice_view
             widget.update(notice or "")
             widget.set_class(notice is None, "-hidden")
         indices = tuple(gpu.index for gpu in snapshot.gpus)
-        rows = self.query_one("#gpu-rows", Vertical)
+        rows = self._rows
         if indices != self._gpu_indices:
             self._gpu_indices = indices
             rows.remove_children()
             rows.mount_all([GpuRow(index) for index in indices])
         self._draw_rows()
-        header = self.query_one("#gpu-header", Static)
+        header = self._header
         if self._header_layout != self.layout_name:
             self._header_layout = self.layout_name
             header.update(Text(gpu_header(self.layout_name), style="bold"))
@@ -310,19 +320,19 @@ class GpuPanel(VerticalScroll):
             lines = sum(len(devices) for _, devices in mig_key)
             previous = sum(len(devices) for _, devices in self._mig_key) if isinstance(self._mig_key, tuple) else -1
             self._mig_key = mig_key
-            mig = self.query_one("#gpu-mig", Static)
+            mig = self._mig
             mig.update(mig_text(snapshot), layout=lines != previous)
             mig.set_class(not mig_key, "-hidden")
-        table = self.query_one(ProcessTable)
+        table = self._processes
         count = table.show(snapshot, self.owners)
         table.set_class(not count, "-hidden")
-        self.query_one("#gpu-processes-title").set_class(not count, "-hidden")
+        self._processes_title.set_class(not count, "-hidden")
 
     def _draw_rows(self) -> None:
         snapshot, history = self.snapshot, self.history
         if snapshot is None or history is None:
             return
-        for row in self.query_one("#gpu-rows").query_children(GpuRow):
+        for row in self._rows.query_children(GpuRow):
             gpu = snapshot.gpu(row.index)
             if gpu is not None:
                 row.show(gpu, self.layout_name, self.owners.gpus.get(row.index, ()),

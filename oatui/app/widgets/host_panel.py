@@ -60,10 +60,12 @@ class HostPanel(Vertical):
         self._key: object = None
         self._spark_key: object = None
         self._lines = -1
+        self._text = Static(id="host-text")
+        self._spark = Sparkline([], summary_function=max, id="host-cpu-history")
 
     def compose(self) -> ComposeResult:
-        yield Static(id="host-text")
-        yield Sparkline([], summary_function=max, id="host-cpu-history")
+        yield self._text
+        yield self._spark
 
     def show(self, host: HostSnapshot, history: History) -> None:
         width = self.content_region.width or 80
@@ -71,9 +73,9 @@ class HostPanel(Vertical):
         if key != self._key:
             text = host_text(host, width)
             lines = text.plain.count("\n")
-            self.query_one("#host-text", Static).update(text, layout=lines != self._lines)
+            self._text.update(text, layout=lines != self._lines)
             self._key, self._lines = key, lines
         series = tuple(0.0 if v is None else v for v in history.host("cpu_percent_mean")[-120:])
         if series != self._spark_key:
             self._spark_key = series
-            self.query_one(Sparkline).data = list(series)
+            self._spark.data = list(series)
