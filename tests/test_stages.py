@@ -107,7 +107,7 @@ def test_accelerate_launcher_runs_two_processes(trained, workspace: Path) -> Non
     (run,) = (workspace / "runs").iterdir()
     info = json.loads((run / "run.json").read_text())
     assert info["launcher"] == "accelerate" and info["num_processes"] == 2 and info["state"] == "succeeded"
-    assert "accelerate.commands.launch" in info["argv"] and "--cpu" in info["argv"]
+    assert "accelerate.commands.launch" in info["argv"] and "--multi_gpu" in info["argv"]
     assert "training for 3 steps on 2 process(es)" in (run / "stdout.log").read_text()
 
 
