@@ -27,7 +27,6 @@ import numpy as np
 
 from oatui.errors import UserError
 
-DEFAULT_GRPC_PORT = 8001
 RETRY_BACKOFF = 0.25  # seconds before the first retry, doubled each time
 RETRY_BACKOFF_MAX = 2.0
 _request_ids = itertools.count(1)

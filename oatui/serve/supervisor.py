@@ -11,7 +11,6 @@ removed), and removes ``server.json`` when the server has gone, whichever way it
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
