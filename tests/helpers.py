@@ -13,7 +13,8 @@ OATUI = str(Path(sys.executable).parent / "oatui")
 
 
 def run_oatui(*args: str, workspace: Path | None = None, timeout: float = 600, check: bool = False,
-              env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+              env: dict[str, str] | None = None, cwd: Path | None = None,
+              input_text: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `oatui` command; returns the completed process (text stdout/stderr)."""
     argv = [OATUI, *args]
     if workspace is not None:
@@ -21,7 +22,8 @@ def run_oatui(*args: str, workspace: Path | None = None, timeout: float = 600, c
     full_env = dict(os.environ)
     full_env.update(env or {})
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env,
-                            cwd=str(cwd) if cwd else None)
+                            cwd=str(cwd) if cwd else None, input=input_text,
+                            stdin=None if input_text is not None else subprocess.DEVNULL)
     if check and result.returncode != 0:
         raise AssertionError(f"oatui {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

@@ -14,6 +14,12 @@ Stream the served policy's answer to PROMPT; with no PROMPT, chat turn by turn (
 conversation goes with each question; an empty line or Ctrl-D ends, Ctrl-C stops an answer).
 The server is --url, else the one 'oatui serve --detach' runs for this workspace, else
 127.0.0.1:8001.
+
+With --rank K, K answers are sampled (different seeds) and you put them in order; each ranking is
+appended to WORKSPACE/data/feedback.trees.jsonl as an export tree, which the 'feedback' dataset
+of the SFT and RM configs reads (an edited answer becomes a demonstration).
+
+'oatui chat export [--out FILE]' writes the app's chat history as export trees.
 """
 
 
@@ -37,6 +43,14 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     parser.add_argument("--seed", type=int, metavar="S", help="seed for a repeatable answer")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="longest wait for each piece of the answer (default 30)")
+    parser.add_argument("--rank", type=int, metavar="K",
+                        help="sample K answers (seeds S, S+1, ...) and rank them into feedback data")
+    parser.add_argument("--lang", default="en", metavar="CODE",
+                        help="language code recorded with rankings and exports (default en)")
+    parser.add_argument("--out", metavar="FILE",
+                        help="with 'export': the file to write (default WORKSPACE/data/chats.trees.jsonl)")
+    parser.add_argument("--as-demonstrations", action="store_true",
+                        help="with 'export': mark the model's answers as not synthetic, so SFT trains on them")
     parser.set_defaults(func=run)
 
 
@@ -105,17 +119,100 @@ def interactive(client: Any, system: str | None, sampling: dict[str, Any], out: 
         turns.append(("assistant", "".join(pieces)))
 
 
+def export_chats(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from oatui.chat.exporting import export_history
+    from oatui.chat.history import ChatHistory
+    from oatui.workspace import Workspace
+
+    workspace = Workspace.open(args.workspace)
+    out = Path(args.out) if args.out else workspace.data / "chats.trees.jsonl"
+    count = export_history(ChatHistory(workspace.chat_db), out, args.lang, args.as_demonstrations)
+    print(f"{count} conversations written to {out}", file=sys.stderr)
+    return 0
+
+
+def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args: argparse.Namespace,
+                 sampling: dict[str, Any], out: TextIO, read: Callable[[str], str] = input) -> str | None:
+    """Sample ``count`` answers, ask for their order, append the ranking; returns the best answer."""
+    from oatui.chat.feedback import Ranking, append_ranking
+    from oatui.chat.ranking import HELP, parse_order, ranked_answers
+    from oatui.workspace import Workspace
+
+    base_seed = sampling.pop("seed", 0)
+    seeds = [base_seed + i for i in range(count)]
+    texts = []
+    for number, seed in enumerate(seeds, 1):
+        out.write(f"--- answer {number} (seed {seed}) ---\n")
+        texts.append(answer_turns(client, turns, args.system, {**sampling, "seed": seed}, out).strip())
+        out.write("\n")
+    edits: dict[int, str] = {}
+    while True:
+        reply = read(f"rank ({HELP}): ").strip()
+        if reply.lower() in ("s", "skip"):
+            out.write("skipped: nothing saved\n")
+            return None
+        if reply.lower().startswith("e") and reply[1:].strip().isdigit():
+            index = int(reply[1:]) - 1
+            if not 0 <= index < count:
+                out.write(f"no answer {index + 1}\n")
+                continue
+            edited = read(f"new text for answer {index + 1}: ").strip()
+            if edited:
+                edits[index] = edited
+                out.write(f"answer {index + 1} edited\n")
+            continue
+        try:
+            order = parse_order(reply, count)
+        except ValueError as error:
+            out.write(f"{error}\n")
+            continue
+        break
+    workspace = Workspace.open(args.workspace)
+    ranking = Ranking(context=list(turns), answers=ranked_answers(texts, order, edits, seeds),
+                      model_name=args.model, lang=args.lang, system=args.system)
+    append_ranking(workspace.feedback_file, ranking)
+    out.write(f"saved to {workspace.feedback_file}: {len(order.ranked)} ranked, {len(order.rejected)} rejected\n")
+    best = order.ranked[0]
+    return edits.get(best, texts[best])
+
+
 def run(args: argparse.Namespace) -> int:
     from oatui.errors import UserError
     from oatui.serve.client import ChatClient, RemoteError, ServerUnavailable
 
+    if args.prompt == "export" and args.rank is None:
+        return export_chats(args)
+    if args.rank is not None and not 2 <= args.rank <= 9:
+        raise UserError(f"--rank {args.rank}: rank between 2 and 9 answers")
     url = args.url or default_url(args.workspace)
     sampling = sampling_from_args(args)
     if args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout:g}: must be above 0")
     client = ChatClient(url, model=args.model, timeout=args.timeout)
     try:
-        if args.prompt is not None:
+        if args.rank is not None:
+            turns: list[tuple[str, str]] = []
+            question = args.prompt
+            while True:
+                if question is None:
+                    try:
+                        question = input("you> ")
+                    except (EOFError, KeyboardInterrupt):
+                        break
+                if not question.strip():
+                    break
+                turns.append(("prompter", question))
+                best = rank_answers(client, turns, args.rank, args, dict(sampling), sys.stdout)
+                if args.prompt is not None:
+                    break
+                if best is None:
+                    turns.pop()
+                else:
+                    turns.append(("assistant", best))  # the conversation goes on from the best answer
+                question = None
+        elif args.prompt is not None:
             if not args.prompt.strip():
                 raise UserError("PROMPT is empty")
             print_stream(client.stream(prompt=args.prompt, system=args.system, **sampling), sys.stdout)

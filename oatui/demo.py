@@ -1,0 +1,312 @@
+"""The whole flow on the tiny default, headless: data → SFT → RM → RL → export → serve → chat → compare.
+
+Used by ``oatui demo`` and by the app's ``a`` key. Every stage runs as a real run in the workspace
+(a supervised subprocess, as ``oatui train`` starts it); the models are exported to the workspace's
+Triton repository and served by a real tritonserver; the final phase asks the reward model to score
+the SFT policy's and the RL policy's answers to held-out prompts. Nothing here imports torch: the
+app runs this in a thread.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oatui.workspace import Workspace
+
+PHASES = ("data", "sft", "rm", "rl", "export", "serve", "chat", "compare", "stop")
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    ok: bool | None = None
+    """True: succeeded; False: failed; None: skipped (an earlier phase failed)."""
+    seconds: float = 0.0
+    metric: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class DemoEvent:
+    """What the demo reports as it goes: a phase starting, progressing or ending, or a streamed piece."""
+
+    kind: str  # "start" | "progress" | "end" | "piece"
+    phase: str
+    text: str = ""
+    elapsed: float = 0.0
+    result: PhaseResult | None = None
+
+
+@dataclass
+class DemoOptions:
+    sft_configs: list[str] = field(default_factory=lambda: ["defaults", "tiny"])
+    rm_configs: list[str] = field(default_factory=lambda: ["defaults_rm", "tiny_rm"])
+    rl_configs: list[str] = field(default_factory=lambda: ["defaults_rl", "tiny_rl"])
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Extra ``--set`` values per stage (``{"rl": ["total_steps=20"]}``)."""
+    held_out_prompts: int = 16
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 40
+    chat_prompt: str | None = None
+
+
+class PhaseFailed(Exception):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Demo:
+    def __init__(self, workspace: Workspace, report: Callable[[DemoEvent], None], options: DemoOptions | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
+        self.workspace = workspace
+        self.report = report
+        self.options = options or DemoOptions()
+        self.should_stop = should_stop
+        self.results: list[PhaseResult] = []
+        self.models: dict[str, Path] = {}
+        self.server: Any = None
+        self._phase_start = 0.0
+
+    # -- driving -------------------------------------------------------------------------------
+    def run(self) -> list[PhaseResult]:
+        steps: list[tuple[str, Callable[[], str]]] = [
+            ("data", self.phase_data),
+            ("sft", lambda: self.phase_stage("sft")),
+            ("rm", lambda: self.phase_stage("rm")),
+            ("rl", lambda: self.phase_stage("rl")),
+            ("export", self.phase_export),
+            ("serve", self.phase_serve),
+            ("chat", self.phase_chat),
+            ("compare", self.phase_compare),
+        ]
+        failed = False
+        try:
+            for name, body in steps:
+                if failed:
+                    self.results.append(PhaseResult(name, None, detail="skipped"))
+                    continue
+                failed = not self._run_phase(name, body)
+        finally:
+            self._run_phase("stop", self.phase_stop)
+        return self.results
+
+    @property
+    def succeeded(self) -> bool:
+        return bool(self.results) and all(result.ok for result in self.results)
+
+    def _run_phase(self, name: str, body: Callable[[], str]) -> bool:
+        self._phase_start = time.monotonic()
+        self.report(DemoEvent("start", name))
+        result = PhaseResult(name)
+        try:
+            if self.should_stop():
+                raise PhaseFailed("stopped on request")
+            result.metric = body()
+            result.ok = True
+        except Exception as error:  # noqa: BLE001 - a phase's failure is reported, the rest skipped
+            result.ok = False
+            result.detail = " ".join(str(error).split()) or type(error).__name__
+        result.seconds = time.monotonic() - self._phase_start
+        self.results.append(result)
+        self.report(DemoEvent("end", name, result.metric or result.detail, result.seconds, result))
+        return bool(result.ok)
+
+    def progress(self, phase: str, text: str) -> None:
+        self.report(DemoEvent("progress", phase, text, time.monotonic() - self._phase_start))
+
+    # -- phases ----------------------------------------------------------------------------------
+    def phase_data(self) -> str:
+        from oatui.data.rules import Stats
+        from oatui.data.sample import SAMPLE_FILE
+        from oatui.data.trees import iter_trees
+
+        stats = Stats()
+        for tree in iter_trees(SAMPLE_FILE):
+            stats.add(tree)
+        return (f"{stats.trees} trees, {stats.sft_conversations} conversations, "
+                f"{stats.rm_groups} ranked groups ({stats.rm_pairs} pairs), {len(stats.languages)} languages")
+
+    def phase_stage(self, stage: str) -> str:
+        from oatui.stages.launcher import LaunchRequest, launch
+        from oatui.stages.runs import refresh, stop_run, view
+
+        configs = {"sft": self.options.sft_configs, "rm": self.options.rm_configs, "rl": self.options.rl_configs}[stage]
+        overrides = list(self.options.overrides.get(stage, []))
+        if stage == "rl":
+            overrides = [f"sft_model={self.models['sft']}", f"rm_model={self.models['rm']}", *overrides]
+        run = launch(LaunchRequest(stage=stage, configs=configs, overrides=overrides), self.workspace)
+        self.progress(stage, f"run {run.id}")
+        last_text = ""
+        while True:
+            info = refresh(run)
+            if info.state not in ("queued", "running"):
+                break
+            if self.should_stop():
+                stop_run(run)
+            current = view(run)
+            text = f"step {current.step}/{current.total_steps}" if current.total_steps else info.state
+            metric = _headline(stage, current.last or {})
+            if metric:
+                text += f"  {metric}"
+            if text != last_text:
+                self.progress(stage, text)
+                last_text = text
+            time.sleep(1.0)
+        if info.state != "succeeded":
+            raise PhaseFailed(f"run {run.id} {info.state}: {info.error or 'see ' + str(run.log_path)}")
+        self.models[stage] = run.final
+        return _summary(stage, run.read_metrics())
+
+    def phase_export(self) -> str:
+        from oatui.serve.repository import export_model
+
+        repo = self.workspace.triton_repo
+        exported = [
+            export_model("policy", self.models["rl"], repo, name="policy", force=True),
+            export_model("policy", self.models["sft"], repo, name="policy-sft", force=True),
+            export_model("rm", self.models["rm"], repo, name="rm", force=True),
+        ]
+        return ", ".join(result.name for result in exported) + f" in {repo}"
+
+    def phase_serve(self) -> str:
+        from oatui.serve.server import ServerOptions, start_detached, status
+
+        running = status(self.workspace)
+        if running is not None:
+            raise PhaseFailed(f"a server already runs for this workspace (gRPC {running.grpc_url}); stop it first")
+        options = ServerOptions(repo=str(self.workspace.triton_repo), http_port=_free_port(), grpc_port=_free_port(),
+                                metrics_port=_free_port(), models=("policy", "policy-sft", "rm"))
+        self.server = start_detached(self.workspace, options)
+        return f"tritonserver ready on {self.server.grpc_url} (gRPC), pid {self.server.pid}"
+
+    def _held_out(self) -> list[tuple[Any, ...]]:
+        from oatui.config import load_stage_config
+        from oatui.data.datasets import prompt_mix
+
+        config = load_stage_config("rl", self.options.rl_configs, self.options.overrides.get("rl"), self.workspace.root)
+        mix = prompt_mix(config.prompts or config.datasets, self.workspace.root, config.seed, config.val_fraction)
+        if not mix.eval:
+            raise PhaseFailed("the RL config holds out no prompts (val_fraction is 0)")
+        return mix.eval[: self.options.held_out_prompts]
+
+    def phase_chat(self) -> str:
+        from oatui.serve.client import ChatClient
+
+        prompt = self.options.chat_prompt or self._held_out()[0][-1].text
+        self.report(DemoEvent("piece", "chat", f"> {prompt}\n"))
+        pieces, first = 0, None
+        started = time.monotonic()
+        with ChatClient(self.server.grpc_url, "policy") as client:
+            for piece in client.stream(prompt=prompt, max_new_tokens=self.options.max_new_tokens, seed=0):
+                if first is None:
+                    first = time.monotonic() - started
+                pieces += 1
+                self.report(DemoEvent("piece", "chat", piece))
+        self.report(DemoEvent("piece", "chat", "\n"))
+        if pieces == 0:
+            raise PhaseFailed("the policy streamed nothing")
+        return f"{pieces} pieces streamed, first after {1000 * (first or 0):.0f} ms"
+
+    def phase_compare(self) -> str:
+        from oatui.data.datasets import rm_text
+        from oatui.serve.client import ChatClient, ScoreClient
+
+        contexts = self._held_out()
+        scorer = ScoreClient(f"{self.server.grpc_url}/rm")
+        eos = _rm_eos(self.models["rm"])
+        means = {}
+        for model in ("policy-sft", "policy"):
+            texts = []
+            with ChatClient(self.server.grpc_url, model) as client:
+                for index, context in enumerate(contexts):
+                    turns = [(turn.role, turn.text) for turn in context]
+                    for sample in range(self.options.samples_per_prompt):
+                        answer = "".join(client.stream(turns=turns, max_new_tokens=self.options.max_new_tokens,
+                                                       seed=1000 * index + sample))
+                        texts.append(rm_text(context, answer.strip(), eos))
+                    self.progress("compare", f"{model}: {index + 1}/{len(contexts)} prompts answered")
+            means[model] = statistics.mean(scorer.score(texts))
+        scorer.close()
+        sft, rl = means["policy-sft"], means["policy"]
+        verdict = f"RM score on {len(contexts)} held-out prompts: SFT {sft:.2f}, RL {rl:.2f}"
+        if not rl > sft:
+            raise PhaseFailed(verdict + " (the RL policy did not beat the SFT policy)")
+        return verdict
+
+    def phase_stop(self) -> str:
+        from oatui.serve.server import stop
+
+        if self.server is None:
+            return "no server was started"
+        stopped = stop(self.workspace)
+        self.server = None
+        return "server stopped" if stopped else "server had already stopped"
+
+
+def _rm_eos(rm_model: Path) -> str:
+    """The reward model's EOS token, read from its tokenizer files (no transformers import)."""
+    import json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            data = json.loads((rm_model / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        eos = data.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    return "<|endoftext|>"
+
+
+def _headline(stage: str, last: dict[str, Any]) -> str:
+    for key in {"sft": ("train/loss", "eval/loss"), "rm": ("rm/accuracy", "train/loss"),
+                "rl": ("ppo/score_mean", "ppo/kl")}[stage]:
+        value = last.get(key)
+        if isinstance(value, (int, float)):
+            return f"{key} {value:.3f}"
+    return ""
+
+
+def _summary(stage: str, metrics: list[dict[str, Any]]) -> str:
+    def series(key: str) -> list[float]:
+        return [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
+
+    if stage == "sft":
+        loss = series("train/loss")
+        return f"loss {loss[0]:.2f} -> {loss[-1]:.2f}" if loss else "trained"
+    if stage == "rm":
+        accuracy = series("rm/accuracy")
+        return f"held-out accuracy {accuracy[-1]:.3f}" if accuracy else "trained"
+    score = series("ppo/score_mean")
+    kl = series("ppo/kl")
+    if not score:
+        return "trained"
+    fifth = max(1, len(score) // 5)
+    text = f"RM score {statistics.mean(score[:fifth]):.2f} -> {statistics.mean(score[-fifth:]):.2f}"
+    return text + (f", KL {kl[-1]:.1f}" if kl else "")
+
+
+def format_summary(results: list[PhaseResult]) -> str:
+    rows = [("phase", "result", "time", "key metric")]
+    for result in results:
+        state = {True: "ok", False: "FAILED", None: "skipped"}[result.ok]
+        rows.append((result.name, state, f"{result.seconds:.1f} s", result.metric or result.detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    total = sum(result.seconds for result in results)
+    lines.append(f"total {total:.1f} s")
+    return "\n".join(lines)

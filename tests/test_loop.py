@@ -1,0 +1,124 @@
+"""Closing the loop: ranking served answers into feedback data, training on it, the whole demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from helpers import read_metrics, run_oatui
+from oatui.chat.feedback import RankedAnswer, Ranking, append_ranking
+from oatui.chat.history import ChatHistory
+from oatui.chat.exporting import export_history
+from oatui.chat.ranking import parse_order, ranked_answers
+from oatui.data.rules import compute_stats, sft_conversations
+from oatui.data.trees import load_trees
+from oatui.workspace import Workspace
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_orderings_are_read_or_refused_with_a_reason() -> None:
+    assert parse_order("2 1 3", 3).ranked == (1, 0, 2)
+    assert parse_order("213", 3).ranked == (1, 0, 2)
+    order = parse_order("3, 1 !2", 3)
+    assert order.ranked == (2, 0) and order.rejected == (1,)
+    for bad, reason in [("1 2", "3 missing"), ("1 1 2", "listed twice"), ("1 2 4", "from 1 to 3"), ("!1 !2 !3", "keep at least one")]:
+        with pytest.raises(ValueError, match=reason):
+            parse_order(bad, 3)
+    answers = ranked_answers(["a", "b", "c"], parse_order("2 !3 1", 3), edits={1: "B!"})
+    assert [(a.text, a.rejected, a.edited_from) for a in answers] == [("B!", False, "b"), ("a", False, None), ("c", True, None)]
+
+
+def test_chat_history_exports_as_trees(tmp_path: Path) -> None:
+    history = ChatHistory(tmp_path / "chats.sqlite")
+    conversation = history.new_conversation("Running", model="policy", system="Be kind.")
+    question = history.add_message(conversation.id, "prompter", "How do I start running?")
+    history.add_message(conversation.id, "assistant", "Start slowly.", parent_id=question.id, model="policy")
+    history.add_message(conversation.id, "assistant", "Run far", parent_id=question.id, model="policy", state="cancelled")
+    history.add_message(conversation.id, "assistant", "Buy shoes first.", parent_id=question.id, model="policy")
+    out = tmp_path / "chats.trees.jsonl"
+    assert export_history(history, out) == 1
+    (tree,) = load_trees(out)
+    assert tree.tree_state == "ready_for_export" and tree.origin == "oatui-chat"
+    assert [r.text for r in tree.prompt.replies] == ["Start slowly.", "Buy shoes first."]
+    assert all(r.synthetic and r.model_name == "policy" for r in tree.prompt.replies)
+    assert sft_conversations(tree) == []  # unreviewed model answers do not train SFT by default
+    export_history(history, out, demonstrations=True)
+    assert len(sft_conversations(load_trees(out)[0])) == 2
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    """A fresh workspace whose detached tritonserver serves the tiny SFT policy."""
+    from oatui.serve.repository import export_model
+    from oatui.serve.server import ServerOptions, start_detached, stop
+
+    workspace = Workspace.open(tmp_path_factory.mktemp("loop") / "ws")
+    export_model("policy", trained.sft_model, workspace.triton_repo, name="policy")
+    info = start_detached(workspace, ServerOptions(repo=str(workspace.triton_repo), http_port=_free_port(),
+                                                   grpc_port=_free_port(), metrics_port=_free_port(), models=("policy",)))
+    yield workspace, info
+    stop(workspace)
+
+
+@pytest.mark.slow
+def test_ranking_three_served_answers_makes_one_group_of_three_pairs(served) -> None:  # noqa: ANN001
+    workspace, info = served
+    result = run_oatui("chat", "--rank", "3", "How do I get started with baking bread?", "--url", info.grpc_url,
+                       "--max-new-tokens", "24", "--seed", "7", workspace=workspace.root, input_text="2 1 3\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- answer") == 3 and "saved to" in result.stdout
+    lines = workspace.feedback_file.read_text().splitlines()
+    assert len(lines) == 1
+    stats = json.loads(run_oatui("data", "stats", "--trees", str(workspace.feedback_file), "--json", check=True).stdout)
+    assert (stats["trees"], stats["rm_groups"], stats["rm_pairs"]) == (1, 1, 3)
+    tree = json.loads(lines[0])
+    assert tree["origin"] == "oatui" and all(r["model_name"] == "policy" for r in tree["prompt"]["replies"])
+
+
+@pytest.mark.slow
+def test_the_rm_stage_trains_on_the_feedback_file(trained, workspace: Path) -> None:  # noqa: ANN001
+    shutil.copytree(trained.tiny_base, workspace / "models" / "tiny-pythia")
+    feedback = Workspace.open(workspace).feedback_file
+    for i in range(12):
+        append_ranking(feedback, Ranking(
+            context=[("prompter", f"Can you give me some tips for learning chess? ({i})")],
+            answers=[RankedAnswer("Sure, happy to help! For learning chess, start small. I hope this helps."),
+                     RankedAnswer("Whatever. For baking bread, the key"),
+                     RankedAnswer("Ugh, fine.")],
+        ))
+    expected_pairs = compute_stats(load_trees(feedback)).rm_pairs
+    assert expected_pairs == 36
+    run_oatui("train", "rm", "--configs", "defaults_rm", "tiny_rm", "--set", "val_fraction=0", "--set", "max_steps=4",
+              "--set", "datasets=[{path: sample, fraction: 0.1}, {path: feedback}]", workspace=workspace, check=True)
+    (run,) = (workspace / "runs").iterdir()
+    record = next(m for m in read_metrics(run) if "data/pairs/feedback" in m)
+    assert record["data/pairs/feedback"] == expected_pairs and record["data/groups/feedback"] == 12
+    assert record["data/train_pairs"] == expected_pairs + record["data/pairs/sample"]
+    assert f"feedback: 12 groups, {expected_pairs} pairs in training" in (run / "stdout.log").read_text()
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_flow_and_rl_beats_sft(workspace: Path) -> None:
+    result = run_oatui("demo", workspace=workspace, timeout=900)
+    print(result.stdout[-3000:])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    summary = result.stdout.split("phase", 1)[1]
+    for phase in ("data", "sft", "rm", "rl", "export", "serve", "chat", "compare", "stop"):
+        assert f"\n{phase} " in summary and "FAILED" not in summary
+    compare = next(line for line in summary.splitlines() if line.startswith("compare"))
+    sft, rl = (float(part.split()[-1].rstrip(",")) for part in compare.split("SFT", 1)[1].split("RL", 1))
+    assert rl > sft
+    runs = json.loads(run_oatui("runs", "--json", workspace=workspace, check=True).stdout)
+    assert sorted(r["stage"] for r in runs) == ["rl", "rm", "sft"] and all(r["state"] == "succeeded" for r in runs)
+    from oatui.serve.server import status
+
+    assert status(Workspace.open(workspace)) is None, "the demo stops its server"
