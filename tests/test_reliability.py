@@ -97,7 +97,9 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(trained, workspace: Path) 
                        workspace=workspace, check=True).stdout.strip()
     run = workspace / "runs" / run_id
     _wait_for(lambda: RunDir(run).latest_checkpoint() is not None, 240, "checkpoint-4")
-    run_oatui("runs", "stop", run_id, "--wait", workspace=workspace, check=True)
+    # SIGTERM straight to the stage process (not through `oatui runs stop`): the same clean stop.
+    os.kill(_info(run)["pid"], signal.SIGTERM)
+    _wait_for(lambda: _info(run)["state"] == "stopped", 120, "the run to stop")
     before = [p.name for p in RunDir(run).complete_checkpoints()]
     assert before and before[-1] != "checkpoint-8"  # the stop's own checkpoint, at step 4 or just after
 
@@ -189,6 +191,28 @@ def test_broken_run_json_is_an_error_row_not_a_crash(tmp_path: Path, capsys: pyt
         assert err.count("\n") == 1
 
 
+CONFIG_TEXT = (Path(__file__).resolve().parent.parent / "configs" / "config.yaml").read_text()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.floats(0, 1), junk=st.text(max_size=6), cut=st.booleans())
+def test_a_corrupted_config_file_is_one_line_or_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     position: float, junk: str, cut: bool) -> None:
+    from oatui.config import load_stage_config
+    from oatui.errors import UserError
+
+    at = int(position * len(CONFIG_TEXT))
+    text = CONFIG_TEXT[:at] + junk + ("" if cut else CONFIG_TEXT[at + len(junk):])
+    folder = tmp_path / "user-configs"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.yaml").write_text(text)
+    monkeypatch.setenv("OATUI_CONFIG_PATH", str(folder))
+    try:
+        load_stage_config("sft", ["defaults", "tiny"])
+    except UserError as error:
+        assert "\n" not in str(error) and str(error)
+
+
 @settings(max_examples=60, deadline=None)
 @given(value=st.text(max_size=30), key=st.sampled_from(["learning_rate", "max_steps", "dtype", "datasets", "seed",
                                                          "val_fraction", "deepspeed", "nope", "peft_model"]))
@@ -216,3 +240,15 @@ def test_concurrent_appends_never_interleave(tmp_path: Path) -> None:
     assert len(records) == 900
     for name in "abc":
         assert [r["i"] for r in records if r["writer"] == name] == list(range(300))
+
+
+@pytest.mark.slow
+def test_secrets_in_the_environment_never_reach_the_run_directory(trained, workspace: Path) -> None:  # noqa: ANN001
+    _seed(trained, workspace)
+    secret = "hf_SeCrEt0123456789token"
+    run_oatui("train", "sft", "--configs", "defaults", "tiny", "--set", "max_steps=2", "--set", "val_fraction=0",
+              workspace=workspace, env={"HF_TOKEN": secret, "WANDB_API_KEY": secret}, check=True)
+    (run,) = (workspace / "runs").iterdir()
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

@@ -25,6 +25,7 @@ from oatui.serve.server import (
     log_excerpt,
     redact,
     resolve_admin_key,
+    repository_view,
     server_argv,
     server_environment,
 )
@@ -226,12 +227,20 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_lm) -> None:  # noqa: ANN001
 def test_server_argv_for_the_bundled_server(tmp_path: Path) -> None:
     options = ServerOptions(repo=str(tmp_path / "repo"), http_port=9000, grpc_port=9001, metrics_port=9002,
                             models=("policy", "rm"))
-    argv = server_argv(ServerCommand(["/x/tritonserver"], True), options, tmp_path / "backends", None)
+    (tmp_path / "repo" / "policy").mkdir(parents=True)
+    (tmp_path / "repo" / "rm").mkdir()
+    (tmp_path / "repo" / "ref").mkdir()
+    workspace = Workspace.open(tmp_path / "ws")
+    view = repository_view(workspace, tmp_path / "repo", options.models)
+    assert sorted(p.name for p in view.iterdir()) == ["policy", "rm"]
+    assert (view / "policy").resolve() == (tmp_path / "repo" / "policy").resolve()
+    argv = server_argv(ServerCommand(["/x/tritonserver"], True), options, tmp_path / "backends", None, view)
     assert argv[0] == "/x/tritonserver"
     for flag in ("--disable-auto-complete-config", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
                  "--metrics-address=127.0.0.1", "--grpc-port=9001", f"--backend-directory={tmp_path / 'backends'}",
-                 "--model-control-mode=explicit", "--load-model=policy", "--load-model=rm"):
+                 "--model-control-mode=none", f"--model-repository={view}"):
         assert flag in argv
+    assert not any(arg.startswith("--load-model") for arg in argv)
     assert not any("restricted" in arg for arg in argv)
     everything = server_argv(ServerCommand(["apptainer", "exec", "--nv", "t.sif", "tritonserver"], False),
                              ServerOptions(repo="/r", address="0.0.0.0"), None, "s3cret")

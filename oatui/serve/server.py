@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import ipaddress
 import json
 import os
@@ -328,15 +329,35 @@ def server_environment(bundled: bool, gpus: str | None, base: dict[str, str] | N
     return env
 
 
+def repository_view(workspace: Workspace, repo: Path, models: Sequence[str]) -> Path:
+    """A repository holding only ``models``: links to their folders in ``repo``.
+
+    Serving a subset this way keeps Triton's model control mode at ``none`` (``--load-model``
+    would need ``explicit``, which lets any client of the repository API load models).
+    """
+    view = workspace.state / "triton-view" / hashlib.sha1(
+        f"{repo.resolve()}\0{','.join(sorted(models))}".encode()).hexdigest()[:12]
+    staging = view.with_name(view.name + f".{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True, mode=0o700)
+    for name in models:
+        os.symlink((repo / name).resolve(), staging / name, target_is_directory=True)
+    shutil.rmtree(view, ignore_errors=True)
+    os.replace(staging, view)
+    return view
+
+
 def server_argv(
     command: ServerCommand,
     options: ServerOptions,
     backend_dir: Path | None,
     admin_key: str | None,
+    repository: Path | None = None,
 ) -> list[str]:
+    """The tritonserver command line; ``repository`` replaces ``options.repo`` (a view of some models)."""
     argv = [
         *command.argv,
-        f"--model-repository={options.repo}",
+        f"--model-repository={repository or options.repo}",
         "--disable-auto-complete-config",
         f"--http-address={options.address.strip('[]')}",
         f"--grpc-address={options.address.strip('[]')}",
@@ -348,11 +369,8 @@ def server_argv(
     ]
     if backend_dir is not None:
         argv.append(f"--backend-directory={backend_dir}")
-    if options.models:
-        argv.append("--model-control-mode=explicit")
-        argv.extend(f"--load-model={name}" for name in options.models)
-    else:
-        argv.append("--model-control-mode=none")
+    # Always none: every model in the repository is loaded at start and no API can load another.
+    argv.append("--model-control-mode=none")
     if admin_key is not None:
         restriction = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}"
         argv.append(f"--grpc-restricted-protocol={restriction}")
@@ -540,7 +558,8 @@ class TritonServer:
         """
         check_ports(self.options)
         backend_dir = prepare_bundled_backends(self.workspace) if self.command.bundled else None
-        argv = server_argv(self.command, self.options, backend_dir, self.admin_key)
+        view = repository_view(self.workspace, Path(self.options.repo), self.options.models) if self.options.models else None
+        argv = server_argv(self.command, self.options, backend_dir, self.admin_key, view)
         env = server_environment(self.command.bundled, self.options.gpus)
         self.log_path = new_log_path(self.workspace)
         self.argv = redact(argv, self.admin_key)
