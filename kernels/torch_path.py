@@ -7,12 +7,13 @@ d^chunk (so log_chunk(T) matmuls in all, and no Python loop over chunks either).
 that appears is at most 1, so nothing overflows however long the row: there is no division by
 d^t, and powers too small for float32 are flushed to 0 before they become slow denormals.
 
-Speed on CPU comes from three choices, each measured on the 2-core benchmark machine:
+Speed on CPU comes from a few choices, each measured on the 2-core benchmark machine:
 - masks are float 0/1 and applied by multiplying: torch's bool kernels (``where``,
   ``masked_fill``) run about 20 times slower than a float multiply there;
-- few passes over memory, most of them in place or into the output buffers (``out=``);
-- the fused path works through the batch in blocks of rows of about ``BLOCK_ELEMENTS`` so that a
-  block's temporaries stay in cache; only whitening's normalisation revisits the whole batch.
+- few passes over memory, in place or into the output buffers (``out=``), with no B×T
+  temporaries: a fresh buffer is zeroed by the kernel page by page on first touch, which for an
+  8 MiB tensor costs more (about 1.4 ms there) than the arithmetic on it. Working through the
+  batch in cache-sized blocks of rows was tried as well and measured no faster.
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ _UPPER_CHUNK = 64
 
 #: Other chunk sizes tried, in order, when CHUNK does not divide the row length, to avoid padding.
 _CHUNK_FALLBACKS = (32, 24, 20, 12, 28, 8, 40, 48)
-
-#: Rows per block in the fused path are chosen so that one float32 B×T tensor of a block holds
-#: about this many elements (2 MiB): the handful of them alive at once stay in L2/L3.
-BLOCK_ELEMENTS = 1 << 19
 
 #: Whitening's variance floor, as in trl's masked_whiten.
 WHITEN_EPS = 1e-8
@@ -299,40 +296,18 @@ def kl_reward_gae_torch(
     ``lengths`` its row sums (int64) and ``total_tokens`` their total. ``returns``, when given,
     is the float32 B×T buffer to write the returns into.
 
-    Works through the batch in blocks of rows. Whitening statistics are gathered per block while
-    the block is in cache (count, mean, centred sum of squares) and merged with Chan's formula,
-    so the normalisation is the only pass that revisits the batch.
+    Every B×T intermediate lives in one of the three output buffers; the only fresh memory is
+    theirs.
     """
-    batch, tokens = logprobs.shape
-    reward_options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, score_clip=score_clip)
-    rewards, advantages = (_empty_like_rows(logprobs) for _ in range(2))
+    rewards, advantages = _empty_like_rows(logprobs), _empty_like_rows(logprobs)
     if returns is None:
         returns = _empty_like_rows(logprobs)
-    kl_sum = torch.empty(batch, dtype=torch.float32, device=logprobs.device)
-    rows_per_block = max(1, BLOCK_ELEMENTS // tokens)
-    blocks = [slice(start, start + rows_per_block) for start in range(0, batch, rows_per_block)]
-    block_stats = []
-    for rows in blocks:
-        _kl_rewards_into(
-            logprobs[rows], ref_logprobs[rows], scores[rows], mask[rows], lengths[rows],
-            rewards[rows], kl_sum[rows], **reward_options,
-        )
-        _gae_into(rewards[rows], values[rows], mask[rows], advantages[rows], returns[rows], gamma=gamma, lam=lam)
-        if whiten:
-            block = advantages[rows]
-            count = lengths[rows].sum().to(torch.float32)
-            mean = block.sum() / count.clamp(min=1.0)
-            centered = block.addcmul_(mask[rows], mean, value=-1.0).view(-1)
-            block_stats.append((count, mean, torch.dot(centered, centered)))
+    kl_sum = torch.empty(logprobs.shape[0], dtype=torch.float32, device=logprobs.device)
+    _kl_rewards_into(
+        logprobs, ref_logprobs, scores, mask, lengths, rewards, kl_sum,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, score_clip=score_clip,
+    )
+    _gae_into(rewards, values, mask, advantages, returns, gamma=gamma, lam=lam)
     if whiten:
-        counts, means, squares = (torch.stack(column) for column in zip(*block_stats))
-        mean = (counts * means).sum() / total_tokens
-        squares = squares.sum() + (counts * (means - mean).square()).sum()
-        scale = torch.rsqrt(squares / (total_tokens - 1) + WHITEN_EPS)
-        for rows, block_mean in zip(blocks, means):
-            block = advantages[rows]
-            if len(blocks) > 1:
-                # Move from the block's mean to the batch's, on response tokens only.
-                block.addcmul_(mask[rows], block_mean - mean)
-            block.mul_(scale)
+        _whiten_(advantages, mask, total_tokens, WHITEN_EPS)
     return KLRewardGAE(rewards, advantages, returns, kl_sum)

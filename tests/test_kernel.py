@@ -143,17 +143,6 @@ def test_torch_path_long_rows(gamma, lam, whiten):
                    reference_kl_reward_gae(*inputs, **options))
 
 
-def test_torch_path_in_several_row_blocks(monkeypatch):
-    """Blocks of rows (one of them with no response token at all) merge their whitening
-    statistics into the batch's."""
-    monkeypatch.setattr(torch_path, "BLOCK_ELEMENTS", 3 * 50)  # 3 rows of 50 tokens per block
-    inputs = make_batch([50, 3, 17, 0, 0, 0, 49, 1], 50, seed=3)
-    for whiten in (True, False):
-        options = dict(kl_coef=0.2, gamma=0.99, lam=0.95, whiten=whiten)
-        assert_matches(fused_kl_reward_gae(*inputs, **options, backend="torch"),
-                       reference_kl_reward_gae(*inputs, **options))
-
-
 def test_whitening_cancels_a_large_mean():
     """Advantages with a mean far above their spread still whiten accurately (two-pass variance)."""
     logprobs, ref_logprobs, values, scores, mask = make_batch([64] * 8, 64, seed=11)
