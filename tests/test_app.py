@@ -23,9 +23,11 @@ from oatui.app.app import OatuiApp, make_app
 from oatui.app.choices import choices_path, load_choice
 from oatui.app.widgets.chat_pane import ChatPane
 from oatui.app.widgets.curves import RunCurves
+from oatui.app.widgets.demo_panel import DemoPanel
 from oatui.app.widgets.dialogs import ConfirmDialog, HelpDialog
 from oatui.app.widgets.forms import LaunchForm
 from oatui.app.widgets.gpu_panel import GpuPanel, GpuRow, ProcessTable
+from oatui.app.widgets.rank_panel import RankPanel
 from oatui.app.widgets.run_log import RunLog
 from oatui.app.widgets.runs_panel import RunList
 from oatui.stages.rundir import RunDir, RunInfo
@@ -418,7 +420,7 @@ def test_launch_form_shows_errors_in_place_and_remembers_the_choice(workspace: P
 
 # -- the other keys -------------------------------------------------------------------------------
 
-def test_help_lists_every_binding_and_a_is_left_free(workspace: Path) -> None:
+def test_help_lists_every_binding(workspace: Path) -> None:
     app = make_app(workspace, replay=RECORDING, refresh=5)
 
     async def drive() -> None:
@@ -427,15 +429,15 @@ def test_help_lists_every_binding_and_a_is_left_free(workspace: Path) -> None:
             assert isinstance(app.screen, HelpDialog)
             text = screen_text(app)
             keys = {binding.key for binding in OatuiApp.BINDINGS} | {b.key for b in ChatPane.BINDINGS}
-            shown = {"question_mark": "?", "escape": "esc"}
+            keys |= {b.key for b in RankPanel.BINDINGS if not b.key.isdigit()} | {b.key for b in DemoPanel.BINDINGS}
+            shown = {"question_mark": "?", "escape": "esc", "pageup": "pgup", "pagedown": "pgdn"}
             for key in keys:
                 assert shown.get(key, key) in text, key
-            assert "ctrl+p" in text and "1 / 2 / 3" in text
+            assert "ctrl+p" in text and "1 / 2 / 3" in text and "1 … 9" in text
             await pilot.press("escape")
             assert not isinstance(app.screen, HelpDialog)
 
     run(drive())
-    assert "a" not in {binding.key for binding in OatuiApp.BINDINGS}
 
 
 def test_command_palette_offers_every_oatui_action(workspace: Path) -> None:

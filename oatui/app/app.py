@@ -9,6 +9,9 @@ The app never holds NVML handles, model weights or training processes. It reads:
 Stages and the server are started detached, so they outlive the app and the SSH session; the app
 shows them again when it is reopened.
 
+The ``a`` key runs ``oatui.demo.Demo`` (the whole flow, as ``oatui demo``) in a thread worker on
+the workspace; its runs show in the runs panel like any other, its progress in the Demo tab.
+
 ``make_app`` is the one factory used by the ``oatui`` command, the tests and the snapshot tests.
 """
 
@@ -17,8 +20,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -34,6 +39,7 @@ from oatui.app.follow import FileFollower, MetricsFollower
 from oatui.app.owners import EMPTY, ActiveRun, OwnerFinder, Ownership
 from oatui.app.widgets.chat_pane import ChatPane
 from oatui.app.widgets.curves import RunCurves
+from oatui.app.widgets.demo_panel import DemoPanel
 from oatui.app.widgets.dialogs import ConfirmDialog, HelpDialog
 from oatui.app.widgets.forms import LaunchForm
 from oatui.app.widgets.gpu_panel import GpuPanel
@@ -44,14 +50,19 @@ from oatui.errors import UserError
 from oatui.monitor import History, MonitorSnapshot, SnapshotSource, make_source
 from oatui.workspace import Workspace
 
+if TYPE_CHECKING:
+    from oatui.demo import DemoOptions
+
 #: Below this width the panels stack instead of standing side by side.
 NARROW_WIDTH = 100
 EXPORT_MODES = {"sft": "policy", "rl": "policy", "rm": "rm"}
 ACTIVE = ("queued", "running")
 MAIN_SCREEN_ACTIONS = {
-    "launch", "stop_run", "export", "toggle_server", "focus_chat", "focus_gpus", "focus_runs", "show_log",
-    "show_curves", "zoom", "unzoom", "help", "new_conversation", "chat_options", "copy_answer", "quit",
+    "launch", "stop_run", "export", "toggle_server", "restart_server", "focus_chat", "focus_gpus", "focus_runs",
+    "show_log", "show_curves", "show_demo", "zoom", "unzoom", "help", "new_conversation", "chat_options",
+    "copy_answer", "toggle_rank", "demo", "stop_demo", "quit",
 }
+PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 
 KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Anywhere", (
@@ -59,6 +70,9 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("x", "stop the selected run (asks first; the run saves a checkpoint and ends 'stopped')"),
         ("e", "export the selected run's model into WORKSPACE/triton (policy for SFT/RL, rm for RM)"),
         ("s", "start or stop tritonserver on the workspace repository"),
+        ("ctrl+t", "restart tritonserver (start it again after it died; works from the chat prompt)"),
+        ("a", "run the whole demo flow: data → SFT → RM → RL → export → serve → chat → compare, on the tiny "
+              "default (asks first: several minutes, starts its own server); again: stop it"),
         ("c", "chat: focus the prompt (zoomed on narrow terminals)"),
         ("g", "GPUs: focus and zoom the GPU panel (again: unzoom)"),
         ("r", "focus the list of runs"),
@@ -76,9 +90,23 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Chat", (
         ("enter", "send the prompt; the answer streams in"),
         ("esc", "stop the answer (the server stops generating); else leave the prompt"),
+        ("ctrl+r", "rank mode on/off: each prompt gets K answers (different seeds) to put in order"),
         ("ctrl+n", "new conversation"),
-        ("ctrl+o", "options: model, system prompt, temperature, top-p, max new tokens"),
+        ("ctrl+o", "options: model, system prompt, temperature, top-p, max new tokens, answers to rank (K)"),
         ("ctrl+y", "copy the last answer to the clipboard (works over SSH: OSC 52)"),
+    )),
+    ("Rank mode (the answers of one prompt)", (
+        ("left / right", "select an answer (narrow terminals: its tab)"),
+        ("up / down", "move the selected answer one place better / worse"),
+        ("1 … 9", "name the answers best first: 2 1 3 puts answer 2 first, then 1, then 3"),
+        ("x", "reject the selected answer as unusable (again: take it back)"),
+        ("e", "edit the selected answer into a better demonstration (ctrl+s keeps the edit)"),
+        ("enter", "save the ranking to WORKSPACE/data/feedback.trees.jsonl; the chat goes on from the best"),
+        ("esc", "stop the sampling; once every answer is in: skip this prompt (nothing saved)"),
+        ("pgup / pgdn", "scroll the selected answer"),
+    )),
+    ("Demo tab", (
+        ("x", "stop the demo (the current run saves a checkpoint and stops, the server is stopped)"),
     )),
     ("Forms and dialogs", (
         ("ctrl+s / enter", "submit"),
@@ -103,6 +131,8 @@ class OatuiApp(App[None]):
         Binding("x", "stop_run", "Stop"),
         Binding("e", "export", "Export"),
         Binding("s", "toggle_server", "Server"),
+        Binding("ctrl+t", "restart_server", "Restart server", show=False),
+        Binding("a", "demo", "Demo", show=False),
         Binding("c", "focus_chat", "Chat"),
         Binding("g", "focus_gpus", "GPUs"),
         Binding("r", "focus_runs", "Runs", show=False),
@@ -120,12 +150,16 @@ class OatuiApp(App[None]):
         source: SnapshotSource,
         refresh: float = 1.0,
         server_options: dict[str, Any] | None = None,
+        demo_options: DemoOptions | None = None,
     ) -> None:
         super().__init__()
         self.workspace = workspace
         self.source = source
         self.refresh_interval = refresh
         self.server_options = dict(server_options or {})
+        self.demo_options = demo_options
+        self.demo_running = False
+        self._demo_stop = threading.Event()
         self.history = History()
         self.snapshot: MonitorSnapshot | None = None
         self.owners: Ownership = EMPTY
@@ -156,6 +190,7 @@ class OatuiApp(App[None]):
         self.run_log = RunLog(id="run-log")
         self.run_curves = RunCurves(id="run-curves")
         self.chat_pane = ChatPane(self.workspace.root, id="chat")
+        self.demo_panel = DemoPanel(id="demo")
         self.detail = TabbedContent(id="detail", initial="tab-log")
         yield Header(icon="◆")
         with Horizontal(id="main"):
@@ -173,10 +208,13 @@ class OatuiApp(App[None]):
                         yield self.run_curves
                     with TabPane("Chat", id="tab-chat"):
                         yield self.chat_pane
+                    with TabPane("Demo", id="tab-demo"):
+                        yield self.demo_panel
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#runs-panel").border_title = "Runs"
+        self.detail.hide_tab("tab-demo")  # shown once the demo runs
         self.run_log.start(None, "Select a run to follow its log.")
         self._apply_width(self.size.width)
         self.poll()
@@ -385,12 +423,13 @@ class OatuiApp(App[None]):
         self.call_after_refresh(self._select_after_refresh, message.run_id, 20)
         self._read_runs_soon()
 
-    def _select_after_refresh(self, run_id: str, tries: int) -> None:
+    def _select_after_refresh(self, run_id: str, tries: int, focus: bool = True) -> None:
         table = self.run_list
         if table.select_run(run_id):
-            table.focus()
+            if focus:
+                table.focus()
         elif tries > 0:
-            self.set_timer(0.2, lambda: self._select_after_refresh(run_id, tries - 1))
+            self.set_timer(0.2, lambda: self._select_after_refresh(run_id, tries - 1, focus))
 
     def selected_run(self) -> Any:
         return self.run_list.selected
@@ -479,8 +518,17 @@ class OatuiApp(App[None]):
             self.post_message(m.ServerStarting())
         self.toggle_server(self.server_info is None)
 
+    def action_restart_server(self) -> None:
+        """Start the server again: after it died, or to serve a new export (stops a running one first)."""
+        if self.server_busy:
+            self.notify("The server is starting or stopping…", severity="warning")
+            return
+        self.server_busy = True
+        self.post_message(m.ServerStarting())
+        self.toggle_server(True, restart=True)
+
     @work(thread=True, exclusive=True, group="server")
-    def toggle_server(self, start: bool) -> None:
+    def toggle_server(self, start: bool, restart: bool = False) -> None:
         from oatui.serve import server
 
         try:
@@ -488,14 +536,18 @@ class OatuiApp(App[None]):
                 server.stop(self.workspace)
                 self.post_message(m.ServerStopped())
                 return
+            if restart:
+                server.stop(self.workspace)
             if server.status(self.workspace) is None:
                 repo = self.workspace.triton_repo
                 from oatui.serve.repository import list_models
 
                 if not list_models(repo):
                     raise UserError(f"no models in {repo}: select a finished run and press e to export one")
-                info = server.start_detached(self.workspace, server.ServerOptions(repo=str(repo),
-                                                                                  **self.server_options))
+                options = server.ServerOptions(repo=str(repo), **self.server_options)
+                if not any(name in self.server_options for name in PORT_FIELDS):
+                    options = _free_ports_if_taken(options)
+                info = server.start_detached(self.workspace, options)
             else:
                 info = server.status(self.workspace)
             self.post_message(m.ServerStarted(info))
@@ -533,9 +585,15 @@ class OatuiApp(App[None]):
         self.screen.minimize()
         self.detail.active = "tab-chat"
         self.chat_pane.focus_prompt()
-        if self.has_class("-narrow"):
-            # 80x24 leaves the pane a few lines: give it the screen (Esc gives it back).
+        if self.has_class("-narrow") or self.chat_pane.rank_mode:
+            # 80x24 leaves the pane a few lines, and ranking wants the width: give it the screen
+            # (Esc gives it back).
             self.screen.maximize(self.chat_pane, container=False)
+
+    def action_toggle_rank(self) -> None:
+        if self.screen.maximized is not self.chat_pane:
+            self.action_focus_chat()
+        self.chat_pane.action_toggle_rank()
 
     def action_focus_gpus(self) -> None:
         panel = self.gpu_panel
@@ -574,9 +632,106 @@ class OatuiApp(App[None]):
     def action_copy_answer(self) -> None:
         self.chat_pane.action_copy_answer()
 
+    # -- the demo flow ----------------------------------------------------------------------------
+    def action_demo(self) -> None:
+        if self.demo_running:
+            self.action_stop_demo()
+            return
+        detail = ("Data → SFT → RM → RL → export → serve → chat → compare, on the tiny default: several "
+                  "minutes. Each stage is a run in this workspace; the RL policy, the SFT policy and the "
+                  "reward model are exported to WORKSPACE/triton (replacing models of those names) and "
+                  "served by a tritonserver the demo starts and stops.")
+        if self.server_info is not None:
+            detail += " The running tritonserver is stopped first."
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._start_demo(stop_server_first=self.server_info is not None)
+
+        self.push_screen(ConfirmDialog("Run the whole demo flow?", detail, yes="Run"), answered)
+
+    def _start_demo(self, stop_server_first: bool) -> None:
+        from oatui.demo import PHASES
+
+        self.demo_running = True
+        self._demo_stop.clear()
+        self.demo_panel.start(PHASES)
+        self.action_show_demo()
+        self.run_demo(self.demo_options, stop_server_first)
+
+    def action_show_demo(self) -> None:
+        self.screen.minimize()
+        self.detail.show_tab("tab-demo")
+        self.detail.active = "tab-demo"
+        self.demo_panel.focus()
+        if self.has_class("-narrow"):
+            self.screen.maximize(self.demo_panel, container=False)
+
+    def action_stop_demo(self) -> None:
+        if not self.demo_running:
+            self.notify("The demo is not running.", severity="warning")
+            return
+        if self._demo_stop.is_set():
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes and self.demo_running:
+                self._demo_stop.set()
+                self.demo_panel.stop_requested()
+
+        self.push_screen(ConfirmDialog("Stop the demo?", "The current run saves a checkpoint and stops; the "
+                                       "rest is skipped and the demo's server is stopped.", yes="Stop"), answered)
+
+    @work(thread=True, exclusive=True, group="demo", exit_on_error=False)
+    def run_demo(self, options: DemoOptions | None, stop_server_first: bool) -> None:
+        from oatui.demo import Demo, DemoOptions, format_summary
+
+        results: list[Any] = []
+        try:
+            if stop_server_first:
+                from oatui.serve.server import stop
+
+                stop(self.workspace)
+            demo = Demo(self.workspace, lambda event: self.post_message(m.DemoReported(event)),
+                        options or DemoOptions(), should_stop=self._demo_stop.is_set)
+            results = demo.run()
+            self.post_message(m.DemoFinished(results, format_summary(results), demo.succeeded))
+        except Exception as error:  # noqa: BLE001 - shown in the panel, never a traceback
+            summary = format_summary(results) if results else ""
+            self.post_message(m.DemoFinished(results, summary, False, f"{type(error).__name__}: {error}"))
+
+    @on(m.DemoReported)
+    def _demo_reported(self, message: m.DemoReported) -> None:
+        event = message.event
+        self.demo_panel.report(event)
+        if event.kind == "progress" and event.text.startswith("run "):
+            # The stage's run shows in the runs panel: select it so l and v follow it.
+            self._read_runs_soon()
+            self._select_after_refresh(event.text[4:].strip(), 20, focus=False)
+
+    @on(m.DemoFinished)
+    def _demo_finished(self, message: m.DemoFinished) -> None:
+        self.demo_running = False
+        self.demo_panel.finish(message.results, message.summary, message.succeeded, message.error)
+        self.notify(self.demo_panel.outcome or "The demo ended.",
+                    severity="information" if message.succeeded else "error", timeout=10)
+        self.poll()
+
     def action_help(self) -> None:
         self.push_screen(HelpDialog(KEYS, "Runs and the server are detached: they keep going after q, "
                                           "and the app shows them again when reopened."))
+
+
+def _free_ports_if_taken(options: Any) -> Any:
+    """The default ports, or free loopback ports when one of them is taken (another server, say)."""
+    from oatui.serve.server import check_ports
+    from oatui.stages.launcher import free_port
+
+    try:
+        check_ports(options)
+    except UserError:
+        return replace(options, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    return options
 
 
 def _server_key(info: Any) -> tuple[Any, ...] | None:
@@ -599,12 +754,15 @@ def make_app(
     *,
     source: SnapshotSource | None = None,
     server_options: dict[str, Any] | None = None,
+    demo_options: DemoOptions | None = None,
 ) -> OatuiApp:
     """The app on ``workspace``, its GPU panel fed by ``replay`` (a recording) or this machine.
 
     ``refresh`` is the seconds between two samples of the GPUs and two reads of the runs.
     ``source`` replaces the snapshot source (tests); ``server_options`` are extra
-    ``ServerOptions`` fields (ports, ready timeout) for the server the ``s`` key starts.
+    ``ServerOptions`` fields (ports, ready timeout) for the server the ``s`` key starts (without
+    ports: 8000-8002, or free ports when those are taken). ``demo_options`` configure the demo
+    flow of the ``a`` key (default: ``DemoOptions()``, as ``oatui demo``).
     A bad recording or refresh is a ``UserError`` raised here, before anything is drawn.
     """
     if refresh <= 0 or refresh != refresh:
@@ -612,4 +770,4 @@ def make_app(
     workspace = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
     if source is None:
         source = make_source(replay, workspace.root)
-    return OatuiApp(workspace, source, refresh=refresh, server_options=server_options)
+    return OatuiApp(workspace, source, refresh=refresh, server_options=server_options, demo_options=demo_options)

@@ -134,6 +134,8 @@ class ChatSettings:
     max_new_tokens: int = 256
     #: Generate exactly ``max_new_tokens`` (load tests, long streams), EOS or not.
     ignore_eos: bool = False
+    #: Answers sampled per prompt in rank mode (seeds S, S+1, ...).
+    rank_count: int = 3
 
     def sampling(self) -> dict[str, Any]:
         values: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p,
@@ -161,6 +163,61 @@ class AnswerFinished(Message):
         self.error = error
 
 
+class RankPieceReceived(Message):
+    """Pieces of answer ``index`` of a rank round (batched like ``TokenReceived``)."""
+
+    def __init__(self, index: int, text: str) -> None:
+        super().__init__()
+        self.index = index
+        self.text = text
+
+
+class RankAnswerFinished(Message):
+    """Answer ``index`` of a rank round ended: complete, cancelled or failed (``error``)."""
+
+    def __init__(self, index: int, text: str, state: str, error: str | None = None) -> None:
+        super().__init__()
+        self.index = index
+        self.text = text
+        self.state = state
+        self.error = error
+
+
+class RankSamplingFinished(Message):
+    """Every answer of a rank round is in (``complete``), or sampling stopped (Esc) or failed."""
+
+    def __init__(self, state: str, error: str | None = None) -> None:
+        super().__init__()
+        self.state = state
+        self.error = error
+
+
+class RankingSaved(Message):
+    """A ranking was appended to the feedback file; the conversation goes on from the best answer."""
+
+    def __init__(self, path: Any, tree_id: str, ranked: tuple[int, ...], rejected: tuple[int, ...],
+                 best_text: str, conversation_id: int | None, turns: list[tuple[str, str, int | None]],
+                 history_error: str | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.tree_id = tree_id
+        self.ranked = ranked
+        self.rejected = rejected
+        self.best_text = best_text
+        self.conversation_id = conversation_id
+        #: The prompter turn and the best answer, as the chat pane keeps turns (role, text, message id).
+        self.turns = turns
+        self.history_error = history_error
+
+
+class RankingFailed(Message):
+    """The ranking could not be written (nothing was appended)."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
 class ConversationsLoaded(Message):
     def __init__(self, conversations: list[Any], selected: int | None = None) -> None:
         super().__init__()
@@ -181,3 +238,22 @@ class ModelsListed(Message):
     def __init__(self, models: list[str]) -> None:
         super().__init__()
         self.models = models
+
+
+class DemoReported(Message):
+    """One event of the demo flow (a phase started, progressed or ended, or a piece of the chat)."""
+
+    def __init__(self, event: Any) -> None:
+        super().__init__()
+        self.event = event
+
+
+class DemoFinished(Message):
+    """The demo flow ended; ``results`` holds one ``PhaseResult`` per phase (``error``: it crashed)."""
+
+    def __init__(self, results: list[Any], summary: str, succeeded: bool, error: str | None = None) -> None:
+        super().__init__()
+        self.results = results
+        self.summary = summary
+        self.succeeded = succeeded
+        self.error = error

@@ -5,11 +5,21 @@ gathered and posted as ``TokenReceived`` at most ``FLUSH_INTERVAL`` apart, and a
 coalesces them further, so a fast model never floods the screen. Esc cancels the worker, which
 cancels the gRPC call, which makes the server stop generating. Conversations and their messages
 go to ``oatui.chat.history`` (``WORKSPACE/state/chats.sqlite``) from worker threads.
+
+Rank mode (ctrl+r): each prompt gets K answers (seeds S, S+1, ...), streamed one after the other
+into a :class:`RankPanel`, where the person puts them in order, edits one into a better
+demonstration or rejects some. Enter appends the ranking to ``WORKSPACE/data/feedback.trees.jsonl``
+(``oatui.chat.feedback``, in a thread) and the conversation goes on from the best answer; only that
+answer is kept in the chat history. Esc stops the sampling, or skips a round: nothing is saved.
+
+A failed answer (the server went away mid-answer, say) leaves one line in the status bar until
+the next prompt, with ctrl+t to restart the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from dataclasses import replace
@@ -30,18 +40,32 @@ from oatui.app.messages import (
     ConversationOpened,
     ConversationsLoaded,
     ModelsListed,
+    RankAnswerFinished,
+    RankingFailed,
+    RankingSaved,
+    RankPieceReceived,
+    RankSamplingFinished,
     TokenReceived,
 )
+from oatui.app.widgets.rank_panel import RankPanel
 
 if TYPE_CHECKING:
     from textual.widgets.markdown import MarkdownStream
 
     from oatui.chat.history import ChatHistory
+    from oatui.chat.ranking import Order
     from oatui.serve.server import ServerInfo
 
 #: Seconds between two batches of streamed text sent to the screen.
 FLUSH_INTERVAL = 1 / 20
 _DECOUPLED = re.compile(r"decoupled\s*:\s*true", re.IGNORECASE)
+#: Seconds the client waits for each piece of an answer before it gives up on the server.
+ANSWER_TIMEOUT = 60.0
+PROMPT_HINT = "Ask the policy (Enter sends · Esc stops · ctrl+o options · ctrl+r rank mode)"
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def streaming_models(repo: Path) -> list[str]:
@@ -70,6 +94,7 @@ class ChatPane(Vertical):
     BORDER_TITLE = "Chat"
     BINDINGS = [
         Binding("escape", "cancel", "Stop answer / leave prompt"),
+        Binding("ctrl+r", "toggle_rank", "Rank mode"),
         Binding("ctrl+n", "new_conversation", "New chat"),
         Binding("ctrl+o", "options", "Chat options"),
         Binding("ctrl+y", "copy_answer", "Copy answer"),
@@ -87,6 +112,14 @@ class ChatPane(Vertical):
         self.streaming = False
         self.stop_requested = False
         self.answer_text = ""
+        #: The last answer's failure (one line), shown until the next prompt or a new server.
+        self.failure: str | None = None
+        self.rank_mode = False
+        self.ranking = False  # a rank round is open (sampling or waiting for the person)
+        self.rank_panel: RankPanel | None = None
+        self._rank_context: list[tuple[str, str]] = []
+        self._rank_settings = self.settings
+        self._zoomed_for_rank = False
         self._history: ChatHistory | None = None
         self._stream: MarkdownStream | None = None
         self._answer_view: Markdown | None = None
@@ -94,11 +127,12 @@ class ChatPane(Vertical):
         self._status = Static(id="chat-status")
         self._listing = OptionList(id="chat-conversations")
         self._transcript = VerticalScroll(id="chat-transcript")
-        self._prompt = Input(id="chat-prompt", placeholder="Ask the policy (Enter sends · Esc stops · ctrl+o options)")
+        self._body = Horizontal(id="chat-body")
+        self._prompt = Input(id="chat-prompt", placeholder=PROMPT_HINT)
 
     def compose(self) -> ComposeResult:
         yield self._status
-        with Horizontal(id="chat-body"):
+        with self._body:
             yield self._listing
             yield self._transcript
         yield self._prompt
@@ -145,7 +179,7 @@ class ChatPane(Vertical):
 
     @on(OptionList.OptionSelected, "#chat-conversations")
     def _conversation_chosen(self, event: OptionList.OptionSelected) -> None:
-        if self.streaming or event.option.id is None:
+        if self.streaming or self.ranking or event.option.id is None:
             return
         self.open_conversation(int(event.option.id))
 
@@ -186,15 +220,23 @@ class ChatPane(Vertical):
         self._show_status()
 
     def set_server(self, info: ServerInfo | None, note: str | None = None) -> None:
+        if info is not None and self.server is None:
+            self.failure = None  # a server (re)started: the old failure is history
         self.server = info
         self.server_note = note
         self._show_status()
 
     def _show_status(self, error: str | None = None) -> None:
+        """One line: ``error`` (a passing notice), else the last failure, else the server and settings."""
         status = self._status
         text = Text()
         if error:
-            text.append(error, style="bold red")
+            text.append(one_line(error), style="bold red")
+        elif self.failure and not self.server_note:
+            text.append("✗ ", style="bold red")
+            text.append(self.failure, style="bold red")
+            if self.server is None:
+                text.append("  server down: ctrl+t restarts it", style="bold")
         elif self.server_note:
             text.append(self.server_note, style="italic")
         elif self.server is None:
@@ -211,6 +253,8 @@ class ChatPane(Vertical):
             text.append(f"  T {s.temperature:g} · top-p {s.top_p:g} · max {s.max_new_tokens}", style="dim")
             if s.system:
                 text.append(" · system prompt", style="dim")
+        if self.rank_mode and not error and not (self.failure and not self.server_note):
+            text.append(f"  rank mode: {self.settings.rank_count} answers", style="bold magenta")
         status.update(text)
 
     # -- sending a prompt -----------------------------------------------------------------------
@@ -222,10 +266,17 @@ class ChatPane(Vertical):
         if self.streaming:
             self._show_status("An answer is still streaming: Esc stops it.")
             return
+        if self.ranking:
+            self._show_status("Finish the ranking first: Enter saves it, Esc skips it.")
+            return
         if self.server is None:
-            self._show_status("Server not running: press Esc, then s to start it.")
+            self._show_status("Server not running: press ctrl+t (or Esc, then s) to start it.")
             return
         event.input.value = ""
+        self.failure = None
+        if self.rank_mode:
+            await self._start_rank_round(prompt)
+            return
         transcript = self._transcript
         self._answer_view = self._message_widget("assistant", "", "complete")
         await transcript.mount_all([self._message_widget("prompter", prompt, "complete"), self._answer_view])
@@ -261,7 +312,7 @@ class ChatPane(Vertical):
                 history.add_message, self.conversation_id, "prompter", prompt, parent_id=parent)
             context = [(role, text) for role, text, _ in self.turns] + [("prompter", prompt)]
             self.turns.append(("prompter", prompt, asked.id))
-            client = AsyncChatClient(url, model=settings.model, timeout=60.0, retries=2)
+            client = AsyncChatClient(url, model=settings.model, timeout=ANSWER_TIMEOUT, retries=2)
             try:
                 async for piece in client.stream(turns=context, system=settings.system or None,
                                                  **settings.sampling()):
@@ -329,7 +380,9 @@ class ChatPane(Vertical):
                 view.border_subtitle = "failed"
                 if not message.text:
                     await view.update(f"*{message.error}*")
-        self._show_status(message.error if message.state == "error" else None)
+        if message.state == "error":
+            self.failure = one_line(message.error or "the answer failed")
+        self._show_status()
         self.load_conversations(self.conversation_id)
 
     def _message_widget(self, role: str, text: str, state: str) -> Static | Markdown:
@@ -344,18 +397,262 @@ class ChatPane(Vertical):
                 widget.add_class("-error")
         return widget
 
+    # -- rank mode --------------------------------------------------------------------------------
+    def action_toggle_rank(self) -> None:
+        if self.ranking:
+            self._show_status("Finish the ranking first: Enter saves it, Esc skips it.")
+            return
+        if self.streaming:
+            self._show_status("An answer is still streaming: Esc stops it.")
+            return
+        self.rank_mode = not self.rank_mode
+        self.set_class(self.rank_mode, "-rank-mode")
+        self._prompt.placeholder = self._placeholder()
+        screen = self.screen
+        if self.rank_mode and screen.maximized is None:
+            # Side by side needs the width: the pane takes the screen (ctrl+r or Esc gives it back).
+            self._zoomed_for_rank = screen.maximize(self, container=False)
+        elif not self.rank_mode and self._zoomed_for_rank and screen.maximized is self:
+            screen.minimize()
+        if not self.rank_mode:
+            self._zoomed_for_rank = False
+        self._show_status()
+        self._prompt.focus()
+
+    def _placeholder(self) -> str:
+        if self.rank_mode:
+            return (f"Rank mode: ask for {self.settings.rank_count} answers to put in order "
+                    "(Enter samples · ctrl+r leaves rank mode)")
+        return PROMPT_HINT
+
+    async def _start_rank_round(self, prompt: str) -> None:
+        count = self.settings.rank_count
+        base = random.randrange(0, 2**31)
+        seeds = [base + i for i in range(count)]
+        self._rank_context = [(role, text) for role, text, _ in self.turns] + [("prompter", prompt)]
+        self._rank_settings = self.settings
+        panel = RankPanel(prompt, seeds, id="rank-panel")
+        self.rank_panel = panel
+        self.ranking = True
+        self.add_class("-ranking")
+        self.add_class("-streaming")
+        await self._body.mount(panel)
+        panel.focus()
+        self._show_status()
+        self.sample_answers(list(self._rank_context), self.settings, self.server.grpc_url, seeds)  # type: ignore[union-attr]
+
+    @work(exclusive=True, group="chat-rank")
+    async def sample_answers(self, context: list[tuple[str, str]], settings: ChatSettings, url: str,
+                             seeds: list[int]) -> None:
+        """Stream one answer per seed, one after the other (the server generates one at a time anyway);
+        whatever way it ends, one ``RankSamplingFinished`` is posted."""
+        state, error = "complete", None
+        client = None
+        try:
+            from oatui.serve.client import AsyncChatClient, RemoteError, ServerUnavailable
+
+            client = AsyncChatClient(url, model=settings.model, timeout=ANSWER_TIMEOUT, retries=2)
+            for index, seed in enumerate(seeds):
+                pieces: list[str] = []
+                pending: list[str] = []
+                last_flush = 0.0
+                answer_state, answer_error = "complete", None
+                try:
+                    async for piece in client.stream(turns=context, system=settings.system or None, seed=seed,
+                                                     **settings.sampling()):
+                        pieces.append(piece)
+                        pending.append(piece)
+                        now = time.monotonic()
+                        if now - last_flush >= FLUSH_INTERVAL:
+                            self.post_message(RankPieceReceived(index, "".join(pending)))
+                            pending.clear()
+                            last_flush = now
+                except (ServerUnavailable, RemoteError, ValueError) as failure:
+                    answer_state, answer_error = "error", str(failure)
+                except asyncio.CancelledError:
+                    answer_state = "cancelled"
+                    raise
+                finally:
+                    if pending:
+                        self.post_message(RankPieceReceived(index, "".join(pending)))
+                    self.post_message(RankAnswerFinished(index, "".join(pieces), answer_state, answer_error))
+                if answer_state == "error":
+                    state, error = "error", answer_error
+                    break
+        except asyncio.CancelledError:
+            state = "cancelled"
+            raise
+        except Exception as failure:  # noqa: BLE001 - shown in the pane, never a traceback
+            state, error = "error", f"{type(failure).__name__}: {failure}"
+        finally:
+            self.post_message(RankSamplingFinished(state, error))
+            if client is not None:
+                try:
+                    await asyncio.shield(client.close())
+                except BaseException:  # noqa: BLE001 - closing a cancelled channel
+                    pass
+
+    @on(RankPieceReceived)
+    def _rank_piece(self, message: RankPieceReceived) -> None:
+        if self.rank_panel is not None and self.rank_panel.is_attached:
+            self.rank_panel.add_text(message.index, message.text)
+
+    @on(RankAnswerFinished)
+    def _rank_answer_finished(self, message: RankAnswerFinished) -> None:
+        if self.rank_panel is not None and self.rank_panel.is_attached:
+            self.rank_panel.finish_answer(message.index, message.text, message.state)
+
+    @on(RankSamplingFinished)
+    async def _rank_sampling_finished(self, message: RankSamplingFinished) -> None:
+        self.remove_class("-streaming")
+        panel = self.rank_panel
+        if message.state == "complete" and panel is not None:
+            panel.sampling_finished("complete")
+            self._show_status()
+            return
+        prompt = panel.prompt if panel is not None else ""
+        if message.state == "error":
+            self.failure = one_line(message.error or "sampling failed")
+            await self._end_rank_round(prompt)
+        else:
+            await self._end_rank_round(prompt, "Sampling stopped: nothing saved.")
+
+    async def _end_rank_round(self, restore_prompt: str | None = None, notice: str | None = None) -> None:
+        """Close the round's panel; the prompt goes back into the input when nothing was saved."""
+        self.ranking = False
+        self.remove_class("-ranking")
+        self.remove_class("-streaming")
+        panel, self.rank_panel = self.rank_panel, None
+        if panel is not None and panel.is_attached:
+            await panel.remove()
+        if restore_prompt and not self._prompt.value:
+            self._prompt.value = restore_prompt
+        self._show_status(notice)
+        self._prompt.focus()
+
+    @on(RankPanel.StopRequested)
+    def _rank_stop(self, event: RankPanel.StopRequested) -> None:
+        event.stop()
+        self.workers.cancel_group(self, "chat-rank")
+
+    @on(RankPanel.Skipped)
+    async def _rank_skipped(self, event: RankPanel.Skipped) -> None:
+        event.stop()
+        prompt = self.rank_panel.prompt if self.rank_panel is not None else None
+        await self._end_rank_round(prompt, "Skipped: nothing saved.")
+
+    @on(RankPanel.EditRequested)
+    def _rank_edit(self, event: RankPanel.EditRequested) -> None:
+        from oatui.app.widgets.forms import EditAnswer
+
+        event.stop()
+        panel = self.rank_panel
+
+        def edited(text: str | None) -> None:
+            if panel is not None and panel.is_attached:
+                if text is not None:
+                    panel.set_edit(event.index, text)
+                panel.focus()
+
+        self.app.push_screen(EditAnswer(event.index + 1, event.text), edited)
+
+    @on(RankPanel.Confirmed)
+    def _rank_confirmed(self, event: RankPanel.Confirmed) -> None:
+        event.stop()
+        panel = self.rank_panel
+        if panel is None:
+            return
+        parent = self.turns[-1][2] if self.turns else None
+        self.save_ranking(list(self._rank_context), list(panel.texts), event.order, event.edits, list(panel.seeds),
+                          self._rank_settings, self.conversation_id, parent)
+
+    @work(thread=True, exclusive=True, group="chat-rank-save")
+    def save_ranking(self, context: list[tuple[str, str]], texts: list[str], order: Order, edits: dict[int, str],
+                     seeds: list[int], settings: ChatSettings, conversation_id: int | None,
+                     parent: int | None) -> None:
+        """Append the ranking to the feedback file, then keep the prompt and the best answer in the history."""
+        from oatui.chat.feedback import Ranking, append_ranking
+        from oatui.chat.ranking import ranked_answers
+        from oatui.workspace import Workspace
+
+        feedback = Workspace(self.workspace).feedback_file
+        try:
+            ranking = Ranking(context=context, answers=ranked_answers(texts, order, edits, seeds),
+                              model_name=settings.model, system=settings.system or None)
+            tree = append_ranking(feedback, ranking)
+        except (ValueError, OSError) as error:
+            self.post_message(RankingFailed(f"not saved: {one_line(str(error))}"))
+            return
+        except Exception as error:  # noqa: BLE001 - shown in the panel, never a traceback
+            self.post_message(RankingFailed(f"not saved: {type(error).__name__}: {one_line(str(error))}"))
+            return
+        prompt = context[-1][1]
+        best = order.ranked[0]
+        best_text = edits.get(best, texts[best])
+        turns: list[tuple[str, str, int | None]] = [("prompter", prompt, None), ("assistant", best_text, None)]
+        history_error = None
+        try:
+            history = self.history()
+            if conversation_id is None:
+                conversation_id = history.new_conversation(prompt, model=settings.model, system=settings.system or None,
+                                                           params=settings.sampling()).id
+            asked = history.add_message(conversation_id, "prompter", prompt, parent_id=parent)
+            answer = history.add_message(
+                conversation_id, "assistant", best_text, parent_id=asked.id,
+                model=None if best in edits else settings.model,
+                params={**settings.sampling(), "seed": seeds[best]})
+            turns = [("prompter", prompt, asked.id), ("assistant", best_text, answer.id)]
+        except Exception as error:  # noqa: BLE001 - the ranking is saved; the store's problem is shown
+            history_error = one_line(str(error))
+        self.post_message(RankingSaved(feedback, tree["message_tree_id"], order.ranked, order.rejected, best_text,
+                                       conversation_id, turns, history_error))
+
+    @on(RankingFailed)
+    def _ranking_failed(self, message: RankingFailed) -> None:
+        if self.rank_panel is not None and self.rank_panel.is_attached:
+            self.rank_panel.saving_failed(message.error)
+
+    @on(RankingSaved)
+    async def _ranking_saved(self, message: RankingSaved) -> None:
+        self.conversation_id = message.conversation_id
+        self.turns.extend(message.turns)
+        await self._end_rank_round()
+        transcript = self._transcript
+        await transcript.mount_all([self._message_widget(role, text, "complete") for role, text, _ in message.turns])
+        transcript.scroll_end(animate=False)
+        order = " › ".join(str(index + 1) for index in message.ranked)
+        rejected = f", {len(message.rejected)} rejected" if message.rejected else ""
+        note = f"Saved the ranking ({order}{rejected}) to {message.path}"
+        if message.history_error:
+            note += f"; chat history: {message.history_error}"
+        self._show_saved(note)
+        self.notify(note, timeout=6)
+        self.load_conversations(self.conversation_id)
+
+    def _show_saved(self, note: str) -> None:
+        text = Text()
+        text.append("✓ saved ", style="bold green")
+        text.append(note.removeprefix("Saved "))
+        self._status.update(text)
+
     # -- keys -----------------------------------------------------------------------------------
     def action_cancel(self) -> None:
         if self.streaming:
             self.stop_requested = True
             self.workers.cancel_group(self, "chat")
             return
+        if self.ranking and self.rank_panel is not None:
+            if self.rank_panel.sampling:
+                self.rank_panel.action_stop()
+            else:
+                self.rank_panel.focus()
+            return
         if self.screen.maximized is not None:
             self.screen.minimize()
         self._transcript.focus()
 
     async def action_new_conversation(self) -> None:
-        if self.streaming:
+        if self.streaming or self.ranking:
             return
         self.conversation_id = None
         self.turns = []
@@ -369,6 +666,7 @@ class ChatPane(Vertical):
         def chosen(settings: ChatSettings | None) -> None:
             if settings is not None:
                 self.settings = settings
+                self._prompt.placeholder = self._placeholder()
                 self._show_status()
 
         self.app.push_screen(ChatOptions(self.settings, self.models), chosen)

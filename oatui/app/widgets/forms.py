@@ -1,4 +1,5 @@
-"""Modal forms: launching a stage (keys 1, 2, 3) and the chat options (model, system prompt, sampling).
+"""Modal forms: launching a stage (keys 1, 2, 3), the chat options (model, system prompt, sampling,
+answers per rank round), and editing a sampled answer into a better demonstration.
 
 The launch form validates and starts the run through ``oatui.stages.launcher.launch`` in a thread
 worker; a ``UserError`` comes back as one line in the form, with everything typed left in place.
@@ -17,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import Button, Checkbox, Input, Label, Select, Static
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static, TextArea
 
 from oatui.app.choices import STAGE_NAMES, LaunchChoice, load_choice, save_choice
 from oatui.app.messages import ChatSettings
@@ -212,6 +213,9 @@ class ChatOptions(ModalScreen[ChatSettings | None]):
                 with Vertical():
                     yield Label("Max new tokens", classes="field-label")
                     yield Input(str(settings.max_new_tokens), id="options-max-new-tokens", compact=True)
+                with Vertical():
+                    yield Label("Answers to rank", classes="field-label")
+                    yield Input(str(settings.rank_count), id="options-rank-count", compact=True)
             yield Checkbox("Always generate max new tokens (ignore EOS)", settings.ignore_eos,
                            id="options-ignore-eos", compact=True)
             yield Static("", id="options-error", classes="form-error")
@@ -243,6 +247,7 @@ class ChatOptions(ModalScreen[ChatSettings | None]):
                 top_p=float(self._number("#options-top-p", "Top-p", float, 0.01, 1.0)),
                 max_new_tokens=int(self._number("#options-max-new-tokens", "Max new tokens", int, 1, 32768)),
                 ignore_eos=self.query_one("#options-ignore-eos", Checkbox).value,
+                rank_count=int(self._number("#options-rank-count", "Answers to rank", int, 2, 9)),
             )
         except ValueError as error:
             self.query_one("#options-error", Static).update(str(error))
@@ -250,5 +255,42 @@ class ChatOptions(ModalScreen[ChatSettings | None]):
         self.dismiss(settings)
 
     @on(Button.Pressed, "#options-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class EditAnswer(ModalScreen[str | None]):
+    """A sampled answer in a TextArea, to rewrite into a better demonstration; dismisses with the text."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("ctrl+s", "submit", "Keep the edit"),
+    ]
+
+    def __init__(self, number: int, text: str) -> None:
+        super().__init__(classes="dialog-screen")
+        self.number = number
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="edit-answer"):
+            yield Label(f"Edit answer {self.number} into a better demonstration", classes="dialog-title")
+            yield TextArea(self.text, id="edit-text", soft_wrap=True)
+            yield Static("It is saved as the best answer, written by you; the model's text is ranked below it.",
+                         classes="field-hint")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Keep (ctrl+s)", variant="primary", id="edit-save", compact=True)
+                yield Button("Cancel (esc)", id="edit-cancel", compact=True)
+
+    def on_mount(self) -> None:
+        area = self.query_one("#edit-text", TextArea)
+        area.focus()
+        area.move_cursor(area.document.end)
+
+    @on(Button.Pressed, "#edit-save")
+    def action_submit(self) -> None:
+        self.dismiss(self.query_one("#edit-text", TextArea).text)
+
+    @on(Button.Pressed, "#edit-cancel")
     def action_cancel(self) -> None:
         self.dismiss(None)
