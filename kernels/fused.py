@@ -15,8 +15,8 @@ _TRITON_MODULE = "oatui_kernels.triton_kernel"
 
 
 def _triton_kernel_module():
-    """Import the Triton module on first use: importing triton costs time, and whether its
-    kernels are interpreted is fixed when they are decorated, i.e. at this import."""
+    """Import the Triton module on first use: importing triton costs time, and whether kernels
+    are interpreted is fixed when they are decorated (see triton_kernel.INTERPRETED)."""
     return importlib.import_module(_TRITON_MODULE)
 
 
@@ -32,9 +32,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             )
         if not _triton_kernel_module().INTERPRETED:
             raise RuntimeError(
-                "backend='triton' on CPU tensors: TRITON_INTERPRET=1 is set now, but "
-                f"{_TRITON_MODULE} was imported before it was, so its kernels were compiled for "
-                "a GPU; set the variable before that import (e.g. at process start)"
+                "backend='triton' on CPU tensors: TRITON_INTERPRET=1 is set now, but triton or "
+                f"{_TRITON_MODULE} was imported before it was, so the kernels were built for a "
+                "GPU; set the variable before triton is first imported (e.g. at process start)"
             )
     return backend
 

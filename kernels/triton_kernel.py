@@ -19,8 +19,9 @@ three launches, with no host synchronisation between them:
    formula, two passes over the rows) into the batch mean and 1/sqrt(var + 1e-8).
 3. ``_whiten_kernel``: normalises the advantages in place, response tokens only.
 
-Whether the kernels run compiled or under the interpreter is decided when this module is
-imported (``TRITON_INTERPRET=1``); ``INTERPRETED`` records which.
+Whether the kernels run compiled or under the interpreter is decided when they are decorated,
+and for triton's own library of jit functions (``tl.zeros``, ``tl.sum``, ...) when triton is first
+imported: ``TRITON_INTERPRET=1`` must be set before both. ``INTERPRETED`` records whether it was.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ import triton.language as tl
 from .estimators import K3_SERIES_BOUND, K3_SERIES_COEFFICIENTS, estimator_code
 from .result import KLRewardGAE
 from .validation import not_binary_error, not_prefix_error
-
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 #: Longest chunk a program processes at once, and the tile size the launcher aims for.
 MAX_BLOCK_T = 1024
@@ -219,6 +218,15 @@ def _whiten_kernel(
     scale = tl.load(stats_ptr + 1)
     advantage = tl.load(advantages_ptr + offsets, mask=response, other=0.0)
     tl.store(advantages_ptr + offsets, (advantage - mean) * scale, mask=response)
+
+
+def _is_interpreted(function: object) -> bool:
+    return type(function).__name__ == "InterpretedFunction"
+
+
+#: True when both these kernels and triton's own jit library were decorated for the interpreter.
+#: An interpreted kernel calling triton's compiled-mode helpers fails inside the interpreter.
+INTERPRETED: bool = _is_interpreted(_rows_kernel) and _is_interpreted(tl.standard.zeros)
 
 
 def _tile(n_rows: int, n_tokens: int, block_t: int | None) -> tuple[int, int]:

@@ -246,6 +246,24 @@ def test_triton_on_cpu_without_the_interpreter_says_so(monkeypatch):
         fused_kl_reward_gae(*make_batch([4, 2], 4), kl_coef=0.1, backend="triton")
 
 
+def test_triton_imported_before_the_interpreter_variable_says_so(monkeypatch):
+    """TRITON_INTERPRET=1 set after triton was imported cannot work (triton's own jit library is
+    already built for GPUs): a clear RuntimeError, not a failure deep inside the interpreter."""
+    triton = pytest.importorskip("triton")
+    if type(triton.language.standard.zeros).__name__ == "InterpretedFunction":
+        pytest.skip("triton was imported under TRITON_INTERPRET=1 in this process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = "oatui_kernels.triton_kernel"
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    try:
+        with pytest.raises(RuntimeError, match="imported before"):
+            fused_kl_reward_gae(*make_batch([4, 2], 4), kl_coef=0.1, backend="triton")
+    finally:
+        sys.modules.pop(module, None)  # built half for the interpreter: nobody else should get it
+        if hasattr(oatui_kernels, "triton_kernel"):
+            delattr(oatui_kernels, "triton_kernel")
+
+
 # --- input checks ------------------------------------------------------------------------------
 
 def _good() -> tuple[torch.Tensor, ...]:

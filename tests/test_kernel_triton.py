@@ -1,10 +1,16 @@
 """The Triton kernel under the interpreter (TRITON_INTERPRET=1), against the float64 reference.
 
+The variable must be set before triton itself is first imported, not only before the kernels
+are: triton's own jit library (``tl.zeros``, ``tl.sum``, ...) is decorated at that import, and
+an interpreted kernel cannot call compiled-mode helpers. In a test session triton is often
+imported already (bitsandbytes, peft and transformers' GPT-NeoX import it), and switching it
+over in place would leak into every later test. So ``test_kernel_under_the_interpreter`` runs
+the cases below, the functions named ``case_*``, in a child pytest that starts with the variable
+set, and reports the child's failures; the parent never collects the cases itself. To run them
+directly: ``TRITON_INTERPRET=1 pytest tests/test_kernel_triton.py -o python_functions='case_*'``.
+
 The interpreter runs the kernel's custom-combine scan one element at a time in Python, so the
 shapes are small; rows longer than one chunk come from forcing 16-token chunks (``block_t``).
-The variable is read when the kernels are decorated, so a module fixture sets it and imports a
-fresh copy of oatui_kernels.triton_kernel, then removes that copy again and restores the
-environment: the rest of the test session sees neither.
 
 Relative error: for each output, max |ours - reference| / max(1, max |reference|).
 """
@@ -14,19 +20,39 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from oatui_kernels import KLRewardGAE, fused_kl_reward_gae, reference_kl_reward_gae
 
-pytestmark = pytest.mark.interpret
-
 MODULE = "oatui_kernels.triton_kernel"
 TOLERANCE = 1e-5
 OUTPUTS = KLRewardGAE._fields
+#: The child run must have run at least this many cases (guards against collecting nothing).
+MIN_CASES = 250
+
+
+@pytest.mark.interpret
+def test_kernel_under_the_interpreter(tmp_path: Path):
+    """Every case_* below, in a child pytest process started with TRITON_INTERPRET=1."""
+    report = tmp_path / "cases.xml"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-o", "python_functions=case_*", "-q",
+         f"--junitxml={report}"],
+        capture_output=True, text=True, env=env, timeout=540,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, f"cases failed under the interpreter:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+    suite = ElementTree.parse(report).getroot().iter("testsuite").__next__()
+    ran = int(suite.get("tests")) - int(suite.get("skipped"))
+    assert ran >= MIN_CASES, f"only {ran} cases ran under the interpreter:\n{result.stdout[-3000:]}"
 
 
 def _forget_kernel_module() -> None:
@@ -38,19 +64,12 @@ def _forget_kernel_module() -> None:
 
 @pytest.fixture(scope="module")
 def kernel_module():
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _forget_kernel_module()
-    try:
-        module = importlib.import_module(MODULE)
-        assert module.INTERPRETED
-        yield module
-    finally:
-        _forget_kernel_module()
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
+    """The kernel module, interpreted: only in a process started with TRITON_INTERPRET=1."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("the case_* functions run in a process started with TRITON_INTERPRET=1")
+    module = importlib.import_module(MODULE)
+    assert module.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set"
+    return module
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -95,7 +114,7 @@ def run_kernel(module, inputs, *, block_t=None, **options) -> KLRewardGAE:
     "estimator, bounded, whiten, gamma, lam",
     list(itertools.product(("k1", "k2", "mse", "k3", "abs"), (False, True), (True, False), (1.0, 0.99), (1.0, 0.95))),
 )
-def test_kernel_matches_reference(kernel_module, estimator, bounded, whiten, gamma, lam, tokens):
+def case_kernel_matches_reference(kernel_module, estimator, bounded, whiten, gamma, lam, tokens):
     """Every estimator, clamp and clip on/off, whitening on/off, γ ∈ {1, .99}, λ ∈ {1, .95}, rows
     of length 0, 1, T and in between, T below, equal to and above the chunk: ≤ 1e-5."""
     seed = zlib.crc32(repr((estimator, bounded, whiten, gamma, lam, tokens)).encode())
@@ -107,7 +126,7 @@ def test_kernel_matches_reference(kernel_module, estimator, bounded, whiten, gam
                    reference_kl_reward_gae(*inputs, **options))
 
 
-def test_public_api_runs_the_kernel(kernel_module, monkeypatch):
+def case_public_api_runs_the_kernel(kernel_module, monkeypatch):
     """backend='triton' through fused_kl_reward_gae, with the launcher's own tile choice, on rows
     longer than its largest chunk (1024) so that the carry between chunks is exercised."""
     calls = []
@@ -121,7 +140,7 @@ def test_public_api_runs_the_kernel(kernel_module, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_kernel_reads_other_float_dtypes(kernel_module, dtype):
+def case_kernel_reads_other_float_dtypes(kernel_module, dtype):
     """fp16/bf16/fp64 are read as they are and upcast in the kernel. (bf16 is said to read as
     zeros under some interpreter versions; triton 3.9 reads these loads correctly, and the
     comparison with the reference would catch zeros.)"""
@@ -133,7 +152,7 @@ def test_kernel_reads_other_float_dtypes(kernel_module, dtype):
     assert ours.rewards.abs().sum() > 0
 
 
-def test_kernel_agrees_with_the_torch_path(kernel_module):
+def case_kernel_agrees_with_the_torch_path(kernel_module):
     inputs = make_batch([48, 30, 0, 47, 1, 12, 48, 2], 48, seed=12)
     for whiten in (True, False):
         options = dict(kl_coef=0.3, gamma=0.97, lam=0.9, kl_estimator="k2", kl_clamp=1.0, whiten=whiten)
@@ -143,7 +162,7 @@ def test_kernel_agrees_with_the_torch_path(kernel_module):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_kernel_ignores_padding_garbage(kernel_module):
+def case_kernel_ignores_padding_garbage(kernel_module):
     """Padded positions are never read (masked loads), so inf/NaN there cannot leak."""
     inputs = make_batch([20, 9, 0], 20, seed=13)
     expected = run_kernel(kernel_module, inputs, block_t=16, kl_estimator="k3")
@@ -156,7 +175,7 @@ def test_kernel_ignores_padding_garbage(kernel_module):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_kernel_reads_strided_rows(kernel_module):
+def case_kernel_reads_strided_rows(kernel_module):
     """Rows that are slices of a wider buffer are read in place through their stride."""
     wide = make_batch([30, 30, 30], 30, seed=14)
     narrow = tuple(t[:, :20] for t in (wide[0], wide[1], wide[2])) + (wide[3], wide[4][:, :20])
@@ -167,7 +186,7 @@ def test_kernel_reads_strided_rows(kernel_module):
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float16, torch.float32, torch.float64])
-def test_mask_kernel_reads_every_mask_dtype(kernel_module, mask_dtype):
+def case_mask_kernel_reads_every_mask_dtype(kernel_module, mask_dtype):
     inputs = make_batch([9, 0, 4, 1], 9, seed=15)
     lengths, total = kernel_module.mask_lengths(inputs[4].to(mask_dtype))
     assert lengths.tolist() == [9, 0, 4, 1] and total == 14
@@ -187,21 +206,21 @@ def test_mask_kernel_reads_every_mask_dtype(kernel_module, mask_dtype):
         ([[1, 1, float("nan"), 0, 0]], "only 0 and 1"),
     ],
 )
-def test_mask_kernel_refuses_bad_masks(kernel_module, rows, message):
+def case_mask_kernel_refuses_bad_masks(kernel_module, rows, message):
     mask = torch.tensor(rows, dtype=torch.float32)
     inputs = make_batch([5] * mask.shape[0], 5)[:4]
     with pytest.raises(ValueError, match=message):
         fused_kl_reward_gae(*inputs, mask, kl_coef=0.1, backend="triton")
 
 
-def test_mask_kernel_checks_float64_before_rounding(kernel_module):
+def case_mask_kernel_checks_float64_before_rounding(kernel_module):
     mask = torch.ones(2, 5, dtype=torch.float64)
     mask[1, 2] = 1 - 1e-12
     with pytest.raises(ValueError, match="only 0 and 1"):
         fused_kl_reward_gae(*make_batch([5, 5], 5)[:4], mask, kl_coef=0.1, backend="triton")
 
 
-def test_triton_path_whitening_needs_two_tokens(kernel_module):
+def case_triton_path_whitening_needs_two_tokens(kernel_module):
     inputs = make_batch([1, 0], 4)
     with pytest.raises(ValueError, match="at least two response tokens"):
         fused_kl_reward_gae(*inputs, kl_coef=0.1, backend="triton")
@@ -209,7 +228,7 @@ def test_triton_path_whitening_needs_two_tokens(kernel_module):
     assert out.rewards[1].abs().sum() == 0 and out.kl_sum[1] == 0
 
 
-def test_kernel_imported_before_the_variable_is_refused(monkeypatch):
+def case_kernel_imported_before_the_variable_is_refused(monkeypatch):
     """Setting TRITON_INTERPRET after the module was imported (compiled for a GPU) is an error
     that says so, not a crash inside Triton."""
     _forget_kernel_module()
