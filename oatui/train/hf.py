@@ -19,12 +19,15 @@ from transformers import TrainerCallback
 from oatui.config import StageConfig, deepspeed_config_path
 from oatui.train.common import (
     StageContext,
+    StageStopped,
     is_main_process,
-    world_size,
     publish_checkpoint,
     rename_trainer_logs,
+    save_final,
     stop_requested_everywhere,
+    world_size,
 )
+
 
 class RunDirCallback(TrainerCallback):
     def __init__(self, context: StageContext) -> None:
@@ -129,15 +132,47 @@ def trainer_arguments(config: StageConfig, context: StageContext) -> dict[str, A
     )
 
 
-def evaluate_at_end(trainer: Any, has_eval: bool) -> None:
-    """One last evaluation, unless the last step was just evaluated."""
-    eval_steps = trainer.args.eval_steps or 0
-    if has_eval and not (eval_steps and trainer.state.global_step % eval_steps == 0):
-        trainer.evaluate()
+def train_and_save(
+    context: StageContext,
+    trainer_class: type,
+    args: Any,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    peft_config: Any = None,
+) -> None:
+    """Train with a trl trainer (atomic checkpoints, oatui metrics, stop requests), then write ``final/``.
 
+    Resumes from the run's newest complete checkpoint; raises :class:`StageStopped` after a stop.
+    """
+    from datasets import Dataset
 
-def run_trainer(trainer: Any, callback: RunDirCallback, context: StageContext) -> bool:
-    """Train (resuming when the run has a checkpoint); True when it ran to the end, False when stopped."""
+    class Trainer(AtomicCheckpoints, trainer_class):  # type: ignore[misc, valid-type]
+        pass
+
+    callback = RunDirCallback(context)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
     resume = str(context.resume_from) if context.resume_from else None
     trainer.train(resume_from_checkpoint=resume)
-    return not callback.stopped
+    if callback.stopped:
+        raise StageStopped()
+    # One last evaluation, unless the last step was just evaluated.
+    eval_steps = trainer.args.eval_steps or 0
+    if eval_rows and not (eval_steps and trainer.state.global_step % eval_steps == 0):
+        trainer.evaluate()
+    if trainer.is_world_process_zero():
+        final_model = trainer.model
+        if peft_config is not None:
+            final_model = final_model.merge_and_unload()
+        save_final(final_model, tokenizer, context.run.final)
+        context.log(f"final model: {context.run.final}")
+    trainer.accelerator.wait_for_everyone()

@@ -7,17 +7,16 @@ deepspeed); it reads everything else from the run directory.
 from __future__ import annotations
 
 from oatui.config import SFTConfig
-from oatui.train.common import StageContext, StageStopped, save_final, stage_main
+from oatui.train.common import StageContext, stage_main
 
 
 def train_sft(context: StageContext) -> None:
-    from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
     from oatui.data.datasets import sft_mix, tokenize_sft
     from oatui.models.loading import load_causal_lm, load_tokenizer, lora_config, uses_lora
-    from oatui.train.hf import AtomicCheckpoints, RunDirCallback, evaluate_at_end, run_trainer, trainer_arguments
+    from oatui.train.hf import train_and_save, trainer_arguments
 
     config = context.config
     assert isinstance(config, SFTConfig)
@@ -33,9 +32,6 @@ def train_sft(context: StageContext) -> None:
     model = load_causal_lm(model_name, config, tokenizer)
     peft_config = lora_config(model, config, "CAUSAL_LM") if uses_lora(config) else None
 
-    class Trainer(AtomicCheckpoints, SFTTrainer):
-        pass
-
     args = TrlSFTConfig(
         **trainer_arguments(config, context),
         max_length=config.max_length,
@@ -43,26 +39,7 @@ def train_sft(context: StageContext) -> None:
         completion_only_loss=False,
         dataset_num_proc=None,
     )
-    callback = RunDirCallback(context)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[callback],
-    )
-    if not run_trainer(trainer, callback, context):
-        raise StageStopped()
-    evaluate_at_end(trainer, bool(eval_rows))
-    if trainer.is_world_process_zero():
-        final_model = trainer.model
-        if peft_config is not None:
-            final_model = final_model.merge_and_unload()
-        save_final(final_model, tokenizer, context.run.final)
-        context.log(f"final model: {context.run.final}")
-    trainer.accelerator.wait_for_everyone()
+    train_and_save(context, SFTTrainer, args, model, tokenizer, train_rows, eval_rows, peft_config)
 
 
 def main(argv: list[str] | None = None) -> None:
