@@ -82,7 +82,7 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("tab", "next panel"),
         ("ctrl+p", "command palette: every action by name"),
         ("?", "this help"),
-        ("q", "quit (runs and the server keep going)"),
+        ("q", "quit (runs and the server keep going; a running demo asks first, then stops)"),
     )),
     ("Runs list", (
         ("up / down", "select a run: its log and curves follow"),
@@ -230,6 +230,8 @@ class OatuiApp(App[None]):
             footer.compact = width < NARROW_WIDTH
 
     def on_unmount(self) -> None:
+        # The demo's thread must end for the process to end: it stops its current run and its server.
+        self._demo_stop.set()
         try:
             self.source.close()
         except Exception:  # noqa: BLE001 - closing NVML at exit
@@ -682,6 +684,21 @@ class OatuiApp(App[None]):
         self.push_screen(ConfirmDialog("Stop the demo?", "The current run saves a checkpoint and stops; the "
                                        "rest is skipped and the demo's server is stopped.", yes="Stop"), answered)
 
+    async def action_quit(self) -> None:
+        if not self.demo_running:
+            self.exit()
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._demo_stop.set()
+                self.exit(message="oatui: the demo was stopped; its current run saves a checkpoint and stops, "
+                                  "and its server stops.")
+
+        self.push_screen(ConfirmDialog("Quit and stop the demo?", "The demo runs inside the app: quitting stops "
+                                       "it (its current run saves a checkpoint and stops, its server stops). "
+                                       "Other runs and servers keep going.", yes="Quit"), answered)
+
     @work(thread=True, exclusive=True, group="demo", exit_on_error=False)
     def run_demo(self, options: DemoOptions | None, stop_server_first: bool) -> None:
         from oatui.demo import Demo, DemoOptions, format_summary
@@ -692,8 +709,18 @@ class OatuiApp(App[None]):
                 from oatui.serve.server import stop
 
                 stop(self.workspace)
-            demo = Demo(self.workspace, lambda event: self.post_message(m.DemoReported(event)),
-                        options or DemoOptions(), should_stop=self._demo_stop.is_set)
+            phase = {"now": ""}
+
+            def report(event: Any) -> None:
+                if event.kind == "start":
+                    phase["now"] = event.phase
+                self.post_message(m.DemoReported(event))
+
+            def should_stop() -> bool:
+                # The last phase stops the demo's server: it runs whatever was asked.
+                return self._demo_stop.is_set() and phase["now"] != "stop"
+
+            demo = Demo(self.workspace, report, options or DemoOptions(), should_stop=should_stop)
             results = demo.run()
             self.post_message(m.DemoFinished(results, format_summary(results), demo.succeeded))
         except Exception as error:  # noqa: BLE001 - shown in the panel, never a traceback

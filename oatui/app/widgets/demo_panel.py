@@ -42,6 +42,7 @@ class PhaseLine:
 class DemoPanel(ScrollableContainer, can_focus=True):
     """Phase lines, the chat answer and the final summary of the demo flow."""
 
+    ALLOW_MAXIMIZE = True
     BINDINGS = [Binding("x", "stop_demo", "Stop demo")]
 
     def __init__(self, **kwargs: Any) -> None:
@@ -82,6 +83,7 @@ class DemoPanel(ScrollableContainer, can_focus=True):
         self._headline.update("Running the demo: data → SFT → RM → RL → export → serve → chat → compare "
                               "(x or a stops it)")
         self._draw()
+        self.refresh_bindings()
         if self._ticker is None:
             self._ticker = self.set_interval(1.0, self._draw, name="demo-clock")
 
@@ -140,12 +142,14 @@ class DemoPanel(ScrollableContainer, can_focus=True):
         self.set_class(not succeeded, "-failed")
         self._headline.update(self.outcome)
         self._draw()
+        self.refresh_bindings()
         if summary:
             self._summary.display = True
             self._summary.update(Text(summary, no_wrap=True))
 
     def stop_requested(self) -> None:
         self.stopping = True
+        self.refresh_bindings()
         self._headline.update("Stopping the demo: the current run saves a checkpoint and stops, "
                               "then the server is stopped…")
 
@@ -171,6 +175,11 @@ class DemoPanel(ScrollableContainer, can_focus=True):
             table.add_row(Text(mark, style=style), line.name, elapsed,
                           Text(detail, style="red" if line.state == "failed" else ""))
         self._lines.update(table)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop_demo":
+            return self.running and not self.stopping
+        return True
 
     def action_stop_demo(self) -> None:
         self.app.action_stop_demo()  # type: ignore[attr-defined]

@@ -42,16 +42,17 @@ class AnswerCard(VerticalScroll):
 class RankPanel(Vertical, can_focus=True):
     """K answers to one prompt; the keys put them in order, edit or reject one, save or skip."""
 
+    # Short descriptions: at 80 columns the footer holds them all.
     BINDINGS = [
-        Binding("left", "select(-1)", "Prev answer", show=False),
+        Binding("left", "select(-1)", "Answer", key_display="←→"),
         Binding("right", "select(1)", "Next answer", show=False),
-        Binding("up", "move(-1)", "Better", key_display="↑"),
-        Binding("down", "move(1)", "Worse", key_display="↓"),
-        *[Binding(str(n), f"place({n})", "Order best-first", key_display="1…9", show=n == 1) for n in range(1, 10)],
+        Binding("up", "move(-1)", "Move", key_display="↑↓"),
+        Binding("down", "move(1)", "Worse", show=False),
+        *[Binding(str(n), f"place({n})", "Order", key_display="1…9", show=n == 1) for n in range(1, 10)],
         Binding("x", "reject", "Reject"),
         Binding("e", "edit", "Edit"),
-        Binding("enter", "confirm", "Save ranking"),
-        Binding("escape", "stop", "Stop / skip"),
+        Binding("enter", "confirm", "Save"),
+        Binding("escape", "stop", "Stop/skip"),
         Binding("pageup", "scroll_answer(-1)", "Scroll answer up", show=False),
         Binding("pagedown", "scroll_answer(1)", "Scroll answer down", show=False),
     ]
@@ -134,6 +135,7 @@ class RankPanel(Vertical, can_focus=True):
     def sampling_finished(self, state: str) -> None:
         self.sampling = False
         self.note = "" if state == "complete" else state
+        self.selected = 0  # the tabs followed the stream; ranking starts at the first answer
         self._refresh_all()
 
     def set_note(self, note: str) -> None:
