@@ -534,3 +534,78 @@ def test_the_command_refuses_bad_options_in_one_line(workspace: Path, tmp_path: 
     assert "no such recording" in missing.stderr and "Traceback" not in missing.stderr
     refresh = run_oatui("app", "--replay", str(RECORDING), "--refresh", "-1", workspace=workspace)
     assert refresh.returncode == 2 and "--refresh" in refresh.stderr
+
+
+# -- rank mode and the demo, without a server ------------------------------------------------------
+
+def test_rank_panel_orders_rejects_and_confirms_from_the_keyboard() -> None:
+    from textual import on
+    from textual.app import App
+
+    class PanelApp(App[None]):
+        def __init__(self) -> None:
+            super().__init__()
+            self.panel = RankPanel("How do I bake bread?", [5, 6, 7])
+            self.confirmed: list[RankPanel.Confirmed] = []
+
+        def compose(self) -> Any:
+            yield self.panel
+
+        @on(RankPanel.Confirmed)
+        def _confirmed(self, message: RankPanel.Confirmed) -> None:
+            self.confirmed.append(message)
+
+    app = PanelApp()
+
+    async def drive() -> None:
+        async with app.run_test(size=(120, 30)) as pilot:
+            panel = app.panel
+            panel.focus()
+            panel.add_text(0, "Flour, water")
+            await pilot.press("2")  # still sampling: nothing moves
+            assert panel.order == [0, 1, 2] and "still coming" in panel.note
+            for index, text in enumerate(["Flour, water, salt.", "Buy bread.", "Knead it well."]):
+                panel.finish_answer(index, f"  {text}\n", "complete")
+            panel.sampling_finished("complete")
+            assert panel.texts == ["Flour, water, salt.", "Buy bread.", "Knead it well."]
+            await pilot.press("3", "1", "2")  # digits name the answers best first
+            assert panel.order == [2, 0, 1]
+            await pilot.press("2", "1", "3")
+            assert panel.order == [1, 0, 2] and panel.selected == 2  # the answer named last is selected
+            await pilot.press("left", "x")  # reject answer 2
+            assert panel.selected == 1 and panel.order == [0, 2] and panel.rejected == [1]
+            await pilot.press("left", "x", "right", "right", "x")  # the last one left cannot go
+            assert panel.order == [2] and panel.rejected == [1, 0] and "at least one" in panel.note
+            await pilot.press("1")  # naming a rejected answer takes it back
+            assert panel.order == [0, 2] and panel.rejected == [1]
+            await pilot.press("down")  # answer 1, selected by its digit, one place worse
+            assert panel.order == [2, 0]
+            await pilot.press("up")
+            assert panel.order == [0, 2]
+            assert panel.cards[0].border_subtitle == "best" and panel.cards[1].border_subtitle == "✗ rejected"
+            await pilot.press("enter")
+            assert len(app.confirmed) == 1 and panel.saving
+            order = app.confirmed[0].order
+            assert (order.ranked, order.rejected) == ((0, 2), (1,))
+            await pilot.press("enter", "escape")  # saving: no second ranking, no skip
+            await pilot.pause(0.05)
+            assert len(app.confirmed) == 1
+
+    run(drive())
+
+
+def test_q_during_the_demo_asks_before_it_stops_the_demo(workspace: Path) -> None:
+    app = make_app(workspace, replay=RECORDING, refresh=5)
+
+    async def drive() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            app.demo_running = True  # as while the demo's worker runs
+            await pilot.press("q")
+            assert isinstance(app.screen, ConfirmDialog) and "demo" in app.screen.question
+            await pilot.press("n")
+            assert app.is_running and not app._demo_stop.is_set()
+            await pilot.press("q", "y")
+            await pilot.pause(0.1)
+            assert app._demo_stop.is_set()
+
+    run(drive())
