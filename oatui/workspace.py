@@ -6,7 +6,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from oatui.errors import UserError
 from oatui.fsutil import make_private_dir
+
+FEEDBACK_FILE = Path("data") / "feedback.trees.jsonl"
+"""Rankings made while chatting, relative to the workspace: the ``feedback`` dataset."""
 
 
 def default_workspace() -> Path:
@@ -21,8 +25,13 @@ class Workspace:
     def open(cls, root: str | os.PathLike[str] | None = None, create: bool = True) -> "Workspace":
         path = Path(root) if root is not None else default_workspace()
         path = path.expanduser().absolute()
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--workspace {path}: not a folder")
         if create:
-            make_private_dir(path)
+            try:
+                make_private_dir(path)
+            except OSError as error:
+                raise UserError(f"--workspace {path}: cannot create it: {error.strerror or error}") from None
         return cls(path)
 
     def _sub(self, name: str) -> Path:
@@ -61,7 +70,7 @@ class Workspace:
 
     @property
     def feedback_file(self) -> Path:
-        return self.data / "feedback.trees.jsonl"
+        return self.data / FEEDBACK_FILE.name
 
     @property
     def chat_db(self) -> Path:

@@ -177,3 +177,49 @@ def test_chat_format_and_assistant_mask() -> None:
     assert trained == "Hello!</s>See you.</s>"
     ids, mask = tokenize_with_mask(CharTokenizer(), segments(turns, "</s>"), max_length=10)
     assert len(ids) == len(mask) == 10
+
+
+def test_rl_prompts_are_every_path_ending_with_a_prompter_turn() -> None:
+    from oatui.data.rules import prompt_contexts
+
+    trees = {t.message_tree_id: t for t in load_trees(EDGE)}
+
+    def texts(tree: str) -> list[list[str]]:
+        return [[turn.text for turn in context] for context in prompt_contexts(trees[tree])]
+
+    assert texts("t1") == [
+        ["How do I boil an egg?"],
+        ["How do I boil an egg?", "Put it in boiling water for nine minutes.", "Thanks!"],  # not answered yet
+        ["How do I boil an egg?", "Boil it.", "Und auf Deutsch, bitte?"],
+    ]
+    assert texts("t5") == [["Ça va ? 日本語のテキスト 🙂"]]  # a lone prompt is a prompt
+    assert texts("t6") == [["¿Qué hora es?"]]  # the follow-up lies under a rejected answer
+    assert texts("t2") == texts("t3") == texts("t7") == []
+
+
+def test_prompt_mix_reads_exports_and_plain_prompt_files(tmp_path: Path) -> None:
+    from oatui.config import DatasetSpec
+    from oatui.data.datasets import prompt_mix
+    from oatui.errors import UserError
+
+    plain = tmp_path / "prompts.jsonl.gz"
+    plain.write_bytes(gzip.compress(b'{"prompt": "Tell me a joke."}\n\n{"prompt": "What is 2+2?"}\n'))
+    empty_feedback = tmp_path / "data" / "feedback.trees.jsonl"
+    empty_feedback.parent.mkdir()
+    empty_feedback.write_text("")
+    specs = [DatasetSpec(path=str(EDGE)), DatasetSpec(path=plain.name), DatasetSpec(path="feedback")]
+    mix = prompt_mix(specs, tmp_path, seed=1, val_fraction=0.0)
+    assert sorted(context[-1].text for context in mix.train) == sorted([
+        "How do I boil an egg?", "Thanks!", "Und auf Deutsch, bitte?", "Ça va ? 日本語のテキスト 🙂", "¿Qué hora es?",
+        "Tell me a joke.", "What is 2+2?",
+    ])
+    assert [(s.path, s.used, s.trees) for s in mix.sources] == [(str(EDGE), 5, 4), ("prompts.jsonl.gz", 2, 0), ("feedback", 0, 0)]
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{"prompt": ""}\n{"prompt": "fine"}\n')
+    with pytest.raises(UserError, match=f"^{broken}:2: expected an object with a non-empty string 'prompt'$"):
+        prompt_mix([DatasetSpec(path=str(broken))], tmp_path, seed=1, val_fraction=0.0)
+    lenient = prompt_mix([DatasetSpec(path=str(broken))], tmp_path, seed=1, val_fraction=0.0, skip_invalid=True)
+    assert sorted(c[0].text for c in lenient.train) == ["fine", "ok"] and lenient.sources[0].skipped_lines == 1
+    with pytest.raises(UserError, match="^prompts: no training examples in feedback$"):
+        prompt_mix([DatasetSpec(path="feedback")], tmp_path, seed=1, val_fraction=0.0)

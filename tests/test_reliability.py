@@ -150,6 +150,16 @@ def test_workspace_folders_and_run_files_are_private(trained) -> None:  # noqa: 
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
+def test_a_workspace_that_is_not_a_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for workspace, problem in [(afile, "not a folder"), (afile / "sub", "cannot create it")]:
+        assert main(["runs", "--workspace", str(workspace)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"oatui runs: error: --workspace {workspace}: {problem}") and err.count("\n") == 1
+    assert afile.read_text() == ""
+
+
 def test_trust_remote_code_is_off_unless_asked() -> None:
     from oatui.config import load_stage_config
 

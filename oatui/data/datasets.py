@@ -8,7 +8,9 @@ group (RM), so a split never changes when other files join the mix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,9 +19,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from oatui.config import DatasetSpec
 from oatui.data.format import format_conversation, segments, tokenize_with_mask
-from oatui.data.rules import Conversation, RankedGroup, Turn, rm_groups, sft_conversations, tree_is_used
-from oatui.data.trees import LoadReport, MessageTree, iter_trees
+from oatui.data.rules import (
+    Conversation,
+    RankedGroup,
+    Turn,
+    prompt_contexts,
+    rm_groups,
+    sft_conversations,
+    tree_is_used,
+)
+from oatui.data.trees import LoadReport, MessageTree, iter_lines, iter_trees
 from oatui.errors import UserError
+from oatui.workspace import FEEDBACK_FILE
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,7 +45,7 @@ def resolve_dataset_path(spec: DatasetSpec, workspace: Path) -> Path | None:
 
         return SAMPLE_FILE
     if spec.path == "feedback":
-        path = workspace / "data" / "feedback.trees.jsonl"
+        path = workspace / FEEDBACK_FILE
     else:
         path = Path(spec.path).expanduser()
         if not path.is_absolute():
@@ -66,7 +77,7 @@ class Mix:
     sources: list[SourceCount] = field(default_factory=list)
 
     def describe(self, unit: str) -> str:
-        parts = [f"{s.path}: {s.used} of {s.examples} {unit} from {s.trees} trees"
+        parts = [f"{s.path}: {s.used} of {s.examples} {unit}" + (f" from {s.trees} trees" if s.trees else "")
                  + (f" ({s.skipped_lines} invalid lines skipped)" if s.skipped_lines else "") for s in self.sources]
         return "; ".join(parts) + f" -> {len(self.train)} train, {len(self.eval)} held out"
 
@@ -92,131 +103,108 @@ def _take(items: list[T], spec: DatasetSpec, seed: int) -> list[T]:
 def build_mix(
     specs: Sequence[DatasetSpec],
     workspace: Path,
-    extract: Callable[[MessageTree], list[T]],
+    read: Callable[[Path, SourceCount], list[T]],
     key: Callable[[T], str],
     seed: int,
     val_fraction: float,
-    skip_invalid: bool = False,
     units: Callable[[T], int] = lambda item: 1,
+    what: str = "datasets",
 ) -> Mix:
+    """Every file's examples (``read`` fills in its tree and skipped-line counts), split, cut to its
+    fraction, then all of them shuffled together."""
     mix = Mix()
     for spec in specs:
         path = resolve_dataset_path(spec, workspace)
         if path is None:
             continue
         count = SourceCount(spec.path)
-        report = LoadReport()
         train_items: list[T] = []
-        for tree in iter_trees(path, skip_invalid=skip_invalid, report=report):
-            if not tree_is_used(tree):
-                continue
-            count.trees += 1
-            for item in extract(tree):
-                count.examples += 1
-                if _held_out(key(item), seed, val_fraction):
-                    mix.eval.append(item)
-                else:
-                    train_items.append(item)
+        for item in read(path, count):
+            count.examples += 1
+            (mix.eval if _held_out(key(item), seed, val_fraction) else train_items).append(item)
         taken = _take(train_items, spec, seed)
         count.used = len(taken)
         count.units = sum(units(item) for item in taken)
-        count.skipped_lines = len(report.skipped)
         mix.train.extend(taken)
         mix.sources.append(count)
     if not mix.train:
-        raise UserError("datasets: no training examples in " + ", ".join(s.path for s in specs))
+        raise UserError(f"{what}: no training examples in " + ", ".join(s.path for s in specs))
     random.Random(seed).shuffle(mix.train)
     return mix
+
+
+def _from_trees(extract: Callable[[MessageTree], list[T]], skip_invalid: bool) -> Callable[[Path, SourceCount], list[T]]:
+    """A ``read`` for :func:`build_mix`: ``extract`` applied to every used tree of an export file."""
+
+    def read(path: Path, count: SourceCount) -> list[T]:
+        report = LoadReport()
+        items: list[T] = []
+        for tree in iter_trees(path, skip_invalid=skip_invalid, report=report):
+            if tree_is_used(tree):
+                count.trees += 1
+                items.extend(extract(tree))
+        count.skipped_lines = len(report.skipped)
+        return items
+
+    return read
 
 
 def sft_mix(specs: Sequence[DatasetSpec], workspace: Path, seed: int, val_fraction: float, skip_invalid: bool = False) -> Mix:
-    return build_mix(specs, workspace, sft_conversations, lambda c: c.tree_id, seed, val_fraction, skip_invalid)
+    return build_mix(specs, workspace, _from_trees(sft_conversations, skip_invalid), lambda c: c.tree_id, seed,
+                     val_fraction)
 
 
 def rm_mix(specs: Sequence[DatasetSpec], workspace: Path, seed: int, val_fraction: float, skip_invalid: bool = False) -> Mix:
-    return build_mix(specs, workspace, rm_groups, lambda g: g.message_id, seed, val_fraction, skip_invalid,
-                     units=lambda g: len(g.pairs))
-
-
-def prompt_contexts(tree: MessageTree) -> list[tuple[Turn, ...]]:
-    """Every conversation that ends with a usable prompter turn: what a policy is asked to answer."""
-    contexts: list[tuple[Turn, ...]] = []
-    for conversation in sft_conversations(tree):
-        turns = conversation.turns
-        for end, turn in enumerate(turns):
-            if turn.role == "prompter":
-                contexts.append(turns[: end + 1])
-    # Paths share prefixes: keep each context once, in order.
-    unique = list(dict.fromkeys(contexts))
-    return unique
+    return build_mix(specs, workspace, _from_trees(rm_groups, skip_invalid), lambda g: g.message_id, seed,
+                     val_fraction, units=lambda g: len(g.pairs))
 
 
 def prompt_mix(specs: Sequence[DatasetSpec], workspace: Path, seed: int, val_fraction: float, skip_invalid: bool = False) -> Mix:
-    """Prompts for RL from export files, or from a JSONL of ``{"prompt": "..."}`` lines."""
-    mix = Mix()
-    export_specs = []
-    for spec in specs:
-        path = resolve_dataset_path(spec, workspace)
-        if path is None:
-            continue
-        if _is_plain_prompt_file(path):
-            count = SourceCount(spec.path)
-            items = []
-            for text in _read_plain_prompts(path):
-                count.examples += 1
-                item = (Turn("prompter", text),)
-                (mix.eval if _held_out(text, seed, val_fraction) else items).append(item)
-            taken = _take(items, spec, seed)
-            count.used = len(taken)
-            mix.train.extend(taken)
-            mix.sources.append(count)
-        else:
-            export_specs.append(spec)
-    if export_specs:
-        exported = build_mix(export_specs, workspace, prompt_contexts, lambda c: c[0].text, seed, val_fraction, skip_invalid)
-        mix.train.extend(exported.train)
-        mix.eval.extend(exported.eval)
-        mix.sources.extend(exported.sources)
-    if not mix.train:
-        raise UserError("prompts: no prompts in " + ", ".join(s.path for s in specs))
-    random.Random(seed).shuffle(mix.train)
-    return mix
+    """Prompts for RL: every conversation that ends with a prompter turn in export files (see
+    :func:`~oatui.data.rules.prompt_contexts`), or the lines of a JSONL of ``{"prompt": "..."}``.
+
+    A prompt is held out by its first turn, so the follow-ups of a held-out question are held out too.
+    """
+    from_trees = _from_trees(prompt_contexts, skip_invalid)
+
+    def read(path: Path, count: SourceCount) -> list[tuple[Turn, ...]]:
+        if not _is_plain_prompt_file(path):
+            return from_trees(path, count)
+        report = LoadReport()
+        prompts = [(Turn("prompter", text),) for text in _read_plain_prompts(path, skip_invalid, report)]
+        count.skipped_lines = len(report.skipped)
+        return prompts
+
+    return build_mix(specs, workspace, read, lambda c: c[0].text, seed, val_fraction, what="prompts")
 
 
 def _is_plain_prompt_file(path: Path) -> bool:
     """A JSONL whose first object has a ``prompt`` key and no ``message_tree_id``."""
-    import gzip
-    import json
-
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:  # type: ignore[operator]
-        for line in handle:
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(first, dict) and "prompt" in first and "message_tree_id" not in first
+    with contextlib.closing(iter_lines(path)) as lines:
+        for _, line in lines:
+            try:
+                first = json.loads(line)
+            except json.JSONDecodeError:
+                return False
+            return isinstance(first, dict) and "prompt" in first and "message_tree_id" not in first
     return False
 
 
-def _read_plain_prompts(path: Path) -> list[str]:
-    import gzip
-    import json
-
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
+def _read_plain_prompts(path: Path, skip_invalid: bool, report: LoadReport) -> list[str]:
     prompts = []
-    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:  # type: ignore[operator]
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+    for number, line in iter_lines(path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as error:
+            problem = f"not valid JSON ({error.msg} at column {error.colno})"
+        else:
+            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+                prompts.append(obj["prompt"])
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise UserError(f"{path}:{number}: expected an object with a non-empty string 'prompt'")
-            prompts.append(obj["prompt"])
+            problem = "expected an object with a non-empty string 'prompt'"
+        if not skip_invalid:
+            raise UserError(f"{path}:{number}: {problem}")
+        report.skipped.append((number, problem))
     return prompts
 
 

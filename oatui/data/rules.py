@@ -77,15 +77,27 @@ def usable_children(message: Message) -> list[Message]:
     return [reply for reply in message.replies if message_is_usable(reply)]
 
 
-def iter_usable(tree: MessageTree) -> Iterator[Message]:
-    """Every usable message of a used tree, parents before children."""
+def walk(tree: MessageTree) -> Iterator[tuple[Message, tuple[Turn, ...], list[Message]]]:
+    """``(message, path from the root to it, its usable replies)`` for every usable message of a used
+    tree, parents before children, siblings in order.
+
+    An explicit stack carries the path, so that deep trees cannot hit the recursion limit.
+    """
     if not tree_is_used(tree) or not message_is_usable(tree.prompt):
         return
-    stack = [tree.prompt]
+    stack: list[tuple[Message, tuple[Turn, ...]]] = [(tree.prompt, (_turn(tree.prompt),))]
     while stack:
-        message = stack.pop()
+        message, path = stack.pop()
+        children = usable_children(message)
+        yield message, path, children
+        for child in reversed(children):
+            stack.append((child, path + (_turn(child),)))
+
+
+def iter_usable(tree: MessageTree) -> Iterator[Message]:
+    """Every usable message of a used tree, parents before children."""
+    for message, _, _ in walk(tree):
         yield message
-        stack.extend(reversed(usable_children(message)))
 
 
 def _turn(message: Message) -> Turn:
@@ -93,48 +105,39 @@ def _turn(message: Message) -> Turn:
 
 
 def sft_conversations(tree: MessageTree) -> list[Conversation]:
-    if not tree_is_used(tree) or not message_is_usable(tree.prompt):
-        return []
     conversations: list[Conversation] = []
-    # Iterative depth-first walk carrying the path, so deep trees cannot hit the recursion limit.
-    stack: list[tuple[Message, tuple[Turn, ...]]] = [(tree.prompt, (_turn(tree.prompt),))]
-    while stack:
-        message, path = stack.pop()
-        children = usable_children(message)
-        if not children:
-            turns = path[:-1] if path[-1].role == "prompter" else path
-            if any(turn.role == "assistant" for turn in turns):
-                conversations.append(Conversation(turns, tree.message_tree_id))
+    for _, path, children in walk(tree):
+        if children:
             continue
-        for child in reversed(children):
-            stack.append((child, path + (_turn(child),)))
+        turns = path[:-1] if path[-1].role == "prompter" else path
+        if any(turn.role == "assistant" for turn in turns):
+            conversations.append(Conversation(turns, tree.message_tree_id))
     return conversations
 
 
 def rm_groups(tree: MessageTree) -> list[RankedGroup]:
-    if not tree_is_used(tree) or not message_is_usable(tree.prompt):
-        return []
     groups: list[RankedGroup] = []
-    stack: list[tuple[Message, tuple[Turn, ...]]] = [(tree.prompt, (_turn(tree.prompt),))]
-    while stack:
-        message, path = stack.pop()
-        children = usable_children(message)
-        if message.role == "prompter":
-            ranked = [c for c in children if c.role == "assistant" and c.rank is not None]
-            if len(ranked) >= 2:
-                ranked.sort(key=lambda reply: reply.rank)  # type: ignore[arg-type, return-value]
-                groups.append(
-                    RankedGroup(
-                        context=path,
-                        replies=tuple(reply.text for reply in ranked),
-                        ranks=tuple(reply.rank for reply in ranked),  # type: ignore[misc]
-                        tree_id=tree.message_tree_id,
-                        message_id=message.message_id,
-                    )
+    for message, path, children in walk(tree):
+        if message.role != "prompter":
+            continue
+        ranked = [c for c in children if c.role == "assistant" and c.rank is not None]
+        if len(ranked) >= 2:
+            ranked.sort(key=lambda reply: reply.rank)  # type: ignore[arg-type, return-value]
+            groups.append(
+                RankedGroup(
+                    context=path,
+                    replies=tuple(reply.text for reply in ranked),
+                    ranks=tuple(reply.rank for reply in ranked),  # type: ignore[misc]
+                    tree_id=tree.message_tree_id,
+                    message_id=message.message_id,
                 )
-        for child in reversed(children):
-            stack.append((child, path + (_turn(child),)))
+            )
     return groups
+
+
+def prompt_contexts(tree: MessageTree) -> list[tuple[Turn, ...]]:
+    """Every path that ends with a usable prompter message, answered or not: what a policy is asked to answer."""
+    return [path for message, path, _ in walk(tree) if message.role == "prompter"]
 
 
 @dataclass

@@ -182,21 +182,16 @@ class LoadReport:
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
 
-def iter_trees(
-    path: str | os.PathLike[str],
-    skip_invalid: bool = False,
-    report: LoadReport | None = None,
-) -> Iterator[MessageTree]:
-    """Stream the trees of an export file (JSONL or .jsonl.gz), validating each line.
+def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line of a text file, gzipped or not.
 
-    A malformed line raises :class:`UserError` ``FILE:LINE: what is wrong``, unless
-    ``skip_invalid``, in which case it is recorded in ``report`` and skipped. Blank lines are ignored.
+    A file that is missing, a folder, unreadable or not UTF-8 is a :class:`UserError` naming it.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected an export file (.jsonl or .jsonl.gz)")
+        raise UserError(f"{path}: is a folder, expected a JSONL file (.jsonl or .jsonl.gz)")
     try:
         handle = _open_text(path)
     except OSError as error:
@@ -211,26 +206,38 @@ def iter_trees(
             except (OSError, EOFError, gzip.BadGzipFile) as error:
                 raise UserError(f"{path}:{line_number + 1}: cannot read: {error}") from None
             if not line:
-                break
+                return
             line_number += 1
-            if not line.strip():
-                continue
-            try:
-                tree = parse_tree(json.loads(line))
-            except json.JSONDecodeError as error:
-                problem = f"not valid JSON ({error.msg} at column {error.colno})"
-            except TreeFormatError as error:
-                problem = str(error)
-            except RecursionError:
-                problem = "nested too deeply"
-            else:
-                yield tree
-                continue
-            if skip_invalid:
-                if report is not None:
-                    report.skipped.append((line_number, problem))
-                continue
+            if line.strip():
+                yield line_number, line
+
+
+def iter_trees(
+    path: str | os.PathLike[str],
+    skip_invalid: bool = False,
+    report: LoadReport | None = None,
+) -> Iterator[MessageTree]:
+    """Stream the trees of an export file (JSONL or .jsonl.gz), validating each line.
+
+    A malformed line raises :class:`UserError` ``FILE:LINE: what is wrong``, unless
+    ``skip_invalid``, in which case it is recorded in ``report`` and skipped. Blank lines are ignored.
+    """
+    for line_number, line in iter_lines(path):
+        try:
+            tree = parse_tree(json.loads(line))
+        except json.JSONDecodeError as error:
+            problem = f"not valid JSON ({error.msg} at column {error.colno})"
+        except TreeFormatError as error:
+            problem = str(error)
+        except RecursionError:
+            problem = "nested too deeply"
+        else:
+            yield tree
+            continue
+        if not skip_invalid:
             raise UserError(f"{path}:{line_number}: {problem}")
+        if report is not None:
+            report.skipped.append((line_number, problem))
 
 
 def load_trees(path: str | os.PathLike[str], skip_invalid: bool = False) -> list[MessageTree]:
