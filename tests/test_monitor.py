@@ -834,6 +834,28 @@ def test_process_lookup_names_live_pids_and_skips_vanished_ones():
     assert lookup.lookup([os.getpid()]) == {os.getpid(): found[os.getpid()]}
 
 
+def test_process_commands_never_show_the_triton_admin_key():
+    """tritonserver carries its restricted-API key on its command line; the GPU table, the app and
+    recordings show the command without it."""
+    key = "k3y-for-tests"
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", "--admin-key", key,
+            f"--grpc-restricted-protocol=model-repository,shared-memory:admin-key={key}",
+            f"--http-restricted-api=model-repository:admin-key={key}", "--admin-key=" + key, "--http-port=8000"]
+    child = subprocess.Popen(argv)
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).cmdline() != argv and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the child has exec'd: before that it shows pytest's command
+        command = ProcessLookup().lookup([child.pid])[child.pid].command
+    finally:
+        child.kill()
+        child.wait()
+    assert key not in command
+    assert command.endswith(
+        "--admin-key *** --grpc-restricted-protocol=*** --http-restricted-api=*** --admin-key=*** --http-port=8000"
+    )
+
+
 def test_formatters():
     assert (
         format_bytes(None) == "N/A"

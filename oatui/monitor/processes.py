@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import psutil
+
+#: Options whose value is a secret: tritonserver's restricted-API key
+#: (``--grpc-restricted-protocol=APIS:HEADER=KEY``, as ``oatui serve`` starts it) and oatui's own
+#: ``--admin-key``. Command lines end up in the app, the ``oatui gpus`` table and recordings.
+SECRET_OPTIONS = ("--admin-key", "--grpc-restricted-protocol", "--http-restricted-api")
+REDACTED = "***"
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,27 @@ def _command(process: psutil.Process) -> str | None:
     except (psutil.Error, OSError):
         argv = []
     if argv:
-        return " ".join(argv)
+        return " ".join(redact_secrets(argv))
     try:
         return process.name() or None
     except (psutil.Error, OSError):
         return None
+
+
+def redact_secrets(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the values of :data:`SECRET_OPTIONS` (``--opt=value`` or ``--opt value``) hidden."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            shown.append(REDACTED)
+            hide_next = False
+            continue
+        name, equals, _value = arg.partition("=")
+        if name in SECRET_OPTIONS:
+            if equals:
+                arg = f"{name}={REDACTED}"
+            else:
+                hide_next = True
+        shown.append(arg)
+    return shown
