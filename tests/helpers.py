@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,30 @@ def run_oatui(*args: str, workspace: Path | None = None, timeout: float = 600, c
     return result
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+TRITON_KERNEL_MODULE = "oatui_kernels.triton_kernel"
+
+
+def forget_triton_kernel_module() -> None:
+    """Drop the Triton kernel module, so that the next import decorates its kernels afresh (for
+    the interpreter or for a GPU, whichever TRITON_INTERPRET then says)."""
+    sys.modules.pop(TRITON_KERNEL_MODULE, None)
+    package = sys.modules.get("oatui_kernels")
+    if package is not None and hasattr(package, "triton_kernel"):
+        delattr(package, "triton_kernel")

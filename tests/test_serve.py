@@ -10,9 +10,9 @@ import asyncio
 import glob
 import json
 import os
-import signal
 import re
-import socket
+import signal
+import stat
 import subprocess
 import time
 import urllib.error
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import OATUI, run_oatui
+from helpers import OATUI, free_ports, run_oatui
 from oatui.serve.client import (
     AsyncChatClient,
     ChatClient,
@@ -38,17 +38,6 @@ from oatui.workspace import Workspace
 pytestmark = pytest.mark.slow
 
 RM_MAX_BATCH = 4
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def options_for(repo: Path, models: tuple[str, ...] = ()) -> ServerOptions:
@@ -117,6 +106,7 @@ def test_export_writes_a_standard_repository(repo: Path, trained) -> None:  # no
     assert sorted(p.name for p in repo.iterdir()) == ["policy", "ref", "rm"]
     for name in ("policy", "ref", "rm"):
         assert (repo / name / "config.pbtxt").is_file() and (repo / name / "1" / "model.py").is_file()
+        assert stat.S_IMODE((repo / name).stat().st_mode) == 0o700  # private, as the whole workspace
     policy = (repo / "policy" / "config.pbtxt").read_text()
     assert "decoupled: true" in policy and "KIND_MODEL" in policy
     assert f'string_value: "{trained.sft_model}"' in policy  # by absolute path, not copied
@@ -452,6 +442,7 @@ def test_detach_status_chat_stop_round_trip(repo: Path, tmp_path: Path) -> None:
             assert json.loads(response.read())[0]["name"] == "policy"
         assert "k3y-for-tests" not in Path(info["log"]).read_text()
         assert "k3y-for-tests" not in (workspace / "state" / "server.json").read_text()
+        assert "k3y-for-tests" not in (workspace / "logs" / "serve-supervisor.log").read_text()
         again = run_oatui("serve", "--repo", str(repo), *ports, "--detach", workspace=workspace)
         assert again.returncode == 2 and "already runs" in again.stderr
     finally:

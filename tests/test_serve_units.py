@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_oatui
+from helpers import OATUI, free_ports, run_oatui
 from oatui.errors import UserError
 from oatui.serve.client import AddressError, TritonAddress, classify, RemoteError, ServerUnavailable
 from oatui.serve.generation import SamplingParams
@@ -28,21 +28,9 @@ from oatui.serve.server import (
     repository_view,
     server_argv,
     server_environment,
+    wait_ready,
 )
 from oatui.workspace import Workspace
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,9 +322,87 @@ def test_a_server_that_never_gets_ready_is_stopped_with_its_log(tmp_path: Path) 
     assert logs and "--flag" in logs[0].read_text()
 
 
-def test_ctrl_c_while_the_server_starts_stops_it_at_once(tmp_path: Path) -> None:
-    from helpers import OATUI
+def test_a_failed_start_never_shows_the_admin_key(tmp_path: Path) -> None:
+    """The log excerpt in the error reaches stderr and server-error.json: a server that echoes its
+    command line (the key included) into its log must not carry the key there."""
+    workspace = tmp_path / "ws"
+    (workspace / "triton" / "m").mkdir(parents=True)
+    (workspace / "triton" / "m" / "config.pbtxt").write_text('name: "m"\nbackend: "python"\n')
+    fake = tmp_path / "echoing-tritonserver"
+    fake.write_text('#!/bin/sh\nfor arg in "$@"; do case "$arg" in *restricted*)\n'
+                    '  echo "E1124 00:00:00.0 1 x.cc:1] \\"cannot use $arg\\"";; esac; done\nexit 3\n')
+    fake.chmod(0o755)
+    for mode in ([], ["--detach"]):
+        http, grpc, metrics = free_ports(3)
+        result = run_oatui("serve", "--server-bin", str(fake), "--admin-key", "k3y-for-tests", "--ready-timeout", "5",
+                           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *mode,
+                           workspace=workspace)
+        assert result.returncode == 2, result.stderr
+        error = result.stderr.strip().splitlines()[-1]  # after the line saying where the key is stored
+        assert error.startswith("oatui serve: error: tritonserver exited with status 3"), result.stderr
+        assert "--grpc-restricted-protocol=model-repository,shared-memory:admin-key=***" in error
+        assert "k3y-for-tests" not in result.stderr
+    error_record = (workspace / "state" / "server-error.json").read_text()
+    assert "admin-key=***" in error_record and "k3y-for-tests" not in error_record
 
+
+def test_readiness_polls_bypass_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib sends even 127.0.0.1 through http_proxy (only no_proxy exempts a host): polled that
+    way, every start on a machine with a proxy configured would time out."""
+    import http.server
+    import threading
+
+    ready_paths = {"/v2/health/ready", "/v2/models/m/ready"}
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            self.send_response(200 if self.path in ready_paths else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    (dead,) = free_ports(1)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{dead}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{httpd.server_address[1]}"
+            assert wait_ready(url, ["m"], timeout=5)
+            assert not wait_ready(url, ["m", "other"], timeout=0.3)
+        finally:
+            httpd.shutdown()
+
+
+def test_ranking_ends_quietly_when_the_input_ends(tmp_path: Path) -> None:
+    """Ctrl-D (or the end of piped input) at the ranking or edit prompt skips: nothing saved, no traceback."""
+    import argparse
+    import io
+
+    from oatui.commands.chat import rank_answers
+
+    class Client:
+        def stream(self, **request):  # noqa: ANN003, ANN202
+            yield f"answer with seed {request['seed']}"
+
+    args = argparse.Namespace(system=None, workspace=str(tmp_path / "ws"), model="policy", lang="en")
+    for replies in ([], ["e1"]):
+        pending = list(replies)
+
+        def read(prompt: str) -> str:
+            if not pending:
+                raise EOFError
+            return pending.pop(0)
+
+        out = io.StringIO()
+        assert rank_answers(Client(), [("prompter", "hi")], 2, args, {"seed": 5}, out, read=read) is None
+        assert "answer with seed 6" in out.getvalue() and "skipped: nothing saved" in out.getvalue()
+    assert not list((tmp_path / "ws").rglob("feedback*"))
+
+
+def test_ctrl_c_while_the_server_starts_stops_it_at_once(tmp_path: Path) -> None:
     workspace = tmp_path / "ws"
     (workspace / "triton" / "m").mkdir(parents=True)
     (workspace / "triton" / "m" / "config.pbtxt").write_text('name: "m"\nbackend: "python"\n')
@@ -386,6 +452,9 @@ def test_export_errors_are_one_line(tmp_path: Path) -> None:
     empty.mkdir()
     result = run_oatui("export", "--mode", "ref", "--model", str(empty), workspace=workspace)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no config.json" in result.stderr
+    (empty / "config.json").write_text('{"model_type": "gpt_neox"}')
+    result = run_oatui("export", "--mode", "policy", "--model", str(empty), workspace=workspace)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no tokenizer saved" in result.stderr
     result = run_oatui("export", "--mode", "nope", "--model", str(empty), workspace=workspace)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert not (workspace / "triton").exists() or not any((workspace / "triton").iterdir())

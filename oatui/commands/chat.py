@@ -149,7 +149,11 @@ def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args
         out.write("\n")
     edits: dict[int, str] = {}
     while True:
-        reply = read(f"rank ({HELP}): ").strip()
+        try:
+            reply = read(f"rank ({HELP}): ").strip()
+        except EOFError:  # Ctrl-D, or the end of piped input: as a skip
+            reply = "skip"
+            out.write("\n")
         if reply.lower() in ("s", "skip"):
             out.write("skipped: nothing saved\n")
             return None
@@ -158,7 +162,11 @@ def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args
             if not 0 <= index < count:
                 out.write(f"no answer {index + 1}\n")
                 continue
-            edited = read(f"new text for answer {index + 1}: ").strip()
+            try:
+                edited = read(f"new text for answer {index + 1}: ").strip()
+            except EOFError:
+                edited = ""
+                out.write("\n")
             if edited:
                 edits[index] = edited
                 out.write(f"answer {index + 1} edited\n")

@@ -42,6 +42,8 @@ COPY_FOLDER = "checkpoint"
 EXPORT_INFO = "oatui_export.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 MODEL_SOURCES = Path(__file__).resolve().parent / "triton_models"
+#: A checkpoint folder holds at least one of these when its tokenizer was saved with it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,10 @@ def _checkpoint_facts(model_path: Path) -> dict[str, str]:
     """EOS token and context length, read with the same tokenizer loading the server uses."""
     from oatui.models.loading import load_tokenizer
 
+    # Without these, transformers builds an empty tokenizer from config.json alone and the
+    # export would "work", serving gibberish.
+    if not any((model_path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"--model {model_path}: no tokenizer saved there (none of {', '.join(TOKENIZER_FILES)})")
     try:
         config = json.loads((model_path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -230,7 +236,6 @@ def export_model(
         shutil.copyfile(MODEL_SOURCES / f"{mode}.py", version / "model.py")
         info = {"mode": mode, "source": str(model), "copied": copy, "exported": time.time(), "device": device}
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        os.chmod(staging, 0o755)  # readable by a server running as another user (a container)
         replaced = False
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{repo.name}-{name}-old-", dir=staging.parent))

@@ -412,9 +412,14 @@ def log_excerpt(log_path: Path, count: int = 3) -> str:
     return " | ".join(chosen) or "(nothing in the log)"
 
 
+#: Readiness polls go straight to the server, which runs on this machine: urllib would send even
+#: 127.0.0.1 through http_proxy (only no_proxy exempts a host), and no proxy reaches our loopback.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own server URL
+        with _DIRECT.open(url, timeout=timeout) as response:  # noqa: S310 - our own server URL
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -534,6 +539,7 @@ class TritonServer:
         self.admin_key = read_admin_key(options.admin_key_file) if options.admin_key_file else None
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
+        self.argv: list[str] = []  # as started, admin key redacted
         self.started: float | None = None
         self.shm: set[str] = set()
         self._shm_before: set[str] = set()
@@ -580,22 +586,34 @@ class TritonServer:
             except OSError as error:
                 raise ServerStartError(f"cannot start {argv[0]}: {error.strerror}") from None
         self.started = time.time()
+
         def waiting() -> bool:
             return self.alive() and not (cancelled is not None and cancelled())
 
-        if not wait_ready(self.http_url, self.models, self.options.ready_timeout, waiting):
+        try:
+            ready = wait_ready(self.http_url, self.models, self.options.ready_timeout, waiting)
+        except BaseException:
+            self.stop()
+            raise
+        if not ready:
             code = self.process.poll()
             self.stop()
             if code is None and cancelled is not None and cancelled():
                 raise StartCancelled("stopped before it was ready")
-            assert self.log_path is not None
             if code is not None:
                 reason = f"tritonserver exited with status {code} before it was ready"
             else:
                 reason = f"tritonserver was not ready after {self.options.ready_timeout:g} s and was stopped"
-            raise ServerStartError(f"{reason} (log {self.log_path}): {log_excerpt(self.log_path)}")
+            raise self.failure(reason)
         self._track_shm()
         self._children = _descendants(self.process.pid)
+
+    def failure(self, reason: str) -> ServerStartError:
+        """``reason`` and the log's telling lines; the admin key redacted, since the message reaches
+        stderr and ``server-error.json``."""
+        assert self.log_path is not None
+        excerpt = redact([log_excerpt(self.log_path)], self.admin_key)[0]
+        return ServerStartError(f"{reason} (log {self.log_path}): {excerpt}")
 
     def _track_shm(self) -> None:
         if self.process is None:
@@ -709,8 +727,7 @@ def serve_foreground(
             signal.signal(sig, handler)
     if stop_requested.is_set():
         return 0
-    assert server.log_path is not None
-    raise ServerStartError(f"tritonserver exited with status {code} (log {server.log_path}): {log_excerpt(server.log_path)}")
+    raise server.failure(f"tritonserver exited with status {code}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,9 +51,11 @@ def supervise(workspace: Workspace, options: ServerOptions) -> int:
         atomic_write_json(workspace.state / ERROR_FILE, {"supervisor_pid": me, "error": str(error), "time": time.time()})
         print(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} not started: {error}", flush=True)
         return 1
-    write_server_file(workspace, server.info(supervisor_pid=me))
-    print(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} tritonserver {server.pid} ready, log {server.log_path}", flush=True)
     try:
+        # Inside the try: a record that cannot be written must not leave an unrecorded server.
+        write_server_file(workspace, server.info(supervisor_pid=me))
+        print(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} tritonserver {server.pid} ready, log {server.log_path}",
+              flush=True)
         while not stop.is_set():
             if server.wait(0.5) is not None:
                 print(f"[oatui] tritonserver {server.pid} exited with status {server.process.returncode}", flush=True)
