@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oatui_kernels
+from helpers import TRITON_KERNEL_MODULE, forget_triton_kernel_module
 from oatui_kernels import (
     KLRewardGAE,
     discounted_reverse_cumsum,
@@ -253,15 +254,12 @@ def test_triton_imported_before_the_interpreter_variable_says_so(monkeypatch):
     if type(triton.language.standard.zeros).__name__ == "InterpretedFunction":
         pytest.skip("triton was imported under TRITON_INTERPRET=1 in this process")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    module = "oatui_kernels.triton_kernel"
-    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.delitem(sys.modules, TRITON_KERNEL_MODULE, raising=False)
     try:
         with pytest.raises(RuntimeError, match="imported before"):
             fused_kl_reward_gae(*make_batch([4, 2], 4), kl_coef=0.1, backend="triton")
     finally:
-        sys.modules.pop(module, None)  # built half for the interpreter: nobody else should get it
-        if hasattr(oatui_kernels, "triton_kernel"):
-            delattr(oatui_kernels, "triton_kernel")
+        forget_triton_kernel_module()  # built half for the interpreter: nobody else should get it
 
 
 # --- input checks ------------------------------------------------------------------------------
@@ -448,6 +446,19 @@ def test_pieces_compose_to_the_fused_result():
     fused = fused_kl_reward_gae(*inputs, **options, gamma=0.99, lam=0.9)
     for name, a, b in zip(OUTPUTS, (rewards, whitened, returns, kl_sum), fused):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_whitening_variance_floor_is_1e_minus_8():
+    """(A - mean)/sqrt(var + 1e-8) with Bessel's var: at var = 5e-9 the floor decides the scale
+    (±0.41; without it ±0.71, with the population variance ±0.45)."""
+    zeros = torch.zeros(2, 1)
+    inputs = (zeros, zeros, zeros, torch.tensor([0.0, 1e-4]), torch.ones(2, 1))
+    options = dict(kl_coef=0.1, gamma=1.0, lam=1.0)
+    expected = torch.tensor([[-0.5e-4], [0.5e-4]]) / math.sqrt(0.5e-8 + 1e-8)
+    for out in (fused_kl_reward_gae(*inputs, **options, backend="torch"), reference_kl_reward_gae(*inputs, **options)):
+        torch.testing.assert_close(out.advantages.float(), expected, rtol=1e-3, atol=0)
+    torch.testing.assert_close(masked_whiten(torch.tensor([[0.0, 1e-4]]), torch.ones(1, 2)), expected.view(1, 2),
+                               rtol=1e-3, atol=0)
 
 
 def test_masked_whiten_matches_its_definition():

@@ -15,11 +15,12 @@ import tempfile
 
 import pytest
 
+from helpers import TRITON_KERNEL_MODULE, forget_triton_kernel_module
+
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-MODULE = "oatui_kernels.triton_kernel"
 TARGET = GPUTarget("cuda", 90, 32)
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -34,24 +35,17 @@ pytestmark = [
 ]
 
 
-def _forget_kernel_module() -> None:
-    sys.modules.pop(MODULE, None)
-    package = sys.modules.get("oatui_kernels")
-    if package is not None and hasattr(package, "triton_kernel"):
-        delattr(package, "triton_kernel")
-
-
 @pytest.fixture(scope="module")
 def compiled_module():
     """A copy of the kernel module imported without TRITON_INTERPRET, i.e. for a GPU."""
     before = os.environ.pop("TRITON_INTERPRET", None)
-    _forget_kernel_module()
+    forget_triton_kernel_module()
     try:
-        module = importlib.import_module(MODULE)
+        module = importlib.import_module(TRITON_KERNEL_MODULE)
         assert not module.INTERPRETED
         yield module
     finally:
-        _forget_kernel_module()
+        forget_triton_kernel_module()
         if before is not None:
             os.environ["TRITON_INTERPRET"] = before
 

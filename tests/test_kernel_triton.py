@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TRITON_KERNEL_MODULE, forget_triton_kernel_module
 from oatui_kernels import KLRewardGAE, fused_kl_reward_gae, reference_kl_reward_gae
 
-MODULE = "oatui_kernels.triton_kernel"
 TOLERANCE = 1e-5
 OUTPUTS = KLRewardGAE._fields
 #: The child run must have run at least this many cases (guards against collecting nothing).
@@ -55,19 +55,12 @@ def test_kernel_under_the_interpreter(tmp_path: Path):
     assert ran >= MIN_CASES, f"only {ran} cases ran under the interpreter:\n{result.stdout[-3000:]}"
 
 
-def _forget_kernel_module() -> None:
-    sys.modules.pop(MODULE, None)
-    package = sys.modules.get("oatui_kernels")
-    if package is not None and hasattr(package, "triton_kernel"):
-        delattr(package, "triton_kernel")
-
-
 @pytest.fixture(scope="module")
 def kernel_module():
     """The kernel module, interpreted: only in a process started with TRITON_INTERPRET=1."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.fail("the case_* functions run in a process started with TRITON_INTERPRET=1")
-    module = importlib.import_module(MODULE)
+    module = importlib.import_module(TRITON_KERNEL_MODULE)
     assert module.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set"
     return module
 
@@ -162,6 +155,15 @@ def case_kernel_agrees_with_the_torch_path(kernel_module):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def case_whitening_variance_floor_is_1e_minus_8(kernel_module):
+    """At var = 5e-9 (Bessel) the 1e-8 floor decides the scale: ±0.41."""
+    zeros = torch.zeros(2, 1)
+    inputs = (zeros, zeros, zeros, torch.tensor([0.0, 1e-4]), torch.ones(2, 1))
+    out = fused_kl_reward_gae(*inputs, kl_coef=0.1, gamma=1.0, lam=1.0, backend="triton")
+    expected = torch.tensor([[-0.5e-4], [0.5e-4]]) / (0.5e-8 + 1e-8) ** 0.5
+    torch.testing.assert_close(out.advantages, expected, rtol=1e-3, atol=0)
+
+
 def case_kernel_ignores_padding_garbage(kernel_module):
     """Padded positions are never read (masked loads), so inf/NaN there cannot leak."""
     inputs = make_batch([20, 9, 0], 20, seed=13)
@@ -231,13 +233,13 @@ def case_triton_path_whitening_needs_two_tokens(kernel_module):
 def case_kernel_imported_before_the_variable_is_refused(monkeypatch):
     """Setting TRITON_INTERPRET after the module was imported (compiled for a GPU) is an error
     that says so, not a crash inside Triton."""
-    _forget_kernel_module()
+    forget_triton_kernel_module()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     try:
-        compiled = importlib.import_module(MODULE)
+        compiled = importlib.import_module(TRITON_KERNEL_MODULE)
         assert not compiled.INTERPRETED
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         with pytest.raises(RuntimeError, match="imported before"):
             fused_kl_reward_gae(*make_batch([4, 3], 4), kl_coef=0.1, backend="triton")
     finally:
-        _forget_kernel_module()
+        forget_triton_kernel_module()
