@@ -73,7 +73,11 @@ class StageConfig(BaseModel):
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
-    lr_scheduler_type: str = "cosine"
+    """Share of the optimizer steps over which the learning rate warms up (0 ≤ warmup_ratio < 1)."""
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    ] = "cosine"
+    """The learning-rate schedule (transformers' ``get_scheduler`` names)."""
     num_train_epochs: float = 1.0
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run ``num_train_epochs``)."""
@@ -114,11 +118,26 @@ class StageConfig(BaseModel):
     tiny_model: dict[str, int] | None = None
     """Overrides of the tiny model's shape (hidden_size, num_hidden_layers, ...), when ``model_name: tiny``."""
 
-    @field_validator("val_fraction")
+    @field_validator("val_fraction", "warmup_ratio")
     @classmethod
     def _fraction(cls, value: float) -> float:
         if not 0 <= value < 1:
             raise ValueError("must be in [0, 1)")
+        return value
+
+    @field_validator("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_total_limit")
+    @classmethod
+    def _positive_count(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive_rate(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be above 0")
         return value
 
 

@@ -44,6 +44,9 @@ def test_every_stage_ships_defaults_a_tiny_set_and_real_model_sets() -> None:
         (["defaults"], ["datasets=[{path: a, weight: 2}]"], "datasets.0.weight: unknown key 'weight'"),
         (["defaults"], ["novalue"], "--set novalue: expected key=value"),
         (["defaults_rm"], ["center_rewards_coeficient=0.1"], "did you mean 'center_rewards_coefficient'"),
+        (["defaults"], ["lr_scheduler_type=cosin"], "lr_scheduler_type: expected one of 'linear', 'cosine',"),
+        (["defaults"], ["per_device_train_batch_size=0"], "per_device_train_batch_size: must be at least 1, got 0"),
+        (["defaults"], ["warmup_ratio=1.5"], "warmup_ratio: must be in [0, 1), got 1.5"),
     ],
 )
 def test_mistakes_are_one_line(names: list[str], overrides: list[str], message: str) -> None:

@@ -126,15 +126,18 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(trained, workspace: Path) 
 def test_config_values_never_reach_a_shell(workspace: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     hostile = f"x; touch {marker}"
-    result = run_oatui("train", "sft", "--configs", "defaults", "tiny", "--set", f"model_name={hostile}",
-                       "--set", f"lr_scheduler_type=$(touch {marker})", workspace=workspace)
+    result = run_oatui("train", "sft", "--configs", "defaults", "tiny", "--set", f"model_name={hostile}", workspace=workspace)
     assert result.returncode == 2 and "no such folder" in result.stderr
-    # A value that passes validation travels as data to the stage, never through a shell.
     result = run_oatui("train", "sft", "--configs", "defaults", "tiny", "--set", f"lr_scheduler_type=$(touch {marker})",
-                       "--set", "max_steps=1", workspace=workspace)
-    assert result.returncode != 0
+                       workspace=workspace)
+    assert result.returncode == 2 and "lr_scheduler_type: expected one of" in result.stderr
+    # A value that passes validation travels as data to the stage, never through a shell.
+    result = run_oatui("train", "sft", "--configs", "defaults", "tiny", "--set", f"system_prompt=$(touch {marker})",
+                       "--set", "max_steps=1", "--set", "val_fraction=0", workspace=workspace)
+    assert result.returncode == 0, result.stderr[-2000:]
     (run,) = (workspace / "runs").iterdir()
     assert all(isinstance(arg, str) for arg in _info(run)["argv"])
+    assert f"system_prompt: $(touch {marker})" in (run / "config.yaml").read_text()
     assert not marker.exists()
 
 
