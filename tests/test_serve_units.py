@@ -376,6 +376,47 @@ def test_readiness_polls_bypass_proxy_settings(monkeypatch: pytest.MonkeyPatch) 
             httpd.shutdown()
 
 
+def test_clients_reach_a_local_server_despite_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC sends even 127.0.0.1 through http_proxy unless no_proxy names it: every client of a
+    local server connects directly (a stand-in server answers the model-config call)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+    from oatui.serve.client import AsyncChatClient, ChatClient, ScoreClient
+
+    class ConfigOnly(service_pb2_grpc.GRPCInferenceServiceServicer):
+        def ModelConfig(self, request, context):  # noqa: ANN001, ANN201, N802 - the gRPC method name
+            config = model_config_pb2.ModelConfig(name=request.name, max_batch_size=7)
+            config.parameters["eos_token"].string_value = "<eos>"
+            return service_pb2.ModelConfigResponse(config=config)
+
+    (dead,) = free_ports(1)
+    for name in ("grpc_proxy", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    for name in ("no_grpc_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = grpc.server(ThreadPoolExecutor(2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ConfigOnly(), server)
+    url = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with ScoreClient(f"{url}/rm", timeout=5, retries=0) as scores:
+            assert scores.max_batch_size() == 7
+        with ChatClient(url, timeout=5, retries=0) as chat:
+            assert chat.eos_token() == "<eos>"
+
+        async def async_eos() -> str:
+            async with AsyncChatClient(url, timeout=5, retries=0) as client:
+                return await client.eos_token()
+
+        assert asyncio.run(async_eos()) == "<eos>"
+    finally:
+        server.stop(0)
+
+
 def test_ranking_ends_quietly_when_the_input_ends(tmp_path: Path) -> None:
     """Ctrl-D (or the end of piped input) at the ranking or edit prompt skips: nothing saved, no traceback."""
     import argparse

@@ -94,6 +94,37 @@ def _as_address(address: "TritonAddress | str", default_model: str | None = None
     return address if isinstance(address, TritonAddress) else TritonAddress.parse(address, default_model)
 
 
+def _is_local(url: str) -> bool:
+    """Whether ``host:port`` names this machine's loopback."""
+    from oatui.serve.server import is_loopback
+
+    return is_loopback(url.rpartition(":")[0].strip("[]"))
+
+
+#: gRPC sends even 127.0.0.1 through grpc_proxy / https_proxy / http_proxy unless no_proxy names
+#: it, and no proxy reaches this machine's loopback: channels to a local server go direct.
+_NO_PROXY = ("grpc.enable_http_proxy", 0)
+
+
+def _triton_channel_args(url: str) -> list[tuple[str, Any]] | None:
+    """tritonclient's own channel options, plus no proxy for a local server; None elsewhere
+    (tritonclient's defaults, the environment's proxy settings)."""
+    if not _is_local(url):
+        return None
+    import tritonclient.grpc as grpcclient
+
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        _NO_PROXY,
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors and retries
 
@@ -170,7 +201,8 @@ class _UnaryClient:
         self.timeout = float(timeout)
         self.retries = int(retries)
         self._grpc = grpcclient
-        self._client = grpcclient.InferenceServerClient(self.address.url)
+        self._client = grpcclient.InferenceServerClient(
+            self.address.url, channel_args=_triton_channel_args(self.address.url))
         self._max_batch: int | None = None
 
     def _call(self, call: Callable[[], T]) -> T:
@@ -329,7 +361,7 @@ class ChatClient:
         self.timeout = float(timeout)
         self.retries = int(retries)
         self._grpc = grpcclient
-        self._client: Any = grpcclient.InferenceServerClient(url)
+        self._client: Any = grpcclient.InferenceServerClient(url, channel_args=_triton_channel_args(url))
         self._lock = threading.Lock()
         self._active: queue.Queue[Any] | None = None  # where the answer in progress goes
         self._request_id: str | None = None
@@ -525,7 +557,7 @@ class AsyncChatClient:
             import grpc
             from tritonclient.grpc import service_pb2_grpc
 
-            self._channel = grpc.aio.insecure_channel(self.url)
+            self._channel = grpc.aio.insecure_channel(self.url, options=[_NO_PROXY] if _is_local(self.url) else None)
             self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
