@@ -122,3 +122,38 @@ def test_demo_runs_the_whole_flow_and_rl_beats_sft(workspace: Path) -> None:
     from oatui.serve.server import status
 
     assert status(Workspace.open(workspace)) is None, "the demo stops its server"
+
+
+def test_ctrl_c_stops_the_demo_its_run_and_nothing_keeps_going(workspace: Path) -> None:
+    """SIGINT while the demo's SFT run trains: the run saves and ends `stopped`, the later phases are
+    skipped, the stop phase still runs, and the command exits 130."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import OATUI
+
+    process = subprocess.Popen([OATUI, "demo", "--workspace", str(workspace)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        runs = workspace / "runs"
+        while time.monotonic() < deadline:
+            if runs.is_dir() and any((run / "metrics.jsonl").is_file() for run in runs.iterdir()):
+                break
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "stopping: the running stage saves a checkpoint" in stderr
+    summary = stdout.split("phase", 1)[1]
+    assert "sft: FAILED" in stdout and " stopped" in stdout.split("sft: FAILED", 1)[1].splitlines()[0]
+    for phase in ("rm", "rl", "export", "serve", "chat", "compare"):
+        assert any(line.startswith(phase) and "skipped" in line for line in summary.splitlines()), summary
+    assert "no server was started" in summary
+    runs_listed = json.loads(run_oatui("runs", "--json", workspace=workspace, check=True).stdout)
+    assert [(r["stage"], r["state"]) for r in runs_listed] == [("sft", "stopped")]

@@ -709,18 +709,11 @@ class OatuiApp(App[None]):
                 from oatui.serve.server import stop
 
                 stop(self.workspace)
-            phase = {"now": ""}
 
             def report(event: Any) -> None:
-                if event.kind == "start":
-                    phase["now"] = event.phase
                 self.post_message(m.DemoReported(event))
 
-            def should_stop() -> bool:
-                # The last phase stops the demo's server: it runs whatever was asked.
-                return self._demo_stop.is_set() and phase["now"] != "stop"
-
-            demo = Demo(self.workspace, report, options or DemoOptions(), should_stop=should_stop)
+            demo = Demo(self.workspace, report, options or DemoOptions(), should_stop=self._demo_stop.is_set)
             results = demo.run()
             self.post_message(m.DemoFinished(results, format_summary(results), demo.succeeded))
         except Exception as error:  # noqa: BLE001 - shown in the panel, never a traceback

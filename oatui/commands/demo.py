@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 
 
@@ -18,7 +20,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
             "ports, a streamed answer from the RL policy, and the reward model's scores of the SFT and "
             "RL policies' answers to held-out prompts. Each stage is a normal run in the workspace. "
             "Exits 0 only if every phase succeeded (the RL policy must out-score the SFT policy). "
-            "About 3-5 minutes on 2 CPU cores."
+            "About 3-5 minutes on 2 CPU cores. Ctrl-C stops it cleanly: the running stage saves a "
+            "checkpoint and ends 'stopped', the server is stopped."
         ),
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
@@ -66,9 +69,27 @@ def run(args: argparse.Namespace) -> int:
             state = {True: "done", False: "FAILED", None: "skipped"}[event.result.ok]
             print(f"[{clock}] {event.phase}: {state} in {event.elapsed:.1f} s: {event.text}", flush=True)
 
+    # Ctrl-C asks the demo to stop: the stage running saves a checkpoint and stops, the demo's
+    # server is stopped. A second Ctrl-C leaves at once (runs and the server keep going).
+    stop_requested = threading.Event()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
+        print("\nstopping: the running stage saves a checkpoint and stops, then the server stops "
+              "(Ctrl-C again to leave now)", file=sys.stderr, flush=True)
+
     print(f"oatui demo in {workspace.root}", flush=True)
-    demo = Demo(workspace, report, DemoOptions(overrides=overrides, held_out_prompts=args.prompts))
-    results = demo.run()
+    demo = Demo(workspace, report, DemoOptions(overrides=overrides, held_out_prompts=args.prompts),
+                should_stop=stop_requested.is_set)
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        results = demo.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print()
     print(format_summary(results))
+    if stop_requested.is_set():
+        return 130
     return 0 if demo.succeeded else 1
