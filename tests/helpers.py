@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,13 @@ def run_oatui(*args: str, workspace: Path | None = None, timeout: float = 600, c
     if check and result.returncode != 0:
         raise AssertionError(f"oatui {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def as_foreground_job() -> None:
+    """``preexec_fn`` for a child that takes Ctrl-C as a terminal's foreground job does: SIGINT at
+    its default. A test run started in the background by a non-interactive shell inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_ports(count: int) -> list[int]:

@@ -119,6 +119,15 @@ def test_demo_runs_the_whole_flow_and_rl_beats_sft(workspace: Path) -> None:
     assert rl > sft
     runs = json.loads(run_oatui("runs", "--json", workspace=workspace, check=True).stdout)
     assert sorted(r["stage"] for r in runs) == ["rl", "rm", "sft"] and all(r["state"] == "succeeded" for r in runs)
+    # The demo's RL stage is `oatui train rl --configs defaults_rl tiny_rl` on the tiny SFT and RM
+    # models: the RM's score of the rollouts rises by at least half the step-0 spread, KL stays bounded.
+    (rl_run,) = (workspace / "runs").glob("rl-*")
+    metrics = read_metrics(rl_run)
+    scores = [m["ppo/score_mean"] for m in metrics]
+    fifth = len(scores) // 5
+    first, last = sum(scores[:fifth]) / fifth, sum(scores[-fifth:]) / fifth
+    assert last - first >= 0.5 * metrics[0]["ppo/score_std"], (first, last, metrics[0]["ppo/score_std"])
+    assert all(abs(m["ppo/kl"]) < 50 for m in metrics)
     from oatui.serve.server import status
 
     assert status(Workspace.open(workspace)) is None, "the demo stops its server"

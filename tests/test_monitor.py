@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import as_foreground_job
 from oatui.cli import main
 from oatui.errors import UserError
 from oatui.monitor import (
@@ -650,6 +651,7 @@ def test_gpus_watch_stops_quietly_on_ctrl_c(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=as_foreground_job,
     )
     try:
         assert process.stdout.readline()  # it is running
