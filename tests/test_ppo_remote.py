@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import read_metrics, run_oatui
+from helpers import free_ports, read_metrics, run_oatui
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["--set", "rollout_batch_size=4", "--set", "mini_batch_size=2", "--set", "ppo_epochs=1",
          "--set", "max_new_tokens=8", "--set", "torch_threads=1"]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @pytest.fixture(scope="module")

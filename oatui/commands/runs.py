@@ -30,17 +30,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     parser.set_defaults(func=run)
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 def run(args: argparse.Namespace) -> int:
-    from oatui.stages.runs import find_run, list_runs, stop_run, view, wait_for_end
+    from oatui.stages.runs import find_run, format_clock, list_runs, stop_run, view, wait_for_end
     from oatui.workspace import Workspace
 
     workspace = Workspace.open(args.workspace)
@@ -56,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         for v in views:
             steps = f"{v.step}/{v.total_steps}" if v.total_steps else "-"
             note = (v.info.error if v.info and v.info.error else v.problem) or ""
-            print(f"{v.id:32} {v.stage:5} {v.state:9} {steps:>11} {_duration(v.elapsed):>8} {_duration(v.eta):>8}  {note[:80]}")
+            print(f"{v.id:32} {v.stage:5} {v.state:9} {steps:>11} {format_clock(v.elapsed):>8} {format_clock(v.eta):>8}  {note[:80]}")
         return 0
     run_dir = find_run(workspace.runs, args.run_id)
     if args.action == "show":

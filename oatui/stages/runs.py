@@ -66,6 +66,16 @@ def refresh(run: RunDir, info: RunInfo | None = None) -> RunInfo:
     return current
 
 
+def format_clock(seconds: float | None) -> str:
+    """Elapsed time or ETA as a clock: 1:02:03, 2:03; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 @dataclass
 class RunView:
     """What a list of runs shows for one run, derived from run.json and the last metrics line."""

@@ -12,6 +12,7 @@ from textual.widgets import DataTable
 
 from oatui.app.choices import STAGE_NAMES
 from oatui.stages.runs import RunView
+from oatui.stages.runs import format_clock as clock
 
 BAR_WIDTH = 10
 STATE_STYLES = {
@@ -22,16 +23,6 @@ STATE_STYLES = {
     "stopped": "yellow",
     "broken": "bold red",
 }
-
-
-def clock(seconds: float | None) -> str:
-    """1:02:03, 2:03; '-' when unknown."""
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def progress_bar(fraction: float | None, width: int = BAR_WIDTH) -> str:
