@@ -52,6 +52,12 @@ class DatasetSpec(BaseModel):
         return value
 
 
+def _at_least_one(value: int) -> int:
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
 class StageConfig(BaseModel):
     """Keys every stage shares."""
 
@@ -71,23 +77,21 @@ class StageConfig(BaseModel):
     max_length: int = 512
     """Longest tokenized conversation, in tokens; longer ones are cut at the end."""
     learning_rate: float = 1e-5
+    """Peak learning rate of the optimizer (after warm-up)."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     warmup_ratio: float = 0.05
     """Share of the optimizer steps over which the learning rate warms up (0 ≤ warmup_ratio < 1)."""
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
     ] = "cosine"
     """The learning-rate schedule (transformers' ``get_scheduler`` names)."""
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run ``num_train_epochs``)."""
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    """Forward passes summed into one optimizer step (effective batch = this × batch size × processes)."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this global L2 norm."""
     logging_steps: int = 10
-    eval_steps: int = 100
-    """Evaluate every this many steps (and at the end)."""
+    """Write a line to ``metrics.jsonl`` and the log every this many steps."""
     save_steps: int = 500
     """Write a resumable checkpoint every this many steps (and when stopped)."""
     save_total_limit: int = 2
@@ -95,6 +99,7 @@ class StageConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Training precision: ``auto`` is bf16 on GPUs that support it, else float32."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """``adamw_8bit`` uses bitsandbytes' 8-bit AdamW (a single consumer GPU, or CPU)."""
     load_in_8bit: bool = False
@@ -104,15 +109,17 @@ class StageConfig(BaseModel):
     peft_model: bool = False
     """Train LoRA adapters instead of the full model."""
     lora_r: int = 16
+    """LoRA rank of each adapter."""
     lora_alpha: int = 32
+    """LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_r."""
     lora_dropout: float = 0.05
+    """Dropout on the adapters' input."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt; default: the model family's attention and MLP projections."""
     deepspeed: str | None = None
     """DeepSpeed config: a JSON file, or a name from ``configs/deepspeed/`` (``zero2``, ``zero3``, ...)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint folder to run. Off unless you trust the checkpoint."""
-    dataloader_num_workers: int = 0
     torch_threads: int | None = None
     """CPU threads for torch (default: torch's own choice)."""
     tiny_model: dict[str, int] | None = None
@@ -125,13 +132,10 @@ class StageConfig(BaseModel):
             raise ValueError("must be in [0, 1)")
         return value
 
-    @field_validator("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_total_limit")
+    @field_validator("max_length", "gradient_accumulation_steps", "logging_steps", "save_total_limit")
     @classmethod
     def _positive_count(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
+        return _at_least_one(value)
 
     @field_validator("learning_rate")
     @classmethod
@@ -141,14 +145,37 @@ class StageConfig(BaseModel):
         return value
 
 
-class SFTConfig(StageConfig):
+class TrainerStageConfig(StageConfig):
+    """Keys of the stages trained by the Hugging Face Trainer (SFT and RM); the RL stage counts
+    PPO steps instead (``total_steps``)."""
+
+    num_train_epochs: float = 1.0
+    """Passes over the training data (fractions allowed); ``max_steps`` wins when set."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run ``num_train_epochs``)."""
+    per_device_train_batch_size: int = 4
+    """Training examples per process and forward pass (SFT: conversations; RM: ranked groups)."""
+    per_device_eval_batch_size: int = 8
+    """Evaluation examples per process and forward pass."""
+    eval_steps: int = 100
+    """Evaluate every this many steps (and at the end)."""
+    dataloader_num_workers: int = 0
+    """Worker processes loading batches (0: in the training process)."""
+
+    @field_validator("per_device_train_batch_size", "per_device_eval_batch_size", "eval_steps")
+    @classmethod
+    def _positive_trainer_count(cls, value: int) -> int:
+        return _at_least_one(value)
+
+
+class SFTConfig(TrainerStageConfig):
     """Supervised fine-tuning on the conversations of the export trees (loss on assistant tokens)."""
 
     system_prompt: str | None = None
     """A system message put before every conversation."""
 
 
-class RMConfig(StageConfig):
+class RMConfig(TrainerStageConfig):
     """Reward-model training on the (better, worse) pairs of the ranked reply groups."""
 
     center_rewards_coefficient: float | None = None
@@ -196,9 +223,11 @@ class RLConfig(StageConfig):
     max_new_tokens: int = 64
     """Longest response; a response that reaches it without EOS is cut there."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts (1: the policy's own distribution)."""
     top_k: int = 0
     """Sample from the k likeliest tokens only (0: all)."""
     top_p: float = 1.0
+    """Sample from the smallest set of tokens whose probability reaches top_p (1: all)."""
     max_prompt_length: int = 256
     """Longest prompt, in tokens; longer ones keep their end."""
     cliprange: float = 0.2
@@ -210,6 +239,7 @@ class RLConfig(StageConfig):
     ent_coef: float = 0.0
     """Weight of the entropy bonus (0: entropy is only measured)."""
     gamma: float = 1.0
+    """Discount per token in GAE (1: none)."""
     lam: float = 0.95
     """GAE's λ."""
     init_kl_coef: float = 0.05
@@ -288,6 +318,10 @@ class RLConfig(StageConfig):
                                  f"gradient_accumulation_steps {accumulation}")
         return value
 
+
+#: The Trainer's keys that people reach for in the RL stage, and what the RL stage calls them.
+NOT_FOR_RL = {"max_steps": "total_steps", "num_train_epochs": "total_steps",
+              "per_device_train_batch_size": "mini_batch_size", "per_device_eval_batch_size": "mini_batch_size"}
 
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "rl": RLConfig}
 
@@ -451,7 +485,8 @@ def validate(stage: str, composed: Composed) -> StageConfig:
     known = list(schema.model_fields)
     for key in composed.values:
         if key not in schema.model_fields:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            close = [NOT_FOR_RL[key]] if stage == "rl" and key in NOT_FOR_RL else \
+                difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UserError(f"unknown key '{key}' for the {stage} stage, from {composed.origin[key]}{hint}")
     try:

@@ -47,10 +47,13 @@ def test_every_stage_ships_defaults_a_tiny_set_and_real_model_sets() -> None:
         (["defaults"], ["lr_scheduler_type=cosin"], "lr_scheduler_type: expected one of 'linear', 'cosine',"),
         (["defaults"], ["per_device_train_batch_size=0"], "per_device_train_batch_size: must be at least 1, got 0"),
         (["defaults"], ["warmup_ratio=1.5"], "warmup_ratio: must be in [0, 1), got 1.5"),
+        # The RL stage counts PPO steps: the Trainer's epoch and batch keys are not its keys.
+        (["defaults_rl"], ["num_train_epochs=2"], "unknown key 'num_train_epochs' for the rl stage"),
+        (["defaults_rl"], ["max_steps=10"], "unknown key 'max_steps' for the rl stage, from --set max_steps=10; did you mean 'total_steps'?"),
     ],
 )
 def test_mistakes_are_one_line(names: list[str], overrides: list[str], message: str) -> None:
-    stage = "rm" if names == ["defaults_rm"] else "sft"
+    stage = {"defaults_rm": "rm", "defaults_rl": "rl"}.get(names[0], "sft")
     with pytest.raises(UserError) as caught:
         load_stage_config(stage, names, overrides)
     assert message in str(caught.value)

@@ -155,6 +155,8 @@ def test_latest_without_a_succeeded_run_is_one_line(workspace: Path, trained) ->
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith(
         "no succeeded rm run in " f"{workspace}; train one with `oatui train rm --configs defaults_rm tiny_rm` or set rm_model")
+    assert result.stderr.count("\n") == 1, "one line, before any run starts"
+    assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir()), "no run folder is left"
 
 
 def test_bad_triton_addresses_are_one_line(workspace: Path, trained) -> None:  # noqa: ANN001

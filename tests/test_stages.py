@@ -122,3 +122,19 @@ def test_a_broken_data_line_fails_the_run_with_one_line(trained, workspace: Path
     (run,) = (workspace / "runs").iterdir()
     info = json.loads((run / "run.json").read_text())
     assert info["state"] == "failed" and info["error"] == f"{data}:1: prompt.message_id: missing"
+
+
+def test_a_relative_hostfile_reaches_the_launcher_as_an_absolute_path(workspace: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage starts in its run folder, so `--hostfile hosts.txt` must not stay relative (deepspeed
+    would quietly fall back to this machine alone)."""
+    from oatui.stages.launcher import LaunchRequest, prepare
+    from oatui.workspace import Workspace
+
+    (tmp_path / "hosts.txt").write_text("localhost slots=1\n")
+    monkeypatch.chdir(tmp_path)
+    run = prepare(LaunchRequest(stage="sft", configs=["defaults", "tiny"], hostfile="hosts.txt"),
+                  Workspace.open(workspace))
+    info = run.read_info()
+    assert info.launcher == "deepspeed" and info.hostfile == str(tmp_path / "hosts.txt")
+    assert info.argv[info.argv.index("--hostfile") + 1] == str(tmp_path / "hosts.txt")

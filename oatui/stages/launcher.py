@@ -14,10 +14,10 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from oatui.config import STAGES, StageConfig, deepspeed_config_path, from_yaml_file, load_stage_config, to_yaml
+from oatui.config import STAGES, RLConfig, StageConfig, deepspeed_config_path, from_yaml_file, load_stage_config, to_yaml
 from oatui.errors import UserError
 from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, new_run_id, valid_run_id
 from oatui.workspace import Workspace
@@ -148,12 +148,20 @@ def _check_inputs(stage: str, config: StageConfig, workspace: Workspace) -> None
     """The cheap checks that must fail before a run directory exists."""
     from oatui.data.datasets import resolve_dataset_path
     from oatui.models.loading import check_model_name
+    from oatui.stages.runs import require_latest_final
 
     check_model_name(config.model_name)
     for name in ("sft_model", "rm_model"):
         value = getattr(config, name, None)
         if value:
             check_model_name(value)
+    if isinstance(config, RLConfig):
+        # `latest` is resolved again when the stage starts; a workspace without such a run fails here,
+        # before a run folder exists. A remotely served RM needs no local one (unless it makes the values).
+        remote_rm = bool(os.environ.get("TRITON_HOST_RM") or config.triton_host_rm) and config.value_model != "rm"
+        for stage_name, value in (("sft", config.sft_model), ("rm", None if remote_rm else config.rm_model)):
+            if value == "latest":
+                require_latest_final(workspace.root, stage_name)
     for spec in config.datasets + list(getattr(config, "prompts", None) or []):
         resolve_dataset_path(spec, workspace.root)
     if config.deepspeed:
@@ -168,6 +176,8 @@ def prepare(request: LaunchRequest, workspace: Workspace) -> RunDir:
         raise UserError(f"--hostfile {request.hostfile}: no such file")
     if request.hostfile:
         _hosts(request.hostfile)
+        # The stage starts in its run folder: a relative path would name nothing there.
+        request = replace(request, hostfile=str(Path(request.hostfile).absolute()))
     if request.resume:
         return _prepare_resume(request, workspace)
     if not request.configs:
@@ -193,7 +203,7 @@ def prepare(request: LaunchRequest, workspace: Workspace) -> RunDir:
         gpus=",".join(map(str, gpus)) or None,
         num_processes=num_processes,
         workspace=str(workspace.root),
-        hostfile=str(Path(request.hostfile).absolute()) if request.hostfile else None,
+        hostfile=request.hostfile,
     )
     return RunDir.create(workspace.runs, info, to_yaml(config))
 

@@ -220,6 +220,19 @@ def latest_final(runs_dir: Path, stage: str) -> Path | None:
     return None
 
 
+#: How to make the run that ``sft_model: latest`` / ``rm_model: latest`` needs.
+FIRST_RUN = {"sft": "oatui train sft --configs defaults tiny", "rm": "oatui train rm --configs defaults_rm tiny_rm"}
+
+
+def require_latest_final(workspace_root: Path, stage: str) -> Path:
+    """:func:`latest_final`, or a one-line error saying which run to make first."""
+    final = latest_final(workspace_root / "runs", stage)
+    if final is None:
+        raise UserError(f"no succeeded {stage} run in {workspace_root}; train one with "
+                        f"`{FIRST_RUN[stage]}` or set {stage}_model")
+    return final
+
+
 def stop_run(run: RunDir, force: bool = False) -> RunInfo:
     """Ask a run to stop (checkpoint, then ``stopped``), or kill it with ``force``."""
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from oatui.config import StageConfig, deepspeed_config_path
+from oatui.config import TrainerStageConfig, deepspeed_config_path
 from oatui.train.common import (
     StageContext,
     StageStopped,
@@ -86,7 +86,7 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
 
 
-def trainer_arguments(config: StageConfig, context: StageContext) -> dict[str, Any]:
+def trainer_arguments(config: TrainerStageConfig, context: StageContext) -> dict[str, Any]:
     """Keyword arguments shared by trl's SFTConfig and RewardConfig."""
     import torch
 

@@ -67,8 +67,8 @@ class LaunchForm(ModalScreen[tuple[str, str] | None]):
             yield Input(choice.configs, id="launch-configs", placeholder="defaults tiny", compact=True)
             yield Static("", id="launch-sections", classes="field-hint")
             yield Label("Overrides (key=value, each one --set)", classes="field-label")
-            yield Input(choice.overrides, id="launch-overrides", placeholder="max_steps=100 learning_rate=1e-5",
-                        compact=True)
+            example = "total_steps=40 kl_target=4" if self.stage == "rl" else "max_steps=100 learning_rate=1e-5"
+            yield Input(choice.overrides, id="launch-overrides", placeholder=example, compact=True)
             with Horizontal(classes="field-row"):
                 with Vertical():
                     yield Label("Launcher", classes="field-label")

@@ -21,19 +21,12 @@ if TYPE_CHECKING:
     from oatui.train.common import StageContext
     from oatui.train.ppo.scoring import Reference, RewardModel
 
-FIRST_RUN = {"sft": "oatui train sft --configs defaults tiny", "rm": "oatui train rm --configs defaults_rm tiny_rm"}
-
-
 def resolve_stage_model(value: str, stage: str, context: "StageContext") -> str:
     """``latest`` → the newest succeeded ``stage`` run's ``final/``; anything else → a loadable name."""
     if value == "latest":
-        from oatui.stages.runs import latest_final
+        from oatui.stages.runs import require_latest_final
 
-        final = latest_final(context.workspace.runs, stage)
-        if final is None:
-            raise UserError(f"no succeeded {stage} run in {context.workspace.root}; train one with "
-                            f"`{FIRST_RUN[stage]}` or set {stage}_model")
-        return str(final)
+        return str(require_latest_final(context.workspace.root, stage))
     return context.model_name(value)
 
 
