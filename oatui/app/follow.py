@@ -8,10 +8,11 @@ Plain Python (no textual): the app calls it from a thread worker.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from oatui.fsutil import json_objects
 
 
 class FileFollower:
@@ -66,12 +67,4 @@ class MetricsFollower:
         self._lines = FileFollower(path, start_tail_bytes=1 << 62)
 
     def read_new(self) -> list[dict[str, Any]]:
-        records = []
-        for line in self._lines.read_new():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        return list(json_objects(self._lines.read_new()))

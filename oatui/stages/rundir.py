@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oatui.fsutil import atomic_write_json, atomic_write_text, make_private_dir, read_last_line
+from oatui.fsutil import atomic_write_json, atomic_write_text, json_objects, make_private_dir, read_last_line
 
 STATES = ("queued", "running", "succeeded", "failed", "stopped")
 ACTIVE_STATES = ("queued", "running")
@@ -193,29 +193,15 @@ class RunDir:
     # -- what a stage writes ----------------------------------------------------------------
     def last_metrics(self) -> dict[str, Any] | None:
         line = read_last_line(self.metrics_path)
-        if not line:
-            return None
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            return None
-        return record if isinstance(record, dict) else None
+        return next(json_objects([line]), None) if line else None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every well-formed line of ``metrics.jsonl`` (a torn last line is skipped)."""
-        records = []
         try:
             with open(self.metrics_path, encoding="utf-8", errors="replace") as handle:
-                for line in handle:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(record, dict):
-                        records.append(record)
+                return list(json_objects(handle))
         except FileNotFoundError:
-            pass
-        return records
+            return []
 
     def read_error(self) -> str | None:
         try:

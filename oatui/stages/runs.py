@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from oatui.errors import UserError
+from oatui.fsutil import json_objects
 from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, valid_run_id
 
 # A supervisor that has not written "running" this long after the launch is considered lost.
@@ -160,14 +161,8 @@ def _first_step(run: RunDir) -> tuple[int, float] | None:
     """The first metrics line of the current attempt, for the rate behind the ETA."""
     try:
         with open(run.metrics_path, encoding="utf-8", errors="replace") as handle:
-            import json
-
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > 0:
+            for record in json_objects(handle):
+                if isinstance(record.get("step"), int) and record["step"] > 0:
                     return record["step"], float(record.get("time", 0))
     except FileNotFoundError:
         return None

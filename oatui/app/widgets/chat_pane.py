@@ -24,7 +24,7 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from rich.text import Text
 from textual import on, work
@@ -66,6 +66,37 @@ PROMPT_HINT = "Ask the policy (Enter sends · Esc stops · ctrl+o options · ctr
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+async def stream_in_batches(client: Any, context: list[tuple[str, str]], settings: ChatSettings,
+                            pieces: list[str], emit: Callable[[str], None], **extra: Any) -> None:
+    """Stream one answer into ``pieces``; ``emit`` gets the new text at most every ``FLUSH_INTERVAL``
+    and whatever is left when the stream ends, however it ends (errors and cancellation propagate)."""
+    pending: list[str] = []
+    last_flush = 0.0
+    try:
+        async for piece in client.stream(turns=context, system=settings.system or None, **extra,
+                                         **settings.sampling()):
+            pieces.append(piece)
+            pending.append(piece)
+            now = time.monotonic()
+            if now - last_flush >= FLUSH_INTERVAL:
+                emit("".join(pending))
+                pending.clear()
+                last_flush = now
+    finally:
+        if pending:
+            emit("".join(pending))
+
+
+async def close_quietly(client: Any) -> None:
+    """Close a chat client even while the worker is being cancelled."""
+    if client is None:
+        return
+    try:
+        await asyncio.shield(client.close())
+    except BaseException:  # noqa: BLE001 - closing a cancelled channel
+        pass
 
 
 def streaming_models(repo: Path) -> list[str]:
@@ -294,8 +325,6 @@ class ChatPane(Vertical):
         moment included), one ``AnswerFinished`` is posted."""
         history = self.history()
         pieces: list[str] = []
-        pending: list[str] = []
-        last_flush = 0.0
         state, error = "complete", None
         asked = None
         client = None
@@ -314,15 +343,8 @@ class ChatPane(Vertical):
             self.turns.append(("prompter", prompt, asked.id))
             client = AsyncChatClient(url, model=settings.model, timeout=ANSWER_TIMEOUT, retries=2)
             try:
-                async for piece in client.stream(turns=context, system=settings.system or None,
-                                                 **settings.sampling()):
-                    pieces.append(piece)
-                    pending.append(piece)
-                    now = time.monotonic()
-                    if now - last_flush >= FLUSH_INTERVAL:
-                        self.post_message(TokenReceived("".join(pending)))
-                        pending.clear()
-                        last_flush = now
+                await stream_in_batches(client, context, settings, pieces,
+                                        lambda text: self.post_message(TokenReceived(text)))
             except (ServerUnavailable, RemoteError, ValueError) as failure:
                 state, error = "error", str(failure)
             if self.stop_requested and state == "complete":
@@ -334,8 +356,6 @@ class ChatPane(Vertical):
         except Exception as failure:  # noqa: BLE001 - shown in the pane, never a traceback
             state, error = "error", f"{type(failure).__name__}: {failure}"
         finally:
-            if pending:
-                self.post_message(TokenReceived("".join(pending)))
             answer = "".join(pieces)
             self.post_message(AnswerFinished(answer, state, error))
             if asked is not None and self.conversation_id is not None:
@@ -347,11 +367,7 @@ class ChatPane(Vertical):
                         self.turns.append(("assistant", answer, saved.id))
                 except Exception:  # noqa: BLE001 - the answer is on screen; the store reports later
                     pass
-            if client is not None:
-                try:
-                    await asyncio.shield(client.close())
-                except BaseException:  # noqa: BLE001 - closing a cancelled channel
-                    pass
+            await close_quietly(client)
 
     @on(TokenReceived)
     async def _token_received(self, message: TokenReceived) -> None:
@@ -454,27 +470,18 @@ class ChatPane(Vertical):
             client = AsyncChatClient(url, model=settings.model, timeout=ANSWER_TIMEOUT, retries=2)
             for index, seed in enumerate(seeds):
                 pieces: list[str] = []
-                pending: list[str] = []
-                last_flush = 0.0
                 answer_state, answer_error = "complete", None
                 try:
-                    async for piece in client.stream(turns=context, system=settings.system or None, seed=seed,
-                                                     **settings.sampling()):
-                        pieces.append(piece)
-                        pending.append(piece)
-                        now = time.monotonic()
-                        if now - last_flush >= FLUSH_INTERVAL:
-                            self.post_message(RankPieceReceived(index, "".join(pending)))
-                            pending.clear()
-                            last_flush = now
+                    def emit(text: str, index: int = index) -> None:
+                        self.post_message(RankPieceReceived(index, text))
+
+                    await stream_in_batches(client, context, settings, pieces, emit, seed=seed)
                 except (ServerUnavailable, RemoteError, ValueError) as failure:
                     answer_state, answer_error = "error", str(failure)
                 except asyncio.CancelledError:
                     answer_state = "cancelled"
                     raise
                 finally:
-                    if pending:
-                        self.post_message(RankPieceReceived(index, "".join(pending)))
                     self.post_message(RankAnswerFinished(index, "".join(pieces), answer_state, answer_error))
                 if answer_state == "error":
                     state, error = "error", answer_error
@@ -486,11 +493,7 @@ class ChatPane(Vertical):
             state, error = "error", f"{type(failure).__name__}: {failure}"
         finally:
             self.post_message(RankSamplingFinished(state, error))
-            if client is not None:
-                try:
-                    await asyncio.shield(client.close())
-                except BaseException:  # noqa: BLE001 - closing a cancelled channel
-                    pass
+            await close_quietly(client)
 
     @on(RankPieceReceived)
     def _rank_piece(self, message: RankPieceReceived) -> None:
