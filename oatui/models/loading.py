@@ -29,10 +29,6 @@ LORA_TARGETS = {
 }
 
 
-def looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or os.sep in name.rstrip(os.sep) and Path(name).exists() or Path(name).exists()
-
-
 def resolve_model_name(name: str, models_dir: Path, tiny_overrides: dict[str, int] | None = None) -> str:
     """A loadable name: ``tiny`` becomes the workspace's tiny model folder; paths must exist."""
     if name == "tiny":
