@@ -17,6 +17,7 @@ hands. The prompts are measured in turns (loop, generate(), Triton, then the nex
 
     python bench/bench_serve.py --workspace WORKSPACE             # its latest SFT run's model
     python bench/bench_serve.py --model DIR --prompts 16 --max-new-tokens 64
+    python bench/bench_serve.py --workspace WORKSPACE --device cuda   # both sides on the GPU
 """
 
 from __future__ import annotations
@@ -122,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads on both sides (default 0: half the cores, as the server picks)")
     parser.add_argument("--server-bin", help="tritonserver to run (default: on PATH, else the bundled one)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides run the model: the in-process paths, and the server's model "
+                             "(exported with this --device); default cpu")
     args = parser.parse_args(argv)
 
     import torch
     from transformers import TextIteratorStreamer
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
 
     from oatui.data.format import format_conversation
     from oatui.models.loading import load_for_inference
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = cpu_threads(args.threads)
     torch.set_num_threads(threads)
     model_path = resolve_model(args)
-    model, tokenizer = load_for_inference(str(model_path), "policy")
+    model, tokenizer = load_for_inference(str(model_path), "policy", device=args.device)
     limit = context_limit(model, tokenizer)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             ignore_eos=True)
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="oatui-bench-serve-") as scratch:
         workspace = Workspace.open(Path(scratch) / "ws")
-        export_model("policy", model_path, workspace.triton_repo, cpu_threads=threads)
+        export_model("policy", model_path, workspace.triton_repo, cpu_threads=threads, device=args.device)
         import socket
 
         ports = []
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             def run_generate(text: str, seed: int) -> tuple[float, float, str]:
                 torch.manual_seed(seed)
                 streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-                inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+                inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(model.device)
                 kwargs = dict(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens,
                               min_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
                               top_k=args.top_k, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
@@ -232,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters), "
           f"{args.prompts} prompts x {args.rounds} rounds after {args.warmup} warm-up rounds, "
           f"{args.max_new_tokens} new tokens each, temperature {args.temperature}, top_k {args.top_k}")
+    if args.device == "cuda":
+        print(f"GPU {torch.cuda.get_device_name()} on both sides")
     print(f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} thread(s) on each side; "
           f"tritonserver ready in {startup:.1f} s; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print(f"Triton answers equal to the in-process loop's (same seeds): {measured - mismatches}/{measured}")

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                         help="rm/ref: largest batch per request and for dynamic batching (default 16)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the server runs the model; auto: CUDA when it sees a GPU, else CPU")
+    parser.add_argument("--instance-kind", choices=("model", "gpu"), default="model",
+                        help="Triton instance group: model (KIND_MODEL, default: one instance that picks CUDA or "
+                             "the CPU itself) or gpu (KIND_GPU: one instance per GPU the server sees; needs GPUs)")
     parser.add_argument("--cpu-threads", type=int, default=0, metavar="N",
                         help="torch threads for a model on the CPU (default 0: half the cores the server may use)")
     parser.add_argument("--copy", action="store_true",
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         copy=args.copy,
         force=args.force,
         cpu_threads=args.cpu_threads,
+        instance_kind=args.instance_kind,
     )
     verb = "replaced" if result.replaced else "wrote"
     print(f"{verb} {result.path} ({result.mode}, model {result.model_path})")

@@ -23,6 +23,10 @@ TINY_SHAPE: dict[str, int] = {
     "max_position_embeddings": 512,
     "vocab_size": 2048,
 }
+#: Shape keys a config may add to the tiny model's: ``padded_vocab_size`` gives the embedding at least
+#: that many rows (Pythia pads its 50277 tokens to 50304), so that a model shaped like a real one has
+#: its parameter count and logits size although the tokenizer trained on the sample is much smaller.
+OPTIONAL_SHAPE_KEYS = ("padded_vocab_size",)
 TOKENIZER_SPECIALS = [DEFAULT_EOS, PAD, PROMPTER, ASSISTANT, SYSTEM]
 SEED = 1234
 
@@ -73,7 +77,7 @@ def build_tiny_model(folder: Path, shape: dict[str, int]) -> Path:
 
     tokenizer = train_tokenizer(shape["vocab_size"])
     # Round the embedding up to a multiple of 64, as Pythia does, for friendlier matmul shapes.
-    vocab = (len(tokenizer) + 63) // 64 * 64
+    vocab = (max(len(tokenizer), shape.get("padded_vocab_size", 0)) + 63) // 64 * 64
     config = GPTNeoXConfig(
         vocab_size=vocab,
         hidden_size=shape["hidden_size"],
@@ -105,11 +109,11 @@ def build_tiny_model(folder: Path, shape: dict[str, int]) -> Path:
 def ensure_tiny_model(models_dir: Path, overrides: dict[str, int] | None = None) -> Path:
     """The tiny model's folder, created on first use (safe when several processes ask at once)."""
     shape = dict(TINY_SHAPE)
-    unknown = set(overrides or {}) - set(shape)
+    unknown = set(overrides or {}) - set(shape) - set(OPTIONAL_SHAPE_KEYS)
     if unknown:
         from oatui.errors import UserError
 
-        raise UserError(f"tiny_model: unknown keys {sorted(unknown)}; known: {sorted(shape)}")
+        raise UserError(f"tiny_model: unknown keys {sorted(unknown)}; known: {sorted(shape) + list(OPTIONAL_SHAPE_KEYS)}")
     shape.update(overrides or {})
     make_private_dir(models_dir)
     folder = models_dir / _folder_name(shape)

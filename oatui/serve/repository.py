@@ -36,6 +36,8 @@ from oatui.serve.triton_models import common
 
 MODES = ("policy", "rm", "ref")
 DEVICES = ("auto", "cpu", "cuda")
+#: ``--instance-kind``: Triton's instance group kind of an exported model.
+INSTANCE_KINDS = {"model": "KIND_MODEL", "gpu": "KIND_GPU"}
 DEFAULT_MAX_BATCH = 16
 VERSION = "1"
 COPY_FOLDER = "checkpoint"
@@ -68,8 +70,14 @@ def _parameters(values: dict[str, str]) -> str:
     )
 
 
-def config_text(mode: str, name: str, parameters: dict[str, str], max_batch: int = DEFAULT_MAX_BATCH) -> str:
-    """The ``config.pbtxt`` of one exported model."""
+def config_text(mode: str, name: str, parameters: dict[str, str], max_batch: int = DEFAULT_MAX_BATCH,
+                instance_kind: str = "model") -> str:
+    """The ``config.pbtxt`` of one exported model.
+
+    ``instance_kind`` ``model`` (KIND_MODEL): one instance that picks its device itself (CUDA when
+    visible, else the CPU), so the repository serves on any machine; ``gpu`` (KIND_GPU): one
+    instance on each GPU the server sees, placed by Triton (a server without GPUs fails to load it).
+    """
     if mode == "policy":
         body = f"""\
 max_batch_size: 0
@@ -110,9 +118,7 @@ output [
         f"name: {_pbtxt_string(name)}\n"
         'backend: "python"\n'
         f"{body}\n"
-        # KIND_MODEL: the model picks its device itself (CUDA when visible, else the CPU);
-        # KIND_GPU would fail on machines without GPUs.
-        "instance_group [ { kind: KIND_MODEL count: 1 } ]\n"
+        f"instance_group [ {{ kind: {INSTANCE_KINDS[instance_kind]} count: 1 }} ]\n"
         f"{_parameters(parameters)}\n"
     )
 
@@ -191,12 +197,17 @@ def export_model(
     force: bool = False,
     dtype: str = "float32",
     cpu_threads: int = 0,
+    instance_kind: str = "model",
 ) -> ExportResult:
     """Write ``REPO/NAME`` for ``model`` (a checkpoint folder with config.json)."""
     if mode not in MODES:
         raise UserError(f"--mode {mode}: choose one of {', '.join(MODES)}")
     if device not in DEVICES:
         raise UserError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise UserError(f"--instance-kind {instance_kind}: choose one of {', '.join(INSTANCE_KINDS)}")
+    if instance_kind == "gpu" and device == "cpu":
+        raise UserError("--instance-kind gpu places the model on a GPU; it cannot go with --device cpu")
     name = name or mode
     if not NAME_PATTERN.match(name):
         raise UserError(f"--name {name!r}: use letters, digits, '_', '-' and '.', not starting with '.' or '-'")
@@ -232,9 +243,10 @@ def export_model(
             common.CPU_THREADS_KEY: str(cpu_threads),
             **facts,
         }
-        (staging / "config.pbtxt").write_text(config_text(mode, name, parameters, max_batch))
+        (staging / "config.pbtxt").write_text(config_text(mode, name, parameters, max_batch, instance_kind))
         shutil.copyfile(MODEL_SOURCES / f"{mode}.py", version / "model.py")
-        info = {"mode": mode, "source": str(model), "copied": copy, "exported": time.time(), "device": device}
+        info = {"mode": mode, "source": str(model), "copied": copy, "exported": time.time(), "device": device,
+                "instance_kind": instance_kind}
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         replaced = False
         if target.exists():
