@@ -19,6 +19,12 @@ With --rank K, K answers are sampled (different seeds) and you put them in order
 appended to WORKSPACE/data/feedback.trees.jsonl as an export tree, which the 'feedback' dataset
 of the SFT and RM configs reads (an edited answer becomes a demonstration).
 
+With --ab MODEL_A MODEL_B, a blind A/B judge: both models answer each prompt at once, shown as A
+and B in an order drawn at random per round; you answer a (A is better), b, t (tie) or s (skip),
+then the order is revealed. Each choice is appended to the same feedback file (both model names
+recorded; a tie is saved unranked, so it makes no RM pair), and the pair's win rate so far,
+counted from that file, is printed after every choice.
+
 'oatui chat export [--out FILE]' writes the app's chat history as export trees.
 """
 
@@ -45,6 +51,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                         help="longest wait for each piece of the answer (default 30)")
     parser.add_argument("--rank", type=int, metavar="K",
                         help="sample K answers (seeds S, S+1, ...) and rank them into feedback data")
+    parser.add_argument("--ab", nargs=2, metavar=("MODEL_A", "MODEL_B"),
+                        help="blind A/B: both models answer, you pick the better one (or a tie) into feedback data")
     parser.add_argument("--lang", default="en", metavar="CODE",
                         help="language code recorded with rankings and exports (default en)")
     parser.add_argument("--out", metavar="FILE",
@@ -186,18 +194,172 @@ def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args
     return edits.get(best, texts[best])
 
 
+def stream_both(clients: Sequence[Any], turns: Sequence[tuple[str, str]], system: str | None,
+                sampling: dict[str, Any], out: TextIO) -> tuple[str, str]:
+    """Generate two answers at once (one thread per client); show A's as it streams, then B's.
+
+    Returns both answers. An error of either stream is raised once both have ended; Ctrl-C
+    cancels both on the server.
+    """
+    import queue
+    import threading
+
+    streams: list[queue.Queue[tuple[str, Any]]] = [queue.Queue(), queue.Queue()]
+
+    def produce(client: Any, target: queue.Queue[tuple[str, Any]]) -> None:
+        try:
+            for piece in client.stream(turns=list(turns), system=system, **sampling):
+                target.put(("piece", piece))
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            target.put(("error", error))
+        else:
+            target.put(("end", None))
+
+    threads = [threading.Thread(target=produce, args=(client, target), daemon=True)
+               for client, target in zip(clients, streams)]
+    for thread in threads:
+        thread.start()
+    texts: list[str] = []
+    failure: BaseException | None = None
+    try:
+        for label, target in zip("AB", streams):
+            out.write(f"--- {label} ---\n")
+            out.flush()
+            pieces: list[str] = []
+            while True:
+                kind, value = target.get()
+                if kind == "piece":
+                    out.write(value)
+                    out.flush()
+                    pieces.append(value)
+                    continue
+                if kind == "error" and failure is None:
+                    failure = value
+                break
+            out.write("\n")
+            texts.append("".join(pieces).strip())
+    except KeyboardInterrupt:
+        for client in clients:
+            client.cancel()
+        raise
+    finally:
+        for thread in threads:
+            thread.join(timeout=5)
+    if failure is not None:
+        raise failure
+    return texts[0], texts[1]
+
+
+def ab_round(clients: dict[str, Any], turns: Sequence[tuple[str, str]], context_models: Sequence[str | None],
+             args: argparse.Namespace, sampling: dict[str, Any], out: TextIO,
+             read: Callable[[str], str] = input) -> tuple[str, str] | None:
+    """One blind round: both answers, the person's choice, the tree appended and the order revealed.
+
+    Returns the answer the conversation goes on from and its model, or None when skipped.
+    """
+    from oatui.chat.ab import HELP, ABRound, append_round, pair_tally, parse_choice, shown_order
+    from oatui.workspace import Workspace
+
+    models = shown_order(*args.ab)
+    try:
+        texts = stream_both([clients[models[0]], clients[models[1]]], turns, args.system, sampling, out)
+    except KeyboardInterrupt:
+        out.write("\n[stopped: nothing saved]\n")
+        return None
+    while True:
+        try:
+            choice = parse_choice(read(f"which is better? ({HELP}): "))
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, the end of piped input or Ctrl-C: as a skip
+            choice = "skip"
+            out.write("\n")
+        if choice is not None:
+            break
+        out.write(f"expected one of: {HELP}\n")
+    reveal = f"A was {models[0]}, B was {models[1]}"
+    if choice == "skip":
+        out.write(f"skipped: nothing saved ({reveal})\n")
+        return None
+    workspace = Workspace.open(args.workspace)
+    ab = ABRound(context=list(turns), models=models, texts=texts, choice=choice, lang=args.lang,
+                 system=args.system, context_models=list(context_models))
+    append_round(workspace.feedback_file, ab)
+    verdict = "a tie" if ab.winner is None else f"{choice} ({ab.winner})"
+    out.write(f"{reveal}: you chose {verdict}; saved to {workspace.feedback_file}\n")
+    out.write(f"so far: {pair_tally(workspace.feedback_file, *args.ab).describe()}\n")
+    return ab.kept_text, ab.kept_model
+
+
+def run_ab(args: argparse.Namespace, url: str, sampling: dict[str, Any]) -> None:
+    """``--ab``: blind rounds on PROMPT, or turn by turn, the conversation going on from each choice."""
+    from oatui.chat.ab import pair_tally
+    from oatui.serve.client import ChatClient
+    from oatui.workspace import Workspace
+
+    clients = {model: ChatClient(url, model=model, timeout=args.timeout) for model in args.ab}
+    try:
+        for client in clients.values():
+            client.eos_token()  # both models are there, before any prompt (else one line, exit 2)
+        tally = pair_tally(Workspace.open(args.workspace).feedback_file, *args.ab)
+        print(f"blind A/B of {args.ab[0]} and {args.ab[1]} at {url}"
+              + (f"; so far: {tally.describe()}" if tally.rounds else ""), file=sys.stderr)
+        turns: list[tuple[str, str]] = []
+        context_models: list[str | None] = []
+        question = args.prompt
+        while True:
+            if question is None:
+                try:
+                    question = input("you> ")
+                except (EOFError, KeyboardInterrupt):
+                    break
+            if not question.strip():
+                if args.prompt is not None:
+                    from oatui.errors import UserError
+
+                    raise UserError("PROMPT is empty")
+                break
+            turns.append(("prompter", question))
+            context_models.append(None)
+            kept = ab_round(clients, turns, context_models, args, dict(sampling), sys.stdout)
+            if args.prompt is not None:
+                break
+            if kept is None:
+                turns.pop()
+                context_models.pop()
+            else:
+                turns.append(("assistant", kept[0]))  # the conversation goes on from the chosen answer
+                context_models.append(kept[1])
+            question = None
+    finally:
+        for client in clients.values():
+            client.close()
+
+
 def run(args: argparse.Namespace) -> int:
     from oatui.errors import UserError
     from oatui.serve.client import ChatClient, RemoteError, ServerUnavailable
 
-    if args.prompt == "export" and args.rank is None:
+    if args.prompt == "export" and args.rank is None and args.ab is None:
         return export_chats(args)
     if args.rank is not None and not 2 <= args.rank <= 9:
         raise UserError(f"--rank {args.rank}: rank between 2 and 9 answers")
+    if args.ab is not None:
+        if args.rank is not None:
+            raise UserError("--ab and --rank: choose one (A/B compares two models, --rank one model's answers)")
+        if args.ab[0] == args.ab[1] or not all(name.strip() for name in args.ab):
+            raise UserError(f"--ab {' '.join(args.ab)}: name two different models")
     url = args.url or default_url(args.workspace)
     sampling = sampling_from_args(args)
     if args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout:g}: must be above 0")
+    if args.ab is not None:
+        try:
+            run_ab(args, url, sampling)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        except (ServerUnavailable, RemoteError) as error:
+            sys.stdout.flush()
+            raise UserError(str(error)) from None
+        return 0
     client = ChatClient(url, model=args.model, timeout=args.timeout)
     try:
         if args.rank is not None:
