@@ -43,12 +43,40 @@ class DatasetSpec(BaseModel):
     """Cap on the examples taken from this file after ``fraction``."""
     optional: bool = False
     """Skip the file quietly when it does not exist yet (useful for ``feedback``)."""
+    lang: list[str] | None = None
+    """Languages to keep, e.g. ``[en, de]`` or Open-Assistant's ``"en,de"``: a tree is used only when
+    its prompt's ``lang`` is listed (its other messages stay whatever their language); None: every
+    language. For export files only."""
+    top_k: int | None = None
+    """Open-Assistant's ``top_k``: under every prompter message keep only the assistant replies ranked
+    better than top_k (rank < top_k; an unranked reply only when it is the one reply), with their
+    subtrees. Shapes SFT conversations and the conversations RM groups start from (not the groups'
+    replies); RL prompts ignore it, as in Open-Assistant. None: every reply."""
 
     @field_validator("fraction")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("must be above 0")
+        return value
+
+    @field_validator("lang", mode="before")
+    @classmethod
+    def _language_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # Open-Assistant writes lang: "en,de"
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must list at least one language (leave lang out for every language)")
+            if any(not isinstance(code, str) or not code.strip() for code in value):
+                raise ValueError("expected language codes such as en, de")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
         return value
 
 
@@ -67,7 +95,7 @@ class StageConfig(BaseModel):
     """Base checkpoint: a local Hugging Face folder, a hub id (needs the hub or its cache), or
     ``tiny`` for the built-in tiny Pythia-architecture model, created in the workspace on first use."""
     datasets: list[DatasetSpec] = [DatasetSpec(path="sample")]
-    """Export files to train on, each with an optional fraction; see ``DatasetSpec``."""
+    """Export files to train on, each a mapping of the ``datasets[].KEY`` keys below."""
     skip_invalid: bool = False
     """Skip malformed lines of the export files (counted in the log) instead of stopping."""
     seed: int = 42
@@ -559,4 +587,9 @@ def describe_schema(stage: str) -> list[tuple[str, str, str, str]]:
         if isinstance(default, list) and default and isinstance(default[0], BaseModel):
             default = [d.model_dump(exclude_defaults=True) for d in default]
         rows.append((name, _type_name(info.annotation), repr(default), (info.description or "").replace("\n", " ")))
+        if name == "datasets":  # the keys of one entry, as `datasets[].KEY`
+            for entry_key, entry_info in DatasetSpec.model_fields.items():
+                entry_default = "required" if entry_info.is_required() else repr(entry_info.get_default())
+                rows.append((f"datasets[].{entry_key}", _type_name(entry_info.annotation), entry_default,
+                             (entry_info.description or "").replace("\n", " ")))
     return rows

@@ -28,14 +28,17 @@ EDGE = DATA / "edge_cases.trees.jsonl"
 # t5: a lone prompt: used, 1 message, no conversation.
 # t6: A1 rejected (its subtree too); group {A2, A3, A4}: 3 pairs; 3 conversations.
 # t7: synthetic prompt: the tree is used, none of its messages is.
+# t8: a German prompt with an English answer A1 (rank 0) followed by two prompter leaves and a German
+#     answer A2 (rank 1) followed by one: 6 messages (4 de, 2 en), 2 conversations (P1-A1 once, not
+#     once per leaf; P1-A2), one group {A1, A2}.
 EDGE_COUNTS = {
-    "trees_total": 7,
-    "trees": 4,
-    "messages": 12,
-    "sft_conversations": 6,
-    "rm_groups": 2,
-    "rm_pairs": 4,
-    "languages": {"en": 5, "es": 4, "de": 2, "fr": 1},
+    "trees_total": 8,
+    "trees": 5,
+    "messages": 18,
+    "sft_conversations": 8,
+    "rm_groups": 3,
+    "rm_pairs": 5,
+    "languages": {"en": 7, "de": 6, "es": 4, "fr": 1},
 }
 
 
@@ -94,7 +97,7 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, capsys: pytest.Captu
     assert err.count("\n") == 1 and f"{broken}:3: not valid JSON" in err
 
     code, counts, err = stats_json(broken, capsys, "--skip-invalid")
-    assert code == 0 and counts["trees_total"] == 6 and "skipped 1 invalid lines" in err
+    assert code == 0 and counts["trees_total"] == 7 and "skipped 1 invalid lines" in err
 
 
 @pytest.mark.parametrize(
@@ -211,9 +214,9 @@ def test_prompt_mix_reads_exports_and_plain_prompt_files(tmp_path: Path) -> None
     mix = prompt_mix(specs, tmp_path, seed=1, val_fraction=0.0)
     assert sorted(context[-1].text for context in mix.train) == sorted([
         "How do I boil an egg?", "Thanks!", "Und auf Deutsch, bitte?", "Ça va ? 日本語のテキスト 🙂", "¿Qué hora es?",
-        "Tell me a joke.", "What is 2+2?",
+        "Wie spät ist es?", "Danke!", "Thanks!", "Danke.", "Tell me a joke.", "What is 2+2?",
     ])
-    assert [(s.path, s.used, s.trees) for s in mix.sources] == [(str(EDGE), 5, 4), ("prompts.jsonl.gz", 2, 0), ("feedback", 0, 0)]
+    assert [(s.path, s.used, s.trees) for s in mix.sources] == [(str(EDGE), 9, 5), ("prompts.jsonl.gz", 2, 0), ("feedback", 0, 0)]
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "ok"}\n{"prompt": ""}\n{"prompt": "fine"}\n')

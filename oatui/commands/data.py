@@ -15,14 +15,24 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         help="count trees, messages, SFT conversations, RM groups and pairs, per language",
         description=(
             "Count what the stages would use: trees in the file (trees_total) and used (ready_for_export, "
-            "prompt neither deleted nor rejected), usable messages, SFT conversations, RM groups and their "
-            "(better, worse) pairs, and usable messages per language."
+            "prompt neither deleted nor rejected, in one of the --lang languages), usable messages, distinct "
+            "SFT conversations, RM groups and their (better, worse) pairs, and usable messages per language."
         ),
     )
     stats.add_argument("--trees", required=True, metavar="FILE", help="export file (.jsonl or .jsonl.gz), or 'sample'")
     stats.add_argument("--json", action="store_true", help="one JSON object with exactly the counted keys")
     stats.add_argument("--skip-invalid", action="store_true", help="count and skip malformed lines instead of stopping")
+    stats.add_argument("--lang", metavar="CODES", type=_language_codes,
+                       help="use only the trees whose prompt is in one of these languages, e.g. en,de "
+                            "(a dataset entry's lang; messages inside a used tree keep any language)")
     parser.set_defaults(func=run)
+
+
+def _language_codes(text: str) -> list[str]:
+    codes = [code.strip() for code in text.split(",")]
+    if not all(codes):
+        raise argparse.ArgumentTypeError(f"expected language codes separated by commas, such as en,de, got {text!r}")
+    return codes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
         path = SAMPLE_FILE
     report = LoadReport()
-    stats = Stats()
+    stats = Stats(lang=args.lang)
     for tree in iter_trees(path, skip_invalid=args.skip_invalid, report=report):
         stats.add(tree)
     if report.skipped:

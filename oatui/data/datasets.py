@@ -103,15 +103,15 @@ def _take(items: list[T], spec: DatasetSpec, seed: int) -> list[T]:
 def build_mix(
     specs: Sequence[DatasetSpec],
     workspace: Path,
-    read: Callable[[Path, SourceCount], list[T]],
+    read: Callable[[Path, SourceCount, DatasetSpec], list[T]],
     key: Callable[[T], str],
     seed: int,
     val_fraction: float,
     units: Callable[[T], int] = lambda item: 1,
     what: str = "datasets",
 ) -> Mix:
-    """Every file's examples (``read`` fills in its tree and skipped-line counts), split, cut to its
-    fraction, then all of them shuffled together."""
+    """Every file's examples (``read`` fills in its tree and skipped-line counts, and applies the
+    entry's ``lang`` and ``top_k``), split, cut to its fraction, then all of them shuffled together."""
     mix = Mix()
     for spec in specs:
         path = resolve_dataset_path(spec, workspace)
@@ -119,7 +119,7 @@ def build_mix(
             continue
         count = SourceCount(spec.path)
         train_items: list[T] = []
-        for item in read(path, count):
+        for item in read(path, count, spec):
             count.examples += 1
             (mix.eval if _held_out(key(item), seed, val_fraction) else train_items).append(item)
         taken = _take(train_items, spec, seed)
@@ -133,16 +133,19 @@ def build_mix(
     return mix
 
 
-def _from_trees(extract: Callable[[MessageTree], list[T]], skip_invalid: bool) -> Callable[[Path, SourceCount], list[T]]:
-    """A ``read`` for :func:`build_mix`: ``extract`` applied to every used tree of an export file."""
+def _from_trees(
+    extract: Callable[[MessageTree, int | None], list[T]], skip_invalid: bool,
+) -> Callable[[Path, SourceCount, DatasetSpec], list[T]]:
+    """A ``read`` for :func:`build_mix`: ``extract(tree, top_k)`` applied to every used tree of an
+    export file whose prompt is in one of the entry's languages."""
 
-    def read(path: Path, count: SourceCount) -> list[T]:
+    def read(path: Path, count: SourceCount, spec: DatasetSpec) -> list[T]:
         report = LoadReport()
         items: list[T] = []
         for tree in iter_trees(path, skip_invalid=skip_invalid, report=report):
-            if tree_is_used(tree):
+            if tree_is_used(tree, spec.lang):
                 count.trees += 1
-                items.extend(extract(tree))
+                items.extend(extract(tree, spec.top_k))
         count.skipped_lines = len(report.skipped)
         return items
 
@@ -165,11 +168,14 @@ def prompt_mix(specs: Sequence[DatasetSpec], workspace: Path, seed: int, val_fra
 
     A prompt is held out by its first turn, so the follow-ups of a held-out question are held out too.
     """
-    from_trees = _from_trees(prompt_contexts, skip_invalid)
+    # Open-Assistant's RL prompts ignore top_k: every prompter turn of a used tree is a prompt.
+    from_trees = _from_trees(lambda tree, top_k: prompt_contexts(tree), skip_invalid)
 
-    def read(path: Path, count: SourceCount) -> list[tuple[Turn, ...]]:
+    def read(path: Path, count: SourceCount, spec: DatasetSpec) -> list[tuple[Turn, ...]]:
         if not _is_plain_prompt_file(path):
-            return from_trees(path, count)
+            return from_trees(path, count, spec)
+        if spec.lang is not None:
+            raise UserError(f"prompts: {spec.path}: lang filters export trees; a plain prompt file has no languages")
         report = LoadReport()
         prompts = [(Turn("prompter", text),) for text in _read_plain_prompts(path, skip_invalid, report)]
         count.skipped_lines = len(report.skipped)
