@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 
 from oatui.errors import UserError
 
@@ -37,53 +38,26 @@ class DatasetSpec(BaseModel):
     path: str
     """An export file (.jsonl or .jsonl.gz, relative to the workspace), ``sample`` for the shipped
     sample, or ``feedback`` for the rankings made in the chat pane (``WORKSPACE/data/feedback.trees.jsonl``)."""
-    fraction: float = 1.0
+    fraction: float = Field(1.0, gt=0)
     """Share of the file's examples to use (0 < fraction ≤ 1), or above 1 to repeat them (upsampling)."""
     max_examples: int | None = None
     """Cap on the examples taken from this file after ``fraction``."""
     optional: bool = False
     """Skip the file quietly when it does not exist yet (useful for ``feedback``)."""
-    lang: list[str] | None = None
-    """Languages to keep, e.g. ``[en, de]`` or Open-Assistant's ``"en,de"``: a tree is used only when
-    its prompt's ``lang`` is listed (its other messages stay whatever their language); None: every
-    language. For export files only."""
-    top_k: int | None = None
-    """Open-Assistant's ``top_k``: under every prompter message keep only the assistant replies ranked
-    better than top_k (rank < top_k; an unranked reply only when it is the one reply), with their
-    subtrees. Shapes SFT conversations and the conversations RM groups start from (not the groups'
-    replies); RL prompts ignore it, as in Open-Assistant. None: every reply."""
-
-    @field_validator("fraction")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be above 0")
-        return value
-
-    @field_validator("lang", mode="before")
-    @classmethod
-    def _language_list(cls, value: Any) -> Any:
-        if isinstance(value, str):  # Open-Assistant writes lang: "en,de"
-            value = [part.strip() for part in value.split(",")]
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("must list at least one language (leave lang out for every language)")
-            if any(not isinstance(code, str) or not code.strip() for code in value):
-                raise ValueError("expected language codes such as en, de")
-        return value
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1")
-        return value
 
 
-def _at_least_one(value: int) -> int:
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+def _restated(base: type[BaseModel], name: str, default: Any) -> Any:
+    """``base``'s field ``name`` (its type, help and range) with a stage's own default.
+
+    The schema is the one source of every default: a stage whose default differs restates the
+    field with this, and the ``defaults*`` sections in ``configs/`` name no keys."""
+    return FieldInfo.merge_field_infos(base.model_fields[name], default=default)
+
+
+#: transformers' ``get_scheduler`` names.
+SchedulerName = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+]
 
 
 class StageConfig(BaseModel):
@@ -94,35 +68,33 @@ class StageConfig(BaseModel):
     model_name: str = "tiny"
     """Base checkpoint: a local Hugging Face folder, a hub id (needs the hub or its cache), or
     ``tiny`` for the built-in tiny Pythia-architecture model, created in the workspace on first use."""
-    datasets: list[DatasetSpec] = [DatasetSpec(path="sample")]
-    """Export files to train on, each a mapping of the ``datasets[].KEY`` keys below."""
+    datasets: list[DatasetSpec] = [DatasetSpec(path="sample"), DatasetSpec(path="feedback", optional=True)]
+    """Export files to train on, each with an optional fraction; see ``DatasetSpec``."""
     skip_invalid: bool = False
     """Skip malformed lines of the export files (counted in the log) instead of stopping."""
     seed: int = 42
     """Seed for data splits, shuffling, initialisation and sampling."""
-    val_fraction: float = 0.05
+    val_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of trees (SFT) or ranked groups (RM) held out for evaluation."""
-    max_length: int = 512
+    max_length: int = Field(512, ge=1)
     """Longest tokenized conversation, in tokens; longer ones are cut at the end."""
-    learning_rate: float = 1e-5
+    learning_rate: float = Field(1e-5, gt=0)
     """Peak learning rate of the optimizer (after warm-up)."""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay."""
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
     """Share of the optimizer steps over which the learning rate warms up (0 ≤ warmup_ratio < 1)."""
-    lr_scheduler_type: Literal[
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
-    ] = "cosine"
+    lr_scheduler_type: SchedulerName = "cosine"
     """The learning-rate schedule (transformers' ``get_scheduler`` names)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = Field(2, ge=1)
     """Forward passes summed into one optimizer step (effective batch = this × batch size × processes)."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global L2 norm."""
-    logging_steps: int = 10
+    logging_steps: int = Field(10, ge=1)
     """Write a line to ``metrics.jsonl`` and the log every this many steps."""
     save_steps: int = 500
     """Write a resumable checkpoint every this many steps (and when stopped)."""
-    save_total_limit: int = 2
+    save_total_limit: int = Field(2, ge=1)
     """Checkpoints kept in the run's ``checkpoints/`` folder."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Training precision: ``auto`` is bf16 on GPUs that support it, else float32."""
@@ -153,47 +125,24 @@ class StageConfig(BaseModel):
     tiny_model: dict[str, int] | None = None
     """Overrides of the tiny model's shape (hidden_size, num_hidden_layers, ...), when ``model_name: tiny``."""
 
-    @field_validator("val_fraction", "warmup_ratio")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError("must be in [0, 1)")
-        return value
-
-    @field_validator("max_length", "gradient_accumulation_steps", "logging_steps", "save_total_limit")
-    @classmethod
-    def _positive_count(cls, value: int) -> int:
-        return _at_least_one(value)
-
-    @field_validator("learning_rate")
-    @classmethod
-    def _positive_rate(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be above 0")
-        return value
 
 
 class TrainerStageConfig(StageConfig):
     """Keys of the stages trained by the Hugging Face Trainer (SFT and RM); the RL stage counts
     PPO steps instead (``total_steps``)."""
 
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 3.0
     """Passes over the training data (fractions allowed); ``max_steps`` wins when set."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run ``num_train_epochs``)."""
-    per_device_train_batch_size: int = 4
+    per_device_train_batch_size: int = Field(4, ge=1)
     """Training examples per process and forward pass (SFT: conversations; RM: ranked groups)."""
-    per_device_eval_batch_size: int = 8
+    per_device_eval_batch_size: int = Field(8, ge=1)
     """Evaluation examples per process and forward pass."""
-    eval_steps: int = 100
+    eval_steps: int = Field(200, ge=1)
     """Evaluate every this many steps (and at the end)."""
     dataloader_num_workers: int = 0
     """Worker processes loading batches (0: in the training process)."""
-
-    @field_validator("per_device_train_batch_size", "per_device_eval_batch_size", "eval_steps")
-    @classmethod
-    def _positive_trainer_count(cls, value: int) -> int:
-        return _at_least_one(value)
 
 
 class SFTConfig(TrainerStageConfig):
@@ -205,6 +154,10 @@ class SFTConfig(TrainerStageConfig):
 
 class RMConfig(TrainerStageConfig):
     """Reward-model training on the (better, worse) pairs of the ranked reply groups."""
+
+    val_fraction: float = _restated(StageConfig, "val_fraction", 0.1)
+    learning_rate: float = _restated(StageConfig, "learning_rate", 8e-6)
+    num_train_epochs: float = _restated(TrainerStageConfig, "num_train_epochs", 2.0)
 
     center_rewards_coefficient: float | None = None
     """Pull the mean reward towards 0 (Eisenstein et al.); None turns it off."""
@@ -218,6 +171,13 @@ TRITON_HOST_FORMAT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}/[A-Za-z0-9_.\-]
 class RLConfig(StageConfig):
     """PPO against the reward model, with a KL penalty to the SFT model."""
 
+    datasets: list[DatasetSpec] = _restated(StageConfig, "datasets", [DatasetSpec(path="sample")])
+    learning_rate: float = _restated(StageConfig, "learning_rate", 1e-6)
+    lr_scheduler_type: SchedulerName = _restated(StageConfig, "lr_scheduler_type", "constant")
+    gradient_accumulation_steps: int = _restated(StageConfig, "gradient_accumulation_steps", 1)
+    logging_steps: int = _restated(StageConfig, "logging_steps", 1)
+    save_steps: int = _restated(StageConfig, "save_steps", 50)
+
     sft_model: str = "latest"
     """The policy's starting point (and the reference model): ``latest`` (newest succeeded SFT run's
     ``final/``) or a folder."""
@@ -230,7 +190,7 @@ class RLConfig(StageConfig):
     """Reference log-probs from a Triton server: ``host:grpcport/model`` ($TRITON_HOST_REF wins)."""
     remote_retries: int = 5
     """Attempts for a failed call to a Triton server, with exponential backoff, before the stage stops."""
-    remote_timeout: float = 60.0
+    remote_timeout: float = Field(60.0, gt=0)
     """Seconds one call to a Triton server may take."""
     prompts: list[DatasetSpec] | None = None
     """Prompt sources: export files (their prompter turns) or a JSONL of ``{"prompt": ...}``;
@@ -239,24 +199,24 @@ class RLConfig(StageConfig):
     """``policy``: a value head on the policy's trunk (one network, the memory of one model);
     ``rm``: a separate value network, the RM's trunk with a head started from its score head
     (a second trunk to train; the RM must share the policy's tokenizer)."""
-    total_steps: int = 100
+    total_steps: int = Field(200, ge=1)
     """PPO steps (one rollout batch and its optimisation each)."""
-    rollout_batch_size: int = 16
+    rollout_batch_size: int = Field(32, ge=1)
     """Prompts per step (per process)."""
-    mini_batch_size: int = 8
+    mini_batch_size: int = Field(8, ge=1)
     """Sequences per forward/backward pass in training (and per chunk when scoring); an optimizer
     step every ``gradient_accumulation_steps`` minibatches."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = Field(4, ge=1)
     """Passes over each rollout batch."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = Field(256, ge=1)
     """Longest response; a response that reaches it without EOS is cut there."""
-    temperature: float = 1.0
+    temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the rollouts (1: the policy's own distribution)."""
     top_k: int = 0
     """Sample from the k likeliest tokens only (0: all)."""
-    top_p: float = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
     """Sample from the smallest set of tokens whose probability reaches top_p (1: all)."""
-    max_prompt_length: int = 256
+    max_prompt_length: int = Field(512, ge=1)
     """Longest prompt, in tokens; longer ones keep their end."""
     cliprange: float = 0.2
     """PPO's ε: the probability ratio is clipped to [1 − ε, 1 + ε]."""
@@ -266,17 +226,17 @@ class RLConfig(StageConfig):
     """Weight of the value loss."""
     ent_coef: float = 0.0
     """Weight of the entropy bonus (0: entropy is only measured)."""
-    gamma: float = 1.0
+    gamma: float = Field(1.0, ge=0, le=1)
     """Discount per token in GAE (1: none)."""
-    lam: float = 0.95
+    lam: float = Field(0.95, ge=0, le=1)
     """GAE's λ."""
     init_kl_coef: float = 0.05
     """Starting KL coefficient β (the whole time, without ``adaptive_kl``)."""
     adaptive_kl: bool = True
     """Ziegler et al.'s adaptive KL controller; off: the coefficient stays ``init_kl_coef``."""
-    kl_target: float = 6.0
+    kl_target: float = Field(6.0, gt=0)
     """The adaptive controller's target for ``ppo/kl`` (summed over a response, in nats)."""
-    kl_horizon: int = 10000
+    kl_horizon: int = Field(10000, ge=1)
     """The adaptive controller's horizon, in sequences: how slowly β moves."""
     kl_estimator: Literal["k1", "k2", "k3", "abs", "mse"] = "k1"
     """Per-token KL estimate in the reward (x = logπ − logπ_ref): k1 = x, k2/mse = x²/2,
@@ -291,7 +251,7 @@ class RLConfig(StageConfig):
     """Standardise the advantages over all response tokens of the step (all processes together)."""
     missing_eos_penalty: float | None = None
     """Subtract this from the score of a response that did not end with EOS."""
-    ratio_threshold: float = 10.0
+    ratio_threshold: float = Field(10.0, gt=0)
     """Skip a minibatch whose mean probability ratio exceeds this (an exploding update)."""
     samples_per_log: int = 4
     """Prompt/response/score triples written to ``samples.jsonl`` every ``logging_steps``."""
@@ -301,35 +261,6 @@ class RLConfig(StageConfig):
     def _triton_host(cls, value: str | None) -> str | None:
         if value is not None and not TRITON_HOST_FORMAT.match(value):
             raise ValueError(f"{value!r} is not host:grpcport/model (e.g. localhost:8001/rm)")
-        return value
-
-    @field_validator("total_steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                     "max_prompt_length", "kl_horizon")
-    @classmethod
-    def _at_least_one(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("temperature", "kl_target", "ratio_threshold", "remote_timeout")
-    @classmethod
-    def _above_zero(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be above 0")
-        return value
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, value: float) -> float:
-        if not 0 < value <= 1:
-            raise ValueError("must be in (0, 1]")
-        return value
-
-    @field_validator("gamma", "lam")
-    @classmethod
-    def _unit_interval(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError("must be in [0, 1]")
         return value
 
     @field_validator("mini_batch_size")
@@ -352,6 +283,10 @@ NOT_FOR_RL = {"max_steps": "total_steps", "num_train_epochs": "total_steps",
               "per_device_train_batch_size": "mini_batch_size", "per_device_eval_batch_size": "mini_batch_size"}
 
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "rl": RLConfig}
+
+#: Each stage's defaults section. The shipped ones name no keys (the schema above holds every
+#: default); a workspace may replace one to change its defaults.
+DEFAULT_SECTIONS = {"sft": "defaults", "rm": "defaults_rm", "rl": "defaults_rl"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,6 +443,43 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+_BOUNDS = ("gt", "ge", "lt", "le")
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _range_text(metadata: list[Any]) -> str:
+    """A field's range constraints in words: ``at least 1``, ``above 0``, ``in [0, 1)``."""
+    bounds = {name: getattr(item, name) for item in metadata for name in _BOUNDS if getattr(item, name, None) is not None}
+    low = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
+    high = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'above' if low[0] == '(' else 'at least'} {low[1]}"
+    if high:
+        return f"{'below' if high[0] == ')' else 'at most'} {high[1]}"
+    return ""
+
+
+def _field_at(schema: type[BaseModel], location: tuple[Any, ...]) -> FieldInfo | None:
+    """The field an error's location points at, through nested models (``datasets.0.fraction``)."""
+    model: type[BaseModel] | None = schema
+    info = None
+    for part in location:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = next((arg for arg in _flatten(info.annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+    return info
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    args = typing.get_args(annotation)
+    return [annotation] if not args else [leaf for arg in args for leaf in _flatten(arg)]
+
+
 def validate(stage: str, composed: Composed) -> StageConfig:
     schema = STAGE_SCHEMAS[stage]
     known = list(schema.model_fields)
@@ -531,6 +503,9 @@ def validate(stage: str, composed: Composed) -> StageConfig:
             what = f"unknown key '{location[-1]}'"
         elif first["type"] in ("value_error", "assertion_error"):
             what = first["msg"].removeprefix("Value error, ")
+        elif first["type"] in _RANGE_ERRORS:
+            info = _field_at(schema, location)
+            what = "must be " + (_range_text(info.metadata) if info is not None else first["msg"])
         else:
             what = f"expected {_type_name(annotation)}" if annotation is not None else first["msg"]
         raise UserError(f"{path}: {what}, got {got_text}, from {composed.origin.get(key, '?')}") from None
@@ -578,18 +553,44 @@ def deepspeed_config_path(name: str | None) -> str | None:
     raise UserError(f"deepspeed: {name!r} is neither a JSON file nor one of {known}")
 
 
-def describe_schema(stage: str) -> list[tuple[str, str, str, str]]:
-    """``(key, type, default, help)`` rows for ``oatui train STAGE --list-keys``."""
+@dataclass(frozen=True)
+class KeyInfo:
+    """One row of ``oatui train STAGE --list-keys`` (and one object of its ``--json``)."""
+
+    key: str
+    type: str
+    default: Any
+    """The value the stage's ``defaults*`` section resolves to, as ``--print-config`` writes it."""
+    help: str
+
+
+def stage_defaults(stage: str, workspace: Path | None = None) -> StageConfig:
+    """What the stage's defaults section (``DEFAULT_SECTIONS``) resolves to: the schema's defaults,
+    unless a section of that name in the workspace or ``$OATUI_CONFIG_PATH`` replaces the shipped one."""
+    return load_stage_config(stage, [DEFAULT_SECTIONS[stage]], workspace=workspace)
+
+
+def describe_keys(stage: str, workspace: Path | None = None) -> list[KeyInfo]:
+    """Every key of the stage with its type, resolved default and help; the keys of one
+    ``datasets`` entry follow as ``datasets[].KEY`` with the entry's own defaults."""
     schema = STAGE_SCHEMAS[stage]
+    resolved = stage_defaults(stage, workspace).model_dump(mode="json")
     rows = []
     for name, info in schema.model_fields.items():
-        default = info.get_default(call_default_factory=True)
-        if isinstance(default, list) and default and isinstance(default[0], BaseModel):
-            default = [d.model_dump(exclude_defaults=True) for d in default]
-        rows.append((name, _type_name(info.annotation), repr(default), (info.description or "").replace("\n", " ")))
-        if name == "datasets":  # the keys of one entry, as `datasets[].KEY`
+        rows.append(KeyInfo(name, _describe_type(info), resolved[name], _help(info)))
+        if name == "datasets":
             for entry_key, entry_info in DatasetSpec.model_fields.items():
-                entry_default = "required" if entry_info.is_required() else repr(entry_info.get_default())
-                rows.append((f"datasets[].{entry_key}", _type_name(entry_info.annotation), entry_default,
-                             (entry_info.description or "").replace("\n", " ")))
+                default = None if entry_info.is_required() else entry_info.get_default()
+                rows.append(KeyInfo(f"datasets[].{entry_key}", _describe_type(entry_info), default, _help(entry_info)))
     return rows
+
+
+def _help(info: FieldInfo) -> str:
+    return (info.description or "").replace("\n", " ")
+
+
+def _describe_type(info: FieldInfo) -> str:
+    if info.is_required():
+        return f"{_type_name(info.annotation)}, required"
+    bounds = _range_text(info.metadata)
+    return f"{_type_name(info.annotation)}, {bounds}" if bounds else _type_name(info.annotation)

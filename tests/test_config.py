@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from oatui.cli import main
-from oatui.config import RLConfig, compose, load_index, load_stage_config, parse_set, to_yaml
+from oatui.config import (
+    DEFAULT_SECTIONS, STAGE_SCHEMAS, RLConfig, compose, load_index, load_stage_config, parse_set, to_yaml,
+)
 from oatui.errors import UserError
 
 
@@ -17,8 +20,8 @@ def test_sections_compose_in_order_and_set_wins() -> None:
     assert config.model_name == "tiny"
     assert config.max_length == 128  # from tiny, over defaults' 512
     assert config.learning_rate == pytest.approx(3e-4) and config.max_steps == 7
-    reversed_order = load_stage_config("sft", ["tiny", "defaults"])
-    assert reversed_order.max_length == 512
+    assert load_stage_config("sft", ["tiny", "pythia-1.4b"]).max_length == 2048
+    assert load_stage_config("sft", ["pythia-1.4b", "tiny"]).max_length == 128
 
 
 def test_every_stage_ships_defaults_a_tiny_set_and_real_model_sets() -> None:
@@ -116,3 +119,61 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert code == 2 and "missing.jsonl: no such file" in err
     assert not list((tmp_path / "runs").glob("*")), "a rejected launch must not leave a run behind"
+
+
+@pytest.mark.parametrize(("stage", "section"), [("sft", "defaults"), ("rm", "defaults_rm"), ("rl", "defaults_rl")])
+def test_list_keys_defaults_are_what_the_defaults_section_prints(
+    stage: str, section: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    workspace = tmp_path / "ws"
+    assert main(["train", stage, "--list-keys", "--json", "--workspace", str(workspace)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert all(set(row) == {"key", "type", "default", "help"} for row in rows)
+    listed = {row["key"]: row["default"] for row in rows if "[]" not in row["key"]}
+    assert main(["train", stage, "--configs", section, "--print-config", "--workspace", str(workspace)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert listed == printed
+    assert all(row["help"] for row in rows), "every key has a meaning"
+    assert not workspace.exists(), "--list-keys and --print-config make no workspace and no run"
+
+
+def test_the_schema_is_the_one_source_of_defaults() -> None:
+    index = load_index()
+    for stage, section in DEFAULT_SECTIONS.items():
+        assert index.sections[section].values == {}, f"defaults belong in the {stage} schema, not in '{section}'"
+        assert load_stage_config(stage, [section]) == STAGE_SCHEMAS[stage]()
+
+
+def test_list_keys_and_print_config_follow_the_workspace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text("defaults_rl:\n  total_steps: 7\n")
+    assert main(["train", "rl", "--list-keys", "--json", "--workspace", str(tmp_path)]) == 0
+    assert {row["key"]: row["default"] for row in json.loads(capsys.readouterr().out)}["total_steps"] == 7
+    assert main(["train", "rl", "--configs", "defaults_rl", "tiny_rl", "--set", "ppo_epochs=3", "--print-config",
+                 "--workspace", str(tmp_path)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["total_steps"], printed["ppo_epochs"], printed["max_new_tokens"]) == (80, 3, 40)
+    assert main(["train", "rl", "--list-keys", "--workspace", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "total_steps" in text and "an integer, at least 1" in text and "default 7" in text
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "sft", "--json"], "--json goes with --list-keys"),
+        (["train", "sft", "--print-config", "--configs", "defaults", "--set", "top_p=1"], "unknown key 'top_p' for the sft stage"),
+        (["train", "rl", "--print-config", "--configs", "defaults_rl", "--set", "top_p=1.5"], "top_p: must be in (0, 1], got 1.5"),
+        (["train", "rl", "--print-config", "--set", "learning_rate=0"], "learning_rate: must be above 0, got 0"),
+        (["train", "rl", "--print-config", "--set", "gamma=-0.1"], "gamma: must be in [0, 1], got -0.1"),
+        (["train", "sft", "--print-config", "--set", "datasets=[{path: sample, fraction: 0}]"], "datasets.0.fraction: must be above 0, got 0"),
+        (["train", "sft", "--print-config", "--resume", "sft-1"], "--print-config does not go with --resume"),
+    ],
+)
+def test_describe_mistakes_exit_2_with_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main([*argv, "--workspace", str(tmp_path / "ws")]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and not captured.out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ EXAMPLES = """examples:
   oatui train sft --configs defaults pythia-12b --launcher deepspeed --hostfile hosts.txt
   oatui train sft --resume sft-20261124-101500-ab12
   oatui train sft --list-keys
+  oatui train rl --configs defaults_rl tiny_rl --set total_steps=20 --print-config
 """
 
 
@@ -47,22 +49,26 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     parser.add_argument("--detach", action="store_true", help="print the run id and return at once")
     parser.add_argument("--resume", metavar="RUN_ID",
                         help="continue a stopped or failed run from its newest complete checkpoint")
-    parser.add_argument("--list-keys", action="store_true", help="print every config key of the stage and exit")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print every config key of the stage with the default its defaults section "
+                             "resolves to, and exit")
+    parser.add_argument("--json", action="store_true",
+                        help="with --list-keys: a JSON list of {key, type, default, help}")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config that --configs and --set resolve to, as YAML, and exit "
+                             "(no run is made)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from oatui.errors import UserError
     from oatui.stages.launcher import LaunchRequest, launch
     from oatui.workspace import Workspace
 
-    if args.list_keys:
-        from oatui.config import describe_schema
-
-        for key, kind, default, text in describe_schema(args.stage):
-            print(f"{key:28} {kind:32} default {default}")
-            if text:
-                print(f"{'':28} {text}")
-        return 0
+    if args.json and not args.list_keys:
+        raise UserError("--json goes with --list-keys")
+    if args.list_keys or args.print_config:
+        return describe(args)
     workspace = Workspace.open(args.workspace)
     request = LaunchRequest(
         stage=args.stage,
@@ -86,6 +92,42 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"run {run_dir.id} ({run_dir.path})", file=sys.stderr)
     return follow(run_dir, log_start)
+
+
+def describe(args: argparse.Namespace) -> int:
+    """``--list-keys`` and ``--print-config``: read the config sections, print, make nothing."""
+    from oatui.config import describe_keys, load_stage_config, to_yaml
+    from oatui.errors import UserError
+    from oatui.workspace import Workspace
+
+    if args.list_keys and args.print_config:
+        raise UserError("--list-keys and --print-config: choose one")
+    if args.resume:
+        raise UserError(f"--{'list-keys' if args.list_keys else 'print-config'} does not go with --resume "
+                        f"(the run's resolved config is its config.yaml)")
+    root = Workspace.open(args.workspace, create=False).root
+    if args.print_config:
+        sys.stdout.write(to_yaml(load_stage_config(args.stage, args.configs, args.overrides, root)))
+        return 0
+    rows = describe_keys(args.stage, root)
+    if args.json:
+        print(json.dumps([vars(row) for row in rows], indent=1, ensure_ascii=False))
+        return 0
+    for row in rows:
+        default = "" if row.type.endswith(", required") else f"default {_brief(row.key, row.default)}"
+        print(f"{row.key:28} {row.type:32} {default}".rstrip())
+        if row.help:
+            print(f"{'':28} {row.help}")
+    return 0
+
+
+def _brief(key: str, value: object) -> str:
+    """A default as one short line; a ``datasets`` entry shows only what differs from an entry's defaults."""
+    if key == "datasets" and isinstance(value, list):
+        from oatui.config import DatasetSpec
+
+        value = [DatasetSpec.model_validate(entry).model_dump(mode="json", exclude_defaults=True) for entry in value]
+    return json.dumps(value, ensure_ascii=False)
 
 
 def follow(run_dir, position: int = 0) -> int:  # noqa: ANN001
