@@ -44,6 +44,34 @@ class DatasetSpec(BaseModel):
     """Cap on the examples taken from this file after ``fraction``."""
     optional: bool = False
     """Skip the file quietly when it does not exist yet (useful for ``feedback``)."""
+    lang: list[str] | None = None
+    """Languages to keep, e.g. ``[en, de]`` or Open-Assistant's ``"en,de"``: a tree is used only when
+    its prompt's ``lang`` is listed (its other messages stay whatever their language); None: every
+    language. For export files only."""
+    top_k: int | None = None
+    """Open-Assistant's ``top_k``: under every prompter message keep only the assistant replies ranked
+    better than top_k (rank < top_k; an unranked reply only when it is the one reply), with their
+    subtrees. Shapes SFT conversations and the conversations RM groups start from (not the groups'
+    replies); RL prompts ignore it, as in Open-Assistant. None: every reply."""
+
+    @field_validator("lang", mode="before")
+    @classmethod
+    def _language_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # Open-Assistant writes lang: "en,de"
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must list at least one language (leave lang out for every language)")
+            if any(not isinstance(code, str) or not code.strip() for code in value):
+                raise ValueError("expected language codes such as en, de")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
+        return value
 
 
 def _restated(base: type[BaseModel], name: str, default: Any) -> Any:
