@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                         gamma=config.gamma, lam=config.lam)
         times["classic"] = time.perf_counter() - start
         start = time.perf_counter()
-        advantages, returns, rewards, _ = compute_advantages(*inputs, config, config.init_kl_coef)
+        _, advantages, returns, _ = compute_advantages(*inputs, config, config.init_kl_coef)
         times["advantages"] = time.perf_counter() - start
         error = (advantages - classic[1]).abs().max().item()
         if error > 1e-3 or (returns - classic[2]).abs().max().item() > 1e-3:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         model.train()
         ppo_update(accelerator, model, optimizer, scheduler,
-                   Batch(rollout, old_logprobs, old_values, advantages, returns), config, step)
+                   Batch.from_rollout(rollout, old_logprobs, old_values, advantages, returns), config, step)
         times["train"] = time.perf_counter() - start
         if step > args.warmup:
             for phase, value in times.items():

@@ -75,7 +75,7 @@ def test_remote_and_in_process_scoring_give_the_same_rewards(served: str, traine
         ref_logprobs = reference_logprobs(reference, rollout, chunk=3)
         logprobs = torch.where(mask.bool(), ref_logprobs.detach() + 0.05, 0.0)
         values = torch.linspace(-1, 1, mask.shape[1]).expand_as(logprobs).contiguous()
-        advantages, returns, rewards, kl_sum = compute_advantages(logprobs, ref_logprobs, values, scores, mask, config, 0.2)
+        rewards, advantages, returns, kl_sum = compute_advantages(logprobs, ref_logprobs, values, scores, mask, config, 0.2)
         results.append((scores, ref_logprobs * mask, rewards, advantages, returns))
     for name, here, there in zip(("scores", "ref log-probs", "rewards", "advantages", "returns"), *results):
         assert torch.allclose(here, there, atol=1e-4, rtol=0), (name, (here - there).abs().max())

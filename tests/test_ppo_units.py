@@ -323,7 +323,7 @@ def test_ppo_update_learns_or_skips_a_minibatch_whose_ratio_explodes(old_logprob
         logprobs, values = rollout_logprobs_and_values(model, rollout, 2, accelerator.device)
         before = [p.detach().clone() for p in model.parameters()]
         advantages = torch.where(rollout.response_mask.bool(), torch.randn(4, 5), 0.0)
-        batch = Batch(rollout, logprobs + old_logprob_shift, values, advantages, values + 1.0)
+        batch = Batch.from_rollout(rollout, logprobs + old_logprob_shift, values, advantages, values + 1.0)
         stats = ppo_update(accelerator, model, optimizer, scheduler, batch, config, step=1)
     finally:
         AcceleratorState._reset_state(True)
@@ -334,3 +334,36 @@ def test_ppo_update_learns_or_skips_a_minibatch_whose_ratio_explodes(old_logprob
         assert stats["ppo/ratio"] == pytest.approx(1.0, abs=0.05) and stats["ppo/value_loss"] > 0
     else:
         assert stats["ppo/ratio"] > config.ratio_threshold
+
+
+def test_compute_advantages_returns_the_kernels_named_tuple():
+    from oatui.config import RLConfig
+    from oatui.train.ppo.trainer import compute_advantages
+    from oatui_kernels import KLRewardGAE, fused_kl_reward_gae
+
+    generator = torch.Generator().manual_seed(3)
+    logprobs, ref_logprobs, values = (torch.randn(3, 5, generator=generator) for _ in range(3))
+    scores = torch.randn(3, generator=generator)
+    mask = (torch.arange(5) < torch.tensor([[5], [2], [4]])).float()
+    for whiten in (False, True):
+        config = RLConfig(whiten_advantages=whiten, gamma=0.9, lam=0.8, kl_estimator="k3")
+        result = compute_advantages(logprobs, ref_logprobs, values, scores, mask, config, 0.1)
+        expected = fused_kl_reward_gae(logprobs, ref_logprobs, values, scores, mask, kl_coef=0.1, gamma=0.9, lam=0.8,
+                                       kl_estimator="k3", whiten=whiten, backend="torch")
+        assert isinstance(result, KLRewardGAE) and result._fields == ("rewards", "advantages", "returns", "kl_sum")
+        for name in KLRewardGAE._fields:
+            torch.testing.assert_close(getattr(result, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_gives_every_field_by_rows():
+    from dataclasses import fields
+
+    from oatui.train.ppo.trainer import Batch
+
+    _, rollout = _toy_batch()
+    tensors = [torch.full((4, 5), float(i)) for i in range(4)]
+    batch = Batch.from_rollout(rollout, *tensors)
+    rows = batch.rows(torch.tensor([2, 0]), torch.device("cpu"))
+    assert len(batch) == 4 and list(rows) == [field.name for field in fields(Batch)]
+    assert torch.equal(rows["input_ids"], rollout.input_ids[[2, 0]]) and torch.equal(rows["mask"], rollout.response_mask[[2, 0]])
+    assert [float(rows[name][0, 0]) for name in ("old_logprobs", "old_values", "advantages", "returns")] == [0.0, 1.0, 2.0, 3.0]

@@ -10,9 +10,9 @@ from oatui.train.common import StageContext, stage_main
 
 
 def train_rl(context: StageContext) -> None:
-    from oatui.train.ppo.trainer import train_rl as ppo
+    from oatui.train.ppo.trainer import run_ppo
 
-    ppo(context)
+    run_ppo(context)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +39,8 @@ from oatui.train.ppo.stats import RunningMoments, all_reduce_max, all_reduce_sum
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from oatui_kernels import KLRewardGAE
+
 
 class StepTimer:
     """Wall time per phase of one step (``time/generate``, ``time/score``, ...)."""
@@ -54,7 +57,8 @@ class StepTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def train_rl(context: StageContext) -> None:
+def run_ppo(context: StageContext) -> None:
+    """The RL stage's body (``oatui.train.rl``): the loop of the module docstring, then the policy saved."""
     from accelerate.utils import set_seed
     from transformers import AutoConfig
 
@@ -156,13 +160,13 @@ def train_rl(context: StageContext) -> None:
             if config.whiten_rewards:
                 score_moments.update(scores)
                 scores = scores / (score_moments.std + 1e-8)
-            advantages, returns, rewards, kl_sum = compute_advantages(
+            rewards, advantages, returns, kl_sum = compute_advantages(
                 old_logprobs, ref_logprobs, old_values, scores, mask, config, kl_controller.value)
 
         # 4. PPO epochs -------------------------------------------------------------------------
         with timer("train"):
             model.train()
-            batch = Batch(rollout, old_logprobs, old_values, advantages, returns)
+            batch = Batch.from_rollout(rollout, old_logprobs, old_values, advantages, returns)
             train_stats = ppo_update(accelerator, model, optimizer, scheduler, batch, config, step)
 
         # 5. KL coefficient, metrics, samples, checkpoint ----------------------------------------
@@ -216,8 +220,9 @@ def compute_advantages(
     mask: torch.Tensor,
     config: RLConfig,
     kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(advantages, returns, rewards, kl_sum): the kernel, then whitening over every rank's tokens."""
+) -> KLRewardGAE:
+    """The kernel's ``(rewards, advantages, returns, kl_sum)``, the advantages whitened over every
+    rank's tokens when ``whiten_advantages``."""
     from oatui_kernels import fused_kl_reward_gae
 
     result = fused_kl_reward_gae(
@@ -226,32 +231,37 @@ def compute_advantages(
         kl_clamp=config.kl_clamp, score_clip=config.score_clip,
         whiten=False,  # whitened below with statistics of all ranks, not only this one's batch
     )
-    advantages = result.advantages
     if config.whiten_advantages:
-        advantages = global_masked_whiten(advantages, mask)
-    return advantages, result.returns, result.rewards, result.kl_sum
+        result = result._replace(advantages=global_masked_whiten(result.advantages, mask))
+    return result
 
 
+@dataclass(frozen=True)
 class Batch:
-    """A rollout with what training needs of it, indexable by rows."""
+    """A rollout with what training needs of it, every field a tensor with one row per sequence."""
 
-    def __init__(self, rollout: Rollout, old_logprobs: torch.Tensor, old_values: torch.Tensor,
-                 advantages: torch.Tensor, returns: torch.Tensor) -> None:
-        self.input_ids = rollout.input_ids
-        self.attention_mask = rollout.attention_mask
-        self.response_ids = rollout.response_ids
-        self.mask = rollout.response_mask
-        self.old_logprobs = old_logprobs
-        self.old_values = old_values
-        self.advantages = advantages
-        self.returns = returns
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    """The response mask: 1 on response tokens up to and including the first EOS."""
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @classmethod
+    def from_rollout(cls, rollout: Rollout, old_logprobs: torch.Tensor, old_values: torch.Tensor,
+                     advantages: torch.Tensor, returns: torch.Tensor) -> "Batch":
+        return cls(rollout.input_ids, rollout.attention_mask, rollout.response_ids, rollout.response_mask,
+                   old_logprobs, old_values, advantages, returns)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def rows(self, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        names = ("input_ids", "attention_mask", "response_ids", "mask", "old_logprobs", "old_values", "advantages", "returns")
-        return {name: getattr(self, name)[index].to(device) for name in names}
+        """Every field's rows ``index``, on ``device``, by field name."""
+        return {field.name: getattr(self, field.name)[index].to(device) for field in fields(self)}
 
 
 def ppo_update(accelerator: "Accelerator", model: torch.nn.Module, optimizer: Any, scheduler: Any,
