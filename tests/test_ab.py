@@ -106,3 +106,36 @@ def test_the_order_is_drawn_per_round_and_both_orders_come_up() -> None:
                                                ("x", None), ("", None)])
 def test_what_the_person_types(typed: str, choice: str | None) -> None:
     assert parse_choice(typed) == choice
+
+
+def test_help_and_palette_list_blind_ab(tmp_path: Path) -> None:
+    """ctrl+g is in the chat's bindings, the help lists it and every key of the A/B panel, the palette
+    offers the mode, and no other chat or app key is taken."""
+    import asyncio
+
+    from oatui.app.app import OatuiApp, make_app
+    from oatui.app.commands import COMMANDS
+    from oatui.app.widgets.ab_panel import ABPanel
+    from oatui.app.widgets.chat_pane import ChatPane
+    from oatui.app.widgets.dialogs import HelpDialog
+
+    from test_app import RECORDING, screen_text
+
+    chat_keys = [binding.key for binding in ChatPane.BINDINGS]
+    assert chat_keys.count("ctrl+g") == 1 and "ctrl+g" not in {binding.key for binding in OatuiApp.BINDINGS}
+    assert "toggle_ab" in {action for _, _, action in COMMANDS}
+    workspace = tmp_path / "ws"
+    workspace.mkdir(mode=0o700)
+    app = make_app(workspace, replay=RECORDING, refresh=5)
+
+    async def drive() -> None:
+        async with app.run_test(size=(120, 80)) as pilot:
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpDialog)
+            text = screen_text(app)
+            assert "ctrl+g" in text and "Blind A/B" in text
+            shown = {"escape": "esc", "pageup": "pgup", "pagedown": "pgdn"}
+            for binding in ABPanel.BINDINGS:
+                assert shown.get(binding.key, binding.key) in text, binding.key
+
+    asyncio.run(drive())

@@ -89,3 +89,119 @@ def test_chat_ab_bad_input_is_one_line_and_exit_2(served, args: list[str], says:
     assert result.returncode == 2
     assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr and _trees(ws) == before
+
+
+def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(served, monkeypatch) -> None:  # noqa: ANN001
+    import random
+    from dataclasses import replace
+
+    from oatui.app.app import make_app
+    from oatui.app.widgets.ab_panel import ABModels, ABPanel
+    from oatui.chat import ab
+    from oatui.data.rules import rm_groups
+
+    from test_app import RECORDING, Recorder, run, screen_text, until
+
+    ws, ports, _ = served
+    before = len(_trees(ws))
+    tally_before = pair_tally(ws.feedback_file, *MODELS)
+    # A seeded draw whose first two rounds come in different orders (the app draws with SystemRandom).
+    def orders(seed: int) -> list[tuple[str, str]]:
+        rng = random.Random(seed)
+        return [ab.shown_order(*MODELS, rng) for _ in range(3)]
+
+    seed = next(s for s in range(100) if orders(s)[0] != orders(s)[1])
+    expected = orders(seed)
+    monkeypatch.setattr(ab, "ORDER_RANDOM", random.Random(seed))
+    app = make_app(ws.root, replay=RECORDING, refresh=0.5, server_options=ports)
+    recorder = Recorder(app)
+    shown: list[tuple[str, list[str]]] = []
+
+    async def drive() -> None:
+        async with app.run_test(size=(100, 30), message_hook=recorder.hook) as pilot:
+            pane = app.chat_pane
+            await until(lambda: pane.server is not None and set(MODELS) <= set(pane.models), pilot, timeout=30,
+                        what="the app to find the server and both models")
+            await pilot.press("c", "ctrl+g")
+            dialog = app.screen
+            assert isinstance(dialog, ABModels)  # the two models, policy-sft and policy offered first
+            await pilot.press("ctrl+s")
+            assert pane.ab_models == MODELS and app.screen.maximized is pane
+            assert "Blind A/B" in screen_text(app)  # the footer shows the key
+            await until(lambda: pane.ab_tally is not None, pilot, what="the win rate so far")
+            assert "blind A/B policy-sft vs policy" in str(pane.query_one("#chat-status").render())
+            pane.settings = replace(pane.settings, max_new_tokens=48, ignore_eos=True)
+            pane.focus_prompt()
+
+            async def one_round(prompt: str, key: str) -> ABPanel:
+                finished = len(recorder.of(ABPanel.AnswersFinished))
+                await pilot.press(*prompt, "enter")
+                panel = pane.ab_panel
+                assert isinstance(panel, ABPanel) and app.focused is panel
+                await until(lambda: len(recorder.of(ABPanel.AnswersFinished)) > finished, pilot, timeout=120,
+                            what="both answers")
+                assert recorder.of(ABPanel.AnswersFinished)[-1].state == "complete"
+                # Blind: the cards say A and B, the screen names no model beside an answer.
+                assert [card.border_title for card in panel.cards] == ["A", "B"]
+                shown.append((prompt, list(panel.texts)))
+                saved = len(recorder.of(ABPanel.Closed))
+                await pilot.press(key, "enter")
+                await until(lambda: len(recorder.of(ABPanel.Closed)) > saved, pilot, timeout=30,
+                            what="the round to close")
+                return panel
+
+            await one_round("How do I bake bread?", "b")
+            # Both answers were generated at once: each had sent text before either one ended.
+            messages = recorder.messages
+            first_end = next(i for i, msg in enumerate(messages) if isinstance(msg, ABPanel.AnswerFinished))
+            started = {msg.index for msg in messages[:first_end] if isinstance(msg, ABPanel.PieceReceived)}
+            assert started == {0, 1}
+            models = expected[0]
+            status = str(pane.query_one("#chat-status").render())
+            assert f"A was {models[0]}, B was {models[1]}: you chose B ({models[1]})" in status
+            assert pane.ab_panel is None and not pane.ranking
+            assert [(role, text) for role, text, _ in pane.turns][-1] == ("assistant", shown[0][1][1])
+            first_tally = pane.ab_tally
+            assert first_tally is not None and first_tally.wins.get(models[1], 0) == tally_before.wins.get(models[1], 0) + 1
+            assert first_tally.headline() in status
+            assert any(first_tally.describe() in note for note, _ in recorder.notes)
+            pane._show_status()  # the next status line: the pair's counts
+            assert f"{first_tally.counts()}: {first_tally.headline()}" in str(pane.query_one("#chat-status").render())
+
+            # Round two, the other order: a tie; the conversation went on from the chosen answer.
+            await one_round("And rye bread?", "t")
+            status = str(pane.query_one("#chat-status").render())
+            assert f"A was {expected[1][0]}, B was {expected[1][1]}: you chose a tie" in status
+            assert pane.ab_tally is not None and pane.ab_tally.ties == tally_before.ties + 1
+
+            # Esc once both answers are in skips the round: nothing saved, the prompt comes back.
+            closed = len(recorder.of(ABPanel.Closed))
+            await pilot.press(*"Skip me", "enter")
+            await until(lambda: recorder.of(ABPanel.AnswersFinished)[-1:] and len(recorder.of(ABPanel.AnswersFinished)) == 3,
+                        pilot, timeout=120, what="the third round's answers")
+            await pilot.press("escape")
+            await until(lambda: len(recorder.of(ABPanel.Closed)) > closed, pilot, what="the skip")
+            assert recorder.of(ABPanel.Closed)[-1].saved is None
+            assert pane.query_one("#chat-prompt").value == "Skip me"
+            await pilot.press("ctrl+g")
+            assert pane.ab_models is None and app.screen.maximized is None
+
+    run(drive())
+
+    trees = _trees(ws)
+    assert len(trees) == before + 2
+    for tree, (prompt, texts), models, choice in zip(trees[-2:], shown, expected, ("B", "tie")):
+        parsed = parse_tree(tree)
+        assert tree["ab"] == {"A": models[0], "B": models[1], "choice": choice}
+        replies = tree["prompt"]["replies"] if choice == "B" else tree["prompt"]["replies"][0]["replies"][0]["replies"]
+        assert [(r["text"], r["model_name"]) for r in replies] == list(zip(texts, models))
+        if choice == "B":
+            assert [r["rank"] for r in replies] == [1, 0] and len(rm_groups(parsed)) == 1
+        else:
+            assert [r["rank"] for r in replies] == [None, None]
+    # The tie's tree holds the first round, answered by the chosen model, as its context.
+    second = trees[-1]["prompt"]
+    assert second["text"] == "How do I bake bread?"
+    assert (second["replies"][0]["text"], second["replies"][0]["model_name"]) == (shown[0][1][1], expected[0][1])
+    tally = win_tallies(ws.feedback_file)[("policy", "policy-sft")]
+    assert tally.rounds == tally_before.rounds + 2 and tally.ties == tally_before.ties + 1

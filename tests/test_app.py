@@ -424,7 +424,7 @@ def test_help_lists_every_binding(workspace: Path) -> None:
     app = make_app(workspace, replay=RECORDING, refresh=5)
 
     async def drive() -> None:
-        async with app.run_test(size=(120, 60)) as pilot:
+        async with app.run_test(size=(120, 80)) as pilot:
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpDialog)
             text = screen_text(app)

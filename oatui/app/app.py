@@ -60,7 +60,7 @@ ACTIVE = ("queued", "running")
 MAIN_SCREEN_ACTIONS = {
     "launch", "stop_run", "export", "toggle_server", "restart_server", "focus_chat", "focus_gpus", "focus_runs",
     "show_log", "show_curves", "show_demo", "zoom", "unzoom", "help", "new_conversation", "chat_options",
-    "copy_answer", "toggle_rank", "demo", "stop_demo", "quit",
+    "copy_answer", "toggle_rank", "toggle_ab", "demo", "stop_demo", "quit",
 }
 PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 
@@ -91,6 +91,7 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("enter", "send the prompt; the answer streams in"),
         ("esc", "stop the answer (the server stops generating); else leave the prompt"),
         ("ctrl+r", "rank mode on/off: each prompt gets K answers (different seeds) to put in order"),
+        ("ctrl+g", "blind A/B on/off: two models answer each prompt, as A and B"),
         ("ctrl+n", "new conversation"),
         ("ctrl+o", "options: model, system prompt, temperature, top-p, max new tokens, answers to rank (K)"),
         ("ctrl+y", "copy the last answer to the clipboard (works over SSH: OSC 52)"),
@@ -104,6 +105,13 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("enter", "save the ranking to WORKSPACE/data/feedback.trees.jsonl; the chat goes on from the best"),
         ("esc", "stop the sampling; once every answer is in: skip this prompt (nothing saved)"),
         ("pgup / pgdn", "scroll the selected answer"),
+    )),
+    ("Blind A/B (two models' answers to one prompt, in a random order)", (
+        ("a / b / t", "A is better / B is better / a tie"),
+        ("enter", "save the choice to WORKSPACE/data/feedback.trees.jsonl; then the models are revealed, "
+                  "with the pair's win rate so far"),
+        ("esc", "stop the answers; once both are in: skip this prompt (nothing saved)"),
+        ("pgup / pgdn", "scroll both answers"),
     )),
     ("Demo tab", (
         ("x", "stop the demo (the current run saves a checkpoint and stops, the server is stopped)"),
@@ -596,6 +604,11 @@ class OatuiApp(App[None]):
         if self.screen.maximized is not self.chat_pane:
             self.action_focus_chat()
         self.chat_pane.action_toggle_rank()
+
+    def action_toggle_ab(self) -> None:
+        if self.screen.maximized is not self.chat_pane:
+            self.action_focus_chat()
+        self.chat_pane.action_toggle_ab()
 
     def action_focus_gpus(self) -> None:
         panel = self.gpu_panel

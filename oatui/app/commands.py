@@ -32,6 +32,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
      "chat_options"),
     ("Rank mode", "Each prompt gets K answers to put in order, saved as feedback data (ctrl+r in the chat)",
      "toggle_rank"),
+    ("Blind A/B", "Two models answer each prompt as A and B in a random order; pick the better one or a tie, "
+     "saved as feedback data, with the pair's win rate (ctrl+g in the chat)", "toggle_ab"),
     ("Copy answer", "Copy the last answer to the clipboard (ctrl+y in the chat)", "copy_answer"),
     ("Refresh", "Read GPUs, runs and the server again now", "refresh_now"),
     ("Help", "Every key binding (key ?)", "help"),

@@ -157,13 +157,21 @@ class PairTally:
             return 0.5
         return (self.wins.get(model, 0) + 0.5 * self.ties) / self.rounds
 
-    def describe(self) -> str:
-        """One line: ``policy 7 · policy-sft 3 · 2 ties: policy wins 67% of 12``."""
+    def counts(self) -> str:
+        """``policy 7 · policy-sft 3 · 2 ties``."""
+        first, second = self.models
+        ties = f"{self.ties} tie{'s' if self.ties != 1 else ''}"
+        return f"{first} {self.wins.get(first, 0)} · {second} {self.wins.get(second, 0)} · {ties}"
+
+    def headline(self) -> str:
+        """``policy wins 67% of 12``: the model ahead (the first by name when even) and its rate."""
         first, second = self.models
         leader = first if self.win_rate(first) >= self.win_rate(second) else second
-        counts = f"{first} {self.wins.get(first, 0)} · {second} {self.wins.get(second, 0)}"
-        ties = f" · {self.ties} tie{'s' if self.ties != 1 else ''}"
-        return f"{counts}{ties}: {leader} wins {self.win_rate(leader):.0%} of {self.rounds} (a tie counts half)"
+        return f"{leader} wins {self.win_rate(leader):.0%} of {self.rounds}"
+
+    def describe(self) -> str:
+        """One line: ``policy 7 · policy-sft 3 · 2 ties: policy wins 67% of 12 (a tie counts half)``."""
+        return f"{self.counts()}: {self.headline()} (a tie counts half)"
 
     def to_dict(self) -> dict[str, Any]:
         return {"models": list(self.models), "wins": {m: self.wins.get(m, 0) for m in self.models},

@@ -12,6 +12,9 @@ demonstration or rejects some. Enter appends the ranking to ``WORKSPACE/data/fee
 (``oatui.chat.feedback``, in a thread) and the conversation goes on from the best answer; only that
 answer is kept in the chat history. Esc stops the sampling, or skips a round: nothing is saved.
 
+Blind A/B mode (ctrl+g): each prompt goes to two models at once, their answers shown as A and B in
+a random order revealed after the choice (``oatui.app.widgets.ab_panel``, mixed in as ``ABMode``).
+
 A failed answer (the server went away mid-answer, say) leaves one line in the status bar until
 the next prompt, with ctrl+t to restart the server.
 """
@@ -47,6 +50,7 @@ from oatui.app.messages import (
     RankSamplingFinished,
     TokenReceived,
 )
+from oatui.app.widgets.ab_panel import ABMode
 from oatui.app.widgets.rank_panel import RankPanel
 
 if TYPE_CHECKING:
@@ -118,7 +122,7 @@ def streaming_models(repo: Path) -> list[str]:
     return found
 
 
-class ChatPane(Vertical):
+class ChatPane(ABMode, Vertical):
     """Prompt, transcript and conversation list of the chat with the served policy."""
 
     ALLOW_MAXIMIZE = True
@@ -126,6 +130,7 @@ class ChatPane(Vertical):
     BINDINGS = [
         Binding("escape", "cancel", "Stop answer / leave prompt"),
         Binding("ctrl+r", "toggle_rank", "Rank mode"),
+        Binding("ctrl+g", "toggle_ab", "Blind A/B"),
         Binding("ctrl+n", "new_conversation", "New chat"),
         Binding("ctrl+o", "options", "Chat options"),
         Binding("ctrl+y", "copy_answer", "Copy answer"),
@@ -279,6 +284,10 @@ class ChatPane(Vertical):
                 text.append("press s to start it (Esc leaves the prompt first).")
         else:
             text.append("● ", style="green")
+            if self.ab_models is not None:
+                text.append_text(self.ab_status())
+                status.update(text)
+                return
             text.append(f"{self.settings.model} @ {self.server.grpc_url}")
             s = self.settings
             text.append(f"  T {s.temperature:g} · top-p {s.top_p:g} · max {s.max_new_tokens}", style="dim")
@@ -305,6 +314,9 @@ class ChatPane(Vertical):
             return
         event.input.value = ""
         self.failure = None
+        if self.ab_models is not None:
+            await self.start_ab_round(prompt)
+            return
         if self.rank_mode:
             await self._start_rank_round(prompt)
             return
@@ -421,6 +433,8 @@ class ChatPane(Vertical):
         if self.streaming:
             self._show_status("An answer is still streaming: Esc stops it.")
             return
+        if not self.rank_mode and self.ab_models is not None:
+            self.leave_ab_mode()  # one mode at a time
         self.rank_mode = not self.rank_mode
         self.set_class(self.rank_mode, "-rank-mode")
         self._prompt.placeholder = self._placeholder()
@@ -436,6 +450,8 @@ class ChatPane(Vertical):
         self._prompt.focus()
 
     def _placeholder(self) -> str:
+        if self.ab_models is not None:
+            return self.ab_placeholder()
         if self.rank_mode:
             return (f"Rank mode: ask for {self.settings.rank_count} answers to put in order "
                     "(Enter samples · ctrl+r leaves rank mode)")
@@ -643,6 +659,8 @@ class ChatPane(Vertical):
         if self.streaming:
             self.stop_requested = True
             self.workers.cancel_group(self, "chat")
+            return
+        if self.ranking and self.ab_cancel():
             return
         if self.ranking and self.rank_panel is not None:
             if self.rank_panel.sampling:
