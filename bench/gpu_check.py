@@ -43,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = "gpu-check"
 DEFAULT_BUDGET_S = 480.0  # the 8 minutes on one H100
+NOT_SELECTED = "not in --only"
 CHAT_PROMPT = "How do I get started with baking bread?"
 
 
@@ -121,7 +122,8 @@ STEPS: tuple[Step, ...] = (
     Step("rl", "PPO steps on CUDA, Triton kernel, scored through the server",
          f"TRITON_HOST_RM=127.0.0.1:$GRPC/rm TRITON_HOST_REF=127.0.0.1:$GRPC/ref "
          f"{OATUI} train rl --configs defaults_rl gpu-check-rl", 240, needs=("serve",)),
-    Step("serve-stop", "stop the server", f"{OATUI} serve --stop", 60, needs=("serve",), always=True),
+    Step("serve-stop", "stop the server (whenever serve ran)", f"{OATUI} serve --stop", 60, needs=("serve",),
+         always=True),
     Step("serve-bench", "streaming through Triton vs in-process, both on the GPU",
          f"{PYTHON} bench/bench_serve.py --device cuda --prompts 8 --rounds 2 --warmup 1", 240, needs=("sft-bf16",)),
 )
@@ -306,11 +308,16 @@ class Runner:
     # -- one step
 
     def skip_reason(self, step: Step) -> str | None:
-        if self.only is not None and step.name not in self.only:
-            return "not in --only"
+        if self.only is not None and step.name not in self.only and step is not STEPS[0]:
+            return NOT_SELECTED
         if step.needs_gpu and not self.has_gpu:
             return "no CUDA GPU"
-        missing = [need for need in step.needs if self.results[need].status != "ok"]
+        # A step left out by --only does not hold back the steps after it: they use what the
+        # workspace of an earlier check holds.
+        # A clean-up step runs whenever what it cleans up was started, ok or not.
+        started = ("ok", "failed") if step.always else ("ok",)
+        missing = [need for need in step.needs
+                   if self.results[need].status not in started and self.results[need].detail != NOT_SELECTED]
         if missing:
             return f"needs {', '.join(missing)} (not ok)"
         if not step.always and self.deadline - time.monotonic() < 5:
