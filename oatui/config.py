@@ -190,7 +190,27 @@ class RMConfig(TrainerStageConfig):
     center_rewards_coefficient: float | None = None
     """Pull the mean reward towards 0 (Eisenstein et al.); None turns it off."""
     max_pairs_per_group: int | None = None
-    """Cap on the pairs taken from one group (a group of k replies has k(k-1)/2)."""
+    """Cap on the pairs taken from one group (a group of k replies has k(k-1)/2); ``rm_loss: pairwise`` only."""
+    rm_loss: Literal["pairwise", "kwise"] = "pairwise"
+    """``pairwise``: trl's RewardTrainer on every (better, worse) pair, each reply encoded once per pair
+    it is in, a group weighing as its number of pairs. ``kwise``: Open-Assistant's RMLoss, each group's
+    replies (at most ``max_replies``) scored once in one batch, a group's loss the mean over its pairs
+    of −log σ(r_better − r_worse) + score_l2_reg·½(r_better² + r_worse²), every group weighing the same;
+    batches count groups."""
+    max_replies: int = Field(5, ge=2)
+    """``kwise``: the best this many replies of a group are scored (Open-Assistant's ``max_replies``)."""
+    score_l2_reg: float = Field(0.001, ge=0)
+    """``kwise``: weight of the scores' L2 penalty, which keeps them near 0 (Open-Assistant's RMLoss β)."""
+
+    @field_validator("rm_loss")
+    @classmethod
+    def _pairwise_only_keys(cls, value: str, info: ValidationInfo) -> str:
+        # Fields validate in order: the pairwise-only keys come first.
+        if value == "kwise":
+            for key in ("center_rewards_coefficient", "max_pairs_per_group"):
+                if info.data.get(key) is not None:
+                    raise ValueError(f"{key} is for rm_loss: pairwise (kwise scores whole groups; see score_l2_reg)")
+        return value
 
 
 TRITON_HOST_FORMAT = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}/[A-Za-z0-9_.\-]+$")

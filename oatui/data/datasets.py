@@ -258,3 +258,27 @@ def tokenize_rm(
             rejected = tokenizer(rm_text(group.context, worse, tokenizer.eos_token), add_special_tokens=False)["input_ids"]
             rows.append({"chosen_ids": chosen[-max_length:], "rejected_ids": rejected[-max_length:]})
     return rows
+
+
+def tokenize_rm_groups(
+    groups: Sequence[RankedGroup],
+    tokenizer: "PreTrainedTokenizerBase",
+    max_length: int,
+    max_replies: int | None = None,
+) -> list[dict[str, list]]:
+    """``reply_ids`` (one token list per reply, best first) + ``reply_ranks`` rows, one per group, for
+    the K-wise loss: every reply is encoded once. A group keeps its best ``max_replies`` replies
+    (Open-Assistant's ``max_replies``); one left with no pair (all of equal rank) is dropped.
+    Long conversations lose their beginning, as in :func:`tokenize_rm`.
+    """
+    rows = []
+    for group in groups:
+        replies, ranks = group.replies, group.ranks
+        if max_replies is not None:
+            replies, ranks = replies[:max_replies], ranks[:max_replies]
+        if len(set(ranks)) < 2:
+            continue
+        ids = [tokenizer(rm_text(group.context, reply, tokenizer.eos_token), add_special_tokens=False)["input_ids"]
+               for reply in replies]
+        rows.append({"reply_ids": [reply[-max_length:] for reply in ids], "reply_ranks": list(ranks)})
+    return rows

@@ -225,6 +225,8 @@ TRAINER_METRIC_NAMES = {
     "train_loss": "train/mean_loss",  # the end-of-training summary: the mean over all steps
     "accuracy": "rm/train_accuracy",
     "eval_accuracy": "rm/accuracy",
+    "top1_accuracy": "rm/train_top1_accuracy",  # rm_loss: kwise
+    "eval_top1_accuracy": "rm/top1_accuracy",
     "margin": "rm/train_margin",
     "eval_margin": "rm/margin",
     "mean_reward": "rm/train_reward_mean",
