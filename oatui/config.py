@@ -48,7 +48,7 @@ class DatasetSpec(BaseModel):
     """Languages to keep, e.g. ``[en, de]`` or Open-Assistant's ``"en,de"``: a tree is used only when
     its prompt's ``lang`` is listed (its other messages stay whatever their language); None: every
     language. For export files only."""
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=1)
     """Open-Assistant's ``top_k``: under every prompter message keep only the assistant replies ranked
     better than top_k (rank < top_k; an unranked reply only when it is the one reply), with their
     subtrees. Shapes SFT conversations and the conversations RM groups start from (not the groups'
@@ -64,13 +64,6 @@ class DatasetSpec(BaseModel):
                 raise ValueError("must list at least one language (leave lang out for every language)")
             if any(not isinstance(code, str) or not code.strip() for code in value):
                 raise ValueError("expected language codes such as en, de")
-        return value
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1")
         return value
 
 
