@@ -260,7 +260,11 @@ def ab_round(clients: dict[str, Any], turns: Sequence[tuple[str, str]], context_
     from oatui.chat.ab import HELP, ABRound, append_round, pair_tally, parse_choice, shown_order
     from oatui.workspace import Workspace
 
+    import random
+
     models = shown_order(*args.ab)
+    # One seed for both answers (--seed, else a fresh one per round): only the model differs.
+    sampling = {**sampling, "seed": sampling.get("seed", random.randrange(2**31))}
     try:
         texts = stream_both([clients[models[0]], clients[models[1]]], turns, args.system, sampling, out)
     except KeyboardInterrupt:
