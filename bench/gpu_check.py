@@ -141,6 +141,7 @@ class Result:
     gpu_memory_start_mib: float | None = None
     log: str = ""
     started: float = 0.0
+    ended: float | None = None  # when a background step's process ended
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.step.name, "title": self.step.title, "command": self.step.command,
@@ -272,10 +273,12 @@ def last_line(path: Path) -> str:
 
 
 class Runner:
-    def __init__(self, out: Path, budget: float, only: set[str] | None) -> None:
+    def __init__(self, out: Path, budget: float, only: set[str] | None, workspace: Path | None = None,
+                 pack: bool = False) -> None:
         self.out = out
         self.logs = out / "logs"
-        self.workspace = out / "workspace"
+        self.workspace = workspace or out / "workspace"
+        self.pack = pack
         self.deadline = time.monotonic() + budget
         self.only = only
         self.results: dict[str, Result] = {step.name: Result(step) for step in STEPS}
@@ -361,6 +364,12 @@ class Runner:
             return result
         if step.background:
             self.background[step.name] = (process, (log_handle, stdout), timeout)
+
+            def note_end() -> None:
+                process.wait()
+                result.ended = time.monotonic()
+
+            threading.Thread(target=note_end, name=f"{step.name}-end", daemon=True).start()
             print(f"[gpu-check] {step.name}: started in the background", flush=True)
             return result
         if self.sampler is not None:
@@ -381,7 +390,7 @@ class Runner:
         return result
 
     def finish(self, result: Result, returncode: int | None, timed_out: bool, timeout: float) -> None:
-        result.seconds = time.monotonic() - result.started
+        result.seconds = (result.ended or time.monotonic()) - result.started
         log = self.out / result.log
         if timed_out:
             result.status, result.detail = "failed", f"timed out after {timeout:.0f} s; {last_line(log)}"
@@ -444,8 +453,22 @@ class Runner:
         (self.out / "summary.md").write_text(table + "\n", encoding="utf-8")
         print()
         print(table)
+        if self.pack:
+            self.pack_logs()
         print(f"\nlogs and results: {self.out}")
         return 0
+
+
+    def pack_logs(self) -> None:
+        import tarfile
+
+        with tarfile.open(self.out / "logs.tar.gz", "w:gz") as archive:
+            archive.add(self.logs, arcname="logs")
+        shutil.rmtree(self.logs)
+        for result in self.results.values():
+            if result.log:
+                result.log = f"logs.tar.gz:{result.log}"
+        self.save()
 
 
 def summary_table(results: list[Result], facts: dict[str, Any]) -> str:
@@ -705,6 +728,11 @@ def check_environment() -> int:
     return 0
 
 
+#: (estimator, clamp and clip, whiten, γ, λ) of the exactness check.
+COMBINATIONS = (("k1", False, True, 1.0, 0.95), ("k3", True, True, 0.99, 0.9), ("k2", True, False, 1.0, 0.95),
+                ("abs", False, False, 0.99, 0.9), ("k3", False, True, 1.0, 1.0), ("abs", True, True, 0.99, 0.95))
+
+
 def check_kernel_exactness() -> int:
     """The Triton kernel on CUDA tensors against the float64 reference: every estimator, clamp and
     clip, whitening on and off, γ and λ below 1, rows of length 0, 1 and longer than a chunk, with
@@ -734,8 +762,10 @@ def check_kernel_exactness() -> int:
         mask = torch.arange(tokens)[None, :] < torch.tensor(lengths)[:, None]
         inputs = [t.to(dtype) for t in (logprobs, ref_logprobs, values, scores)] + [mask]
         on_gpu = [t.to(device) for t in inputs]
-        for estimator, bounded, whiten, (gamma, lam) in itertools.product(
-                ("k1", "k2", "k3", "abs"), (False, True), (True, False), ((1.0, 0.95), (0.99, 0.9))):
+        # Each combination is a kernel compiled for this tile and input dtype: every estimator,
+        # clamp and clip, whitening on and off and γ, λ below 1 for fp32; two for bf16 and fp16.
+        combinations = COMBINATIONS if dtype == torch.float32 else COMBINATIONS[:2]
+        for estimator, bounded, whiten, gamma, lam in combinations:
             options = dict(kl_coef=0.1, gamma=gamma, lam=lam, kl_estimator=estimator, whiten=whiten,
                            kl_clamp=0.2 if bounded else None, score_clip=1.0 if bounded else None)
             ours = fused_kl_reward_gae(*on_gpu, **options, backend="triton")
@@ -833,6 +863,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"seconds for all steps together (default {DEFAULT_BUDGET_S:.0f}); "
                              "a step gets what is left when less than its own limit")
     parser.add_argument("--list", action="store_true", help="print the steps and their commands, run nothing")
+    parser.add_argument("--workspace", metavar="DIR",
+                        help="the workspace the steps share (default $OUT/workspace; it holds the models, gigabytes)")
+    parser.add_argument("--pack", action="store_true",
+                        help="at the end, pack logs/ into logs.tar.gz (fewer files to copy back)")
     parser.add_argument("check", nargs="?", choices=CHECKS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
 
@@ -868,7 +902,10 @@ def main(argv: list[str] | None = None) -> int:
         out = out_dir()
         if out.exists() and not out.is_dir():
             raise BadInput(f"OUT={out}: not a folder")
-        return Runner(out, args.budget, set(args.only) if args.only else None).main()
+        workspace = Path(args.workspace).expanduser().absolute() if args.workspace else None
+        if workspace is not None and workspace.exists() and not workspace.is_dir():
+            raise BadInput(f"--workspace {args.workspace}: not a folder")
+        return Runner(out, args.budget, set(args.only) if args.only else None, workspace, args.pack).main()
     except BadInput as error:
         print(f"gpu_check: {error}", file=sys.stderr)
         return 2

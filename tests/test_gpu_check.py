@@ -98,14 +98,21 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str], na
     assert "Traceback" not in done.stderr
 
 
-def test_only_runs_the_steps_named(tmp_path: Path) -> None:
+def test_only_runs_the_steps_named_and_pack_leaves_few_files(tmp_path: Path) -> None:
+    import tarfile
+
     out = tmp_path / "out"
-    done = run_script("--only", "gpus", out=out)
+    done = run_script("--only", "gpus", "--pack", out=out)
     assert done.returncode == 0, done.stderr
     steps = {step["name"]: step for step in json.loads((out / "steps.json").read_text())["steps"]}
     assert steps["environment"]["status"] == "ok", "the environment always runs: it decides GPU or not"
     assert steps["gpus"]["status"] == "ok"
     assert steps["kernel-bench"]["detail"] == "not in --only"
+    assert sorted(p.name for p in out.iterdir()) == ["environment.json", "gpus.json", "logs.tar.gz", "steps.json",
+                                                     "summary.md"]
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        assert sorted(archive.getnames()) == ["logs", "logs/01-environment.log", "logs/02-gpus.log"]
+    assert steps["gpus"]["log"] == "logs.tar.gz:logs/02-gpus.log"
 
 
 def test_a_step_command_is_filled_in_with_its_environment_and_output_file() -> None:
@@ -147,6 +154,20 @@ def test_step_summaries_read_the_outputs_of_gpu_runs(tmp_path: Path) -> None:
         gpu_check.SUMMARIES["serve"](result, runner)
     server_log.write_text(server_log.read_text().replace("on cpu", "on cuda:0"))
     assert "policy on cuda:0, rm on cuda:0, ref on cuda:0" in gpu_check.SUMMARIES["serve"](result, runner)
+
+    # The monitor's steps, on the synthesised 8×H100 recording.
+    recording = ROOT / "tests" / "data" / "recordings" / "8xh100.jsonl"
+    runner.has_gpu = True
+    (tmp_path / "gpus.json").write_text(recording.read_text().splitlines()[0] + "\n")
+    (tmp_path / "gpus-recording.jsonl").write_text(recording.read_text())
+    steps = {step.name: step for step in gpu_check.STEPS}
+    assert gpu_check.SUMMARIES["gpus"](gpu_check.Result(steps["gpus"]), runner).startswith(
+        "8 GPU(s), NVIDIA H100 80GB HBM3")
+    assert gpu_check.SUMMARIES["gpus-recording"](gpu_check.Result(steps["gpus-recording"]), runner).startswith(
+        "60 snapshots in gpus-recording.jsonl")
+    (tmp_path / "gpus.json").write_text(json.dumps({"gpus": [], "notice": "No NVIDIA driver found"}) + "\n")
+    with pytest.raises(gpu_check.StepFailed, match="no GPU in the snapshot"):
+        gpu_check.SUMMARIES["gpus"](gpu_check.Result(steps["gpus"]), runner)
 
 
 def test_export_instance_kind_gpu_writes_kind_gpu(tmp_path: Path) -> None:
