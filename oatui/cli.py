@@ -14,8 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from oatui.errors import EXIT_USAGE, UserError
+from oatui.fsutil import UnreadableFile
 
-COMMANDS = ("app", "data", "train", "runs", "export", "serve", "chat", "gpus", "demo")
+COMMANDS = ("app", "data", "train", "runs", "eval", "export", "serve", "chat", "gpus", "demo")
 
 
 class Parser(argparse.ArgumentParser):
@@ -81,6 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
     except UserError as error:
         print(f"oatui {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnreadableFile as error:
+        # A file read back (a state file, a checkpoint's JSON) that a reader did not expect to fail.
+        print(f"oatui {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as error:
+        # The filesystem said no (a folder made read-only, a path that is a file): one line naming it.
+        where = error.filename if error.filename is not None else "a file"
+        print(f"oatui {args.command}: error: {where}: {error.strerror or error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.fields import FieldInfo
 
 from oatui.errors import UserError
+from oatui.fsutil import UnreadableFile, read_json_file, read_text_file, untrusted_reason
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("sft", "rm", "rl")
@@ -81,6 +83,13 @@ SchedulerName = Literal[
 ]
 
 
+MAX_TOKENS = 1 << 20
+"""Bound on lengths in tokens (max_length, max_prompt_length, max_new_tokens): a typo such as
+10**12 is refused with the config, not after a run folder exists."""
+MAX_TINY_DIMENSION = 1 << 17
+"""Bound on each dimension of the tiny model's shape."""
+
+
 class StageConfig(BaseModel):
     """Keys every stage shares."""
 
@@ -97,7 +106,7 @@ class StageConfig(BaseModel):
     """Seed for data splits, shuffling, initialisation and sampling."""
     val_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of trees (SFT) or ranked groups (RM) held out for evaluation."""
-    max_length: int = Field(512, ge=1)
+    max_length: int = Field(512, ge=1, le=MAX_TOKENS)
     """Longest tokenized conversation, in tokens; longer ones are cut at the end."""
     learning_rate: float = Field(1e-5, gt=0)
     """Peak learning rate of the optimizer (after warm-up)."""
@@ -145,6 +154,34 @@ class StageConfig(BaseModel):
     """CPU threads for torch (default: torch's own choice)."""
     tiny_model: dict[str, int] | None = None
     """Overrides of the tiny model's shape (hidden_size, num_hidden_layers, ...), when ``model_name: tiny``."""
+
+    @field_validator("tiny_model")
+    @classmethod
+    def _tiny_shape(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        if value is None:
+            return value
+        from oatui.models.tiny import OPTIONAL_SHAPE_KEYS, TINY_SHAPE
+
+        known = [*TINY_SHAPE, *OPTIONAL_SHAPE_KEYS]
+        for key, number in value.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"unknown shape key '{key}'{hint}; known: {', '.join(known)}")
+            if not 1 <= number <= MAX_TINY_DIMENSION:
+                raise ValueError(f"{key} {number} must be between 1 and {MAX_TINY_DIMENSION}")
+        return value
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_file(cls, value: str | None) -> str | None:
+        if value:
+            path = deepspeed_config_path(value)
+            try:
+                read_json_file(path)  # type: ignore[arg-type]
+            except UnreadableFile as error:
+                raise ValueError(f"not a DeepSpeed JSON config: {error}") from None
+        return value
 
 
 
@@ -249,7 +286,7 @@ class RLConfig(StageConfig):
     step every ``gradient_accumulation_steps`` minibatches."""
     ppo_epochs: int = Field(4, ge=1)
     """Passes over each rollout batch."""
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_TOKENS)
     """Longest response; a response that reaches it without EOS is cut there."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the rollouts (1: the policy's own distribution)."""
@@ -257,7 +294,7 @@ class RLConfig(StageConfig):
     """Sample from the k likeliest tokens only (0: all)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Sample from the smallest set of tokens whose probability reaches top_p (1: all)."""
-    max_prompt_length: int = Field(512, ge=1)
+    max_prompt_length: int = Field(512, ge=1, le=MAX_TOKENS)
     """Longest prompt, in tokens; longer ones keep their end."""
     cliprange: float = 0.2
     """PPO's ε: the probability ratio is clipped to [1 − ε, 1 + ε]."""
@@ -345,6 +382,8 @@ class Section:
 @dataclass
 class SectionIndex:
     sections: dict[str, Section] = field(default_factory=dict)
+    shadowed: dict[str, Section] = field(default_factory=dict)
+    """Sections replaced by a later folder's section of the same name (the replaced one)."""
 
     def names(self) -> list[str]:
         return sorted(self.sections)
@@ -361,22 +400,74 @@ def config_dirs(workspace: Path | None) -> list[Path]:
 
 
 class _LineLoader(yaml.SafeLoader):
-    """A safe loader that remembers the line each top-level key starts on."""
+    """A safe loader that remembers the line each top-level key starts on, and refuses documents
+    nested too deep (the composer recurses per level) or whose aliases expand too far (a
+    "billion laughs" document is a few hundred bytes)."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+MAX_YAML_DEPTH = 50
+"""Deepest nesting accepted in a config file or a ``--set`` value."""
+MAX_YAML_NODES = 100_000
+"""Most values a config document may hold once its aliases are expanded."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values under ``node`` with every alias expanded (memoised: linear in the document's size)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # a node seen again while being counted (a recursive alias) counts once
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(key, sizes) + _expanded_size(value, sizes) for key, value in node.value)
+    total = min(total, MAX_YAML_NODES + 1)
+    sizes[id(node)] = total
+    return total
+
+
+def load_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
+    """Parse ``text`` with the safe loader: ``(value, root node)``; every problem is one UserError
+    naming ``where`` (and its line): malformed YAML, nesting too deep, aliases that expand too far."""
+    try:
+        loader = _LineLoader(text)
+    except yaml.YAMLError as error:  # a character YAML does not allow
+        raise UserError(f"{where}: malformed YAML: {str(error).splitlines()[0]}") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise UserError(f"{where}: more than {MAX_YAML_NODES} values once its aliases are expanded")
+        return loader.construct_document(node), node
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        place = f"{where}:{mark.line + 1}" if mark is not None else where
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{place}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested too deep") from None
+    finally:
+        loader.dispose()
 
 
 def _read_sections(path: Path) -> list[Section]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read: {error}") from None
-    try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"{where}: malformed YAML: {problem}") from None
+        text = read_text_file(path)
+    except UnreadableFile as error:
+        raise UserError(f"{error}") from None
+    data, node = load_yaml(text, str(path))
     if data is None:
         return []
     if not isinstance(data, dict) or node is None or not isinstance(node, yaml.MappingNode):
@@ -398,8 +489,15 @@ def load_index(workspace: Path | None = None) -> SectionIndex:
     for folder in config_dirs(workspace):
         if not folder.is_dir():
             continue
+        files = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+        if folder != SHIPPED_CONFIGS:
+            # Config files choose what runs (model code, DeepSpeed settings): only the user's own.
+            for checked in (folder, *files):
+                reason = untrusted_reason(checked)
+                if reason:
+                    raise UserError(f"{checked}: refusing config files {reason}")
         seen_here: dict[str, Section] = {}
-        for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
+        for path in files:
             for section in _read_sections(path):
                 if section.name in seen_here:
                     first = seen_here[section.name]
@@ -408,6 +506,9 @@ def load_index(workspace: Path | None = None) -> SectionIndex:
                         f"{first.file}:{first.line}"
                     )
                 seen_here[section.name] = section
+        for name in seen_here:
+            if name in index.sections:
+                index.shadowed[name] = index.sections[name]
         index.sections.update(seen_here)
     return index
 
@@ -424,10 +525,14 @@ def parse_set(option: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise UserError(f"--set {option}: the key is empty")
+    if not raw.strip():
+        return key, ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value, _ = load_yaml(raw, f"--set {key}")
+    except UserError as error:
+        if "malformed YAML" in str(error):
+            return key, raw  # not YAML: the text itself
+        raise
     return key, value
 
 
@@ -453,6 +558,10 @@ def compose(
             close = difflib.get_close_matches(name, index.names(), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UserError(f"unknown config section '{name}'{hint}; available: {', '.join(index.names())}")
+        replaced = index.shadowed.get(name)
+        if replaced is not None:
+            print(f"oatui: note: section '{name}' from {section.file}:{section.line} replaces the one in "
+                  f"{replaced.file}:{replaced.line}", file=sys.stderr)
         for key, value in section.values.items():
             values[key] = value
             origin[key] = f"section '{name}' ({section.file}:{section.line})"
@@ -521,6 +630,16 @@ def _flatten(annotation: Any) -> list[Any]:
     return [annotation] if not args else [leaf for arg in args for leaf in _flatten(arg)]
 
 
+def _short_repr(value: Any) -> str:
+    """A bounded ``repr`` for error messages (a value may be huge, or nest deep)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 2, 4, 4, 40, 40
+    text = short.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def validate(stage: str, composed: Composed) -> StageConfig:
     schema = STAGE_SCHEMAS[stage]
     known = list(schema.model_fields)
@@ -539,7 +658,7 @@ def validate(stage: str, composed: Composed) -> StageConfig:
         annotation = schema.model_fields[key].annotation if key in schema.model_fields else None
         path = ".".join(str(part) for part in location)
         got = first.get("input")
-        got_text = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 60 else type(got).__name__
+        got_text = _short_repr(got)
         if first["type"] == "extra_forbidden" and len(location) > 1:
             what = f"unknown key '{location[-1]}'"
         elif first["type"] in ("value_error", "assertion_error"):
@@ -571,9 +690,10 @@ def to_yaml(config: StageConfig) -> str:
 def from_yaml_file(stage: str, path: Path) -> StageConfig:
     """Read a run's resolved ``config.yaml`` back (for ``--resume``)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"{path}: cannot read the run's config: {error}") from None
+        text = read_text_file(path)
+    except UnreadableFile as error:
+        raise UserError(f"{error}") from None
+    data = load_yaml(text, str(path))[0] or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of keys to values")
     origin = {key: str(path) for key in data}
@@ -588,7 +708,7 @@ def deepspeed_config_path(name: str | None) -> str | None:
     if path.is_file():
         return str(path.absolute())
     candidate = SHIPPED_CONFIGS / "deepspeed" / f"{name}.json"
-    if candidate.is_file():
+    if "/" not in name and candidate.is_file():
         return str(candidate)
     known = ", ".join(sorted(p.stem for p in (SHIPPED_CONFIGS / "deepspeed").glob("*.json")))
     raise UserError(f"deepspeed: {name!r} is neither a JSON file nor one of {known}")

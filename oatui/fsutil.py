@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
+import math
 import os
+import stat
 import tempfile
+import types
+import typing
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -149,3 +156,202 @@ def tail_lines(path: str | os.PathLike[str], count: int, max_bytes: int = 1 << 2
     if size > max_bytes and lines:
         lines = lines[1:]  # the first one is probably cut
     return lines[-count:] if count else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back: every file the product reads is bounded, decoded strictly and type-checked here.
+
+MAX_LINE_BYTES = 64 << 20
+"""Longest line of a text or JSON Lines file (one export tree is rarely above a megabyte)."""
+MAX_STATE_BYTES = 16 << 20
+"""Largest small state file (``run.json``, ``server.json``, a checkpoint's ``config.json``...)."""
+MAX_JSON_DEPTH = 100
+"""Deepest nesting of a JSON value read back (Python's parser recurses once per level)."""
+
+
+class UnreadableFile(ValueError):
+    """A file that is missing, not a regular file, too large, corrupted, not UTF-8 or not the JSON
+    expected. ``str(error)`` is one line that starts with the file's path (and line, where known)."""
+
+
+def _is_device(path: Path) -> bool:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
+
+
+def open_binary(path: str | os.PathLike[str]) -> io.BufferedIOBase:
+    """``path`` opened for reading bytes, gunzipped on the fly when it starts with gzip's magic.
+
+    Missing files, folders, devices and unreadable files raise :class:`UnreadableFile`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UnreadableFile(f"{path}: is a folder, expected a file")
+    if _is_device(path):
+        raise UnreadableFile(f"{path}: not a regular file")
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - handed to the caller
+    except FileNotFoundError:
+        raise UnreadableFile(f"{path}: no such file") from None
+    except OSError as error:
+        raise UnreadableFile(f"{path}: cannot read: {error.strerror or error}") from None
+    try:
+        magic = handle.peek(2)[:2] if hasattr(handle, "peek") else b""
+    except OSError as error:
+        handle.close()
+        raise UnreadableFile(f"{path}: cannot read: {error.strerror or error}") from None
+    if magic == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=handle, mode="rb")  # type: ignore[return-value]
+    return handle
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def iter_text_lines(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every line of a text file, gzipped or not, without its newline.
+
+    Each line is read on its own (at most ``max_line_bytes``) and decoded as strict UTF-8, so an
+    error names the line it is on: corrupted gzip data, a line too long, bytes that are not UTF-8
+    are each an :class:`UnreadableFile` naming ``path:line``.
+    """
+    path = Path(path)
+    handle = open_binary(path)
+    with handle:
+        number = 0
+        while True:
+            try:
+                raw = handle.readline(max_line_bytes + 1)
+            except _READ_ERRORS as error:
+                raise UnreadableFile(f"{path}:{number + 1}: corrupted or unreadable ({_reason(error)})") from None
+            if not raw:
+                return
+            number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise UnreadableFile(f"{path}:{number}: line longer than {max_line_bytes >> 20} MiB")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UnreadableFile(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+            yield number, text.rstrip("\r\n")
+
+
+def _reason(error: BaseException) -> str:
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return " ".join(str(text).split())[:200]
+
+
+def _json_depth_ok(text: str, limit: int) -> bool:
+    """Whether no JSON array/object in ``text`` nests deeper than ``limit`` (brackets in strings
+    count too: a cheap upper bound, exact for the files we write)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return False
+        elif char in "]}":
+            depth -= 1
+    return True
+
+
+def parse_json(text: str, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that fails with one line naming ``where`` (also for a value nested too deep)."""
+    if not _json_depth_ok(text, max_depth):
+        raise UnreadableFile(f"{where}: JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UnreadableFile(f"{where}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except (RecursionError, ValueError) as error:
+        raise UnreadableFile(f"{where}: not valid JSON ({_reason(error)})") from None
+
+
+def read_text_file(path: str | os.PathLike[str], max_bytes: int = MAX_STATE_BYTES) -> str:
+    """A whole small text file, strict UTF-8, at most ``max_bytes``; else :class:`UnreadableFile`."""
+    path = Path(path)
+    handle = open_binary(path)
+    try:
+        with handle:
+            data = handle.read(max_bytes + 1)
+    except _READ_ERRORS as error:
+        raise UnreadableFile(f"{path}: corrupted or unreadable ({_reason(error)})") from None
+    if len(data) > max_bytes:
+        raise UnreadableFile(f"{path}: larger than {max_bytes >> 20} MiB, not a file oatui wrote")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UnreadableFile(f"{path}:{line}: not UTF-8 text ({error.reason})") from None
+
+
+def read_json_file(path: str | os.PathLike[str], expect: type | tuple[type, ...] = dict,
+                   max_bytes: int = MAX_STATE_BYTES) -> Any:
+    """A small JSON file read back (a state file, a checkpoint's ``config.json``), of type ``expect``.
+
+    Anything else (missing, too large, not UTF-8, not JSON, too deep, the wrong type) is one
+    :class:`UnreadableFile` line naming the file.
+    """
+    value = parse_json(read_text_file(path, max_bytes), str(path))
+    if not isinstance(value, expect):
+        kinds = expect if isinstance(expect, tuple) else (expect,)
+        names = " or ".join({dict: "an object", list: "a list", str: "a string"}.get(k, k.__name__) for k in kinds)
+        raise UnreadableFile(f"{path}: expected {names}, found {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def fits_type(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON fits a dataclass field's type (bool is not an int here)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(fits_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust: a folder whose files can run code (configs, checkpoints) must be this user's alone.
+
+
+def untrusted_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be trusted (owned by another user, or writable by group or others,
+    as OpenSSH judges a key file), or None. A missing path is trusted (it will be created)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None  # missing (or under a file): whoever creates it says what is wrong
+    uid = os.geteuid()
+    if info.st_uid != uid:
+        try:
+            import pwd
+
+            owner = pwd.getpwuid(info.st_uid).pw_name
+        except (KeyError, ImportError):
+            owner = f"uid {info.st_uid}"
+        return f"owned by {owner}, not by you (uid {uid})"
+    loose = stat.S_IMODE(info.st_mode) & 0o022
+    # A sticky folder writable by all (/tmp) still lets others create names in it: refuse it too.
+    if loose:
+        who = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}[loose]
+        return f"writable by {who} (mode {stat.S_IMODE(info.st_mode):04o}); run 'chmod go-w {path}'"
+    return None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oatui.errors import UserError
-from oatui.fsutil import make_private_dir
+from oatui.fsutil import make_private_dir, untrusted_reason
 
 FEEDBACK_FILE = Path("data") / "feedback.trees.jsonl"
 """Rankings made while chatting, relative to the workspace: the ``feedback`` dataset."""
@@ -23,10 +23,19 @@ class Workspace:
 
     @classmethod
     def open(cls, root: str | os.PathLike[str] | None = None, create: bool = True) -> "Workspace":
+        if root is not None and not str(root).strip():
+            raise UserError("--workspace: empty; name a folder")
         path = Path(root) if root is not None else default_workspace()
         path = path.expanduser().absolute()
         if path.exists() and not path.is_dir():
             raise UserError(f"--workspace {path}: not a folder")
+        # Its configs and checkpoints choose what code runs: refuse a folder someone else controls,
+        # as OpenSSH refuses a key file with loose modes.
+        reason = untrusted_reason(path)
+        if reason:
+            raise UserError(f"--workspace {path}: refusing a workspace {reason}")
+        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"--workspace {path}: not writable by you")
         if create:
             try:
                 make_private_dir(path)

@@ -234,8 +234,8 @@ def test_server_argv_for_the_bundled_server(tmp_path: Path) -> None:
                              ServerOptions(repo="/r", address="0.0.0.0"), None, "s3cret")
     assert everything[:5] == ["apptainer", "exec", "--nv", "t.sif", "tritonserver"]
     assert "--model-control-mode=none" in everything and not any("backend-directory" in a for a in everything)
-    assert "--grpc-restricted-protocol=model-repository,shared-memory:admin-key=s3cret" in everything
-    assert "--http-restricted-api=model-repository,shared-memory:admin-key=s3cret" in everything
+    assert "--grpc-restricted-protocol=shared-memory,model-config,model-repository,statistics,trace,logging:admin-key=s3cret" in everything
+    assert "--http-restricted-api=shared-memory,model-config,model-repository,statistics,trace,logging:admin-key=s3cret" in everything
     assert not any("s3cret" in arg for arg in redact(everything, "s3cret"))
 
 
@@ -340,7 +340,7 @@ def test_a_failed_start_never_shows_the_admin_key(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         error = result.stderr.strip().splitlines()[-1]  # after the line saying where the key is stored
         assert error.startswith("oatui serve: error: tritonserver exited with status 3"), result.stderr
-        assert "--grpc-restricted-protocol=model-repository,shared-memory:admin-key=***" in error
+        assert "--grpc-restricted-protocol=shared-memory,model-config,model-repository,statistics,trace,logging:admin-key=***" in error
         assert "k3y-for-tests" not in result.stderr
     error_record = (workspace / "state" / "server-error.json").read_text()
     assert "admin-key=***" in error_record and "k3y-for-tests" not in error_record

@@ -18,6 +18,7 @@ from typing import Any
 
 from oatui.chat.history import ChatHistory, Conversation, Message
 from oatui.data.trees import parse_tree
+from oatui.errors import UserError
 from oatui.fsutil import atomic_write_text
 
 ORIGIN = "oatui-chat"
@@ -92,6 +93,10 @@ def iter_trees(history: ChatHistory, lang: str = "en", demonstrations: bool = Fa
 
 def export_history(history: ChatHistory, out: Path, lang: str = "en", demonstrations: bool = False) -> int:
     """Write every conversation as one export line to ``out`` (atomically); returns the tree count."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; name a file")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: no folder {out.parent}")
     lines = [json.dumps(tree, ensure_ascii=False) for tree in iter_trees(history, lang, demonstrations)]
     atomic_write_text(out, "".join(f"{line}\n" for line in lines))
     return len(lines)

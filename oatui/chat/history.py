@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oatui.errors import UserError
+
 SCHEMA_VERSION = 1
 ROLES = ("prompter", "assistant")
 STATES = ("complete", "cancelled", "error")
@@ -78,6 +80,10 @@ class Message:
     created: float = 0.0
 
 
+class ChatStoreError(UserError, ValueError):
+    """The chat history file is not one oatui can read (garbage, damaged, someone else's tables)."""
+
+
 class ChatHistory:
     """The conversation store of one workspace."""
 
@@ -90,7 +96,7 @@ class ChatHistory:
             connection.execute("PRAGMA journal_mode=WAL")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise ValueError(
+                raise ChatStoreError(
                     f"{self.path}: written by a newer oatui (schema {version}, this one reads {SCHEMA_VERSION})"
                 )
             connection.executescript(_SCHEMA)
@@ -101,12 +107,18 @@ class ChatHistory:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as error:
+            raise ChatStoreError(f"{self.path}: cannot open the chat history ({error})") from None
         try:
             connection.row_factory = sqlite3.Row
             connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             connection.execute("PRAGMA foreign_keys=ON")
             yield connection
+        except sqlite3.DatabaseError as error:
+            # Not a database, a damaged one, or one whose tables are not ours: one line naming it.
+            raise ChatStoreError(f"{self.path}: not a chat history oatui can read ({error})") from None
         finally:
             connection.close()
 
@@ -253,7 +265,7 @@ def _title(text: str) -> str:
 def _params(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text or "{}")
-    except json.JSONDecodeError:
+    except (ValueError, TypeError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

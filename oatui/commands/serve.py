@@ -16,9 +16,13 @@ Run tritonserver on a model repository written by 'oatui export' (default WORKSP
 The server is --server-bin (a path, or a wrapper's command line such as
 'apptainer exec --nv tritonserver.sif tritonserver'), else tritonserver on PATH, else the one
 bundled in nvidia-pytriton (set up under WORKSPACE/state/triton-backends). It listens on
-127.0.0.1 unless --address says otherwise; a non-loopback address restricts the
-model-repository and shared-memory APIs to requests carrying the header 'admin-key' (the key is
---admin-key, or a random one, stored in a 0600 file under WORKSPACE/state).
+127.0.0.1 unless --address says otherwise; a non-loopback address restricts every API but
+health, metadata and inference (model repository, model config, statistics, trace, logging,
+shared memory) to requests carrying the header 'admin-key' (gRPC: 'triton-grpc-protocol-admin-key');
+the key is --admin-key, or a random one, stored in a 0600 file under WORKSPACE/state.
+tritonserver takes the key only on its command line, where other users of this machine can read
+it (/proc/PID/cmdline): on a shared machine keep the default address and reach the server through
+an SSH tunnel instead (ssh -L 8001:127.0.0.1:8001 HOST).
 In the foreground Ctrl-C stops it; --detach leaves it running under a supervisor
 ('oatui serve --status' / '--stop'). The log goes to WORKSPACE/logs/tritonserver-TIME.log.
 """
@@ -37,7 +41,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
     parser.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")
     parser.add_argument("--address", default="127.0.0.1", metavar="ADDR",
-                        help="address to listen on (default 127.0.0.1; others need the admin key, see above)")
+                        help="address to listen on (default 127.0.0.1; others restrict all but health, metadata and "
+                             "inference to the admin key, which other local users can read: prefer ssh -L)")
     parser.add_argument("--models", metavar="A,B", help="load only these models (default: all in the repository)")
     parser.add_argument("--gpus", metavar="LIST", help="GPUs the server may use, e.g. 7 or 0,1 (CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--server-bin", metavar="CMD",
@@ -62,8 +67,8 @@ def _options(args: argparse.Namespace, workspace: "Workspace") -> "ServerOptions
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else ()
     if args.models is not None and not models:
         raise UserError("--models: name at least one model")
-    if args.ready_timeout <= 0:
-        raise UserError(f"--ready-timeout {args.ready_timeout:g}: must be above 0")
+    if not 0 < args.ready_timeout < float("inf"):  # also refuses nan
+        raise UserError(f"--ready-timeout {args.ready_timeout:g}: must be a number of seconds above 0")
     return ServerOptions(
         repo=str(repo),
         http_port=args.http_port,
@@ -100,13 +105,16 @@ def run(args: argparse.Namespace) -> int:
         print("not running" if info is None else f"stopped tritonserver {info.pid} ({info.grpc_url})", file=sys.stderr)
         return 0
     options = _options(args, workspace)
-    if not server.is_loopback(options.address):
-        print(f"oatui serve: listening on {options.address}: reachable from other machines", file=sys.stderr)
 
     def announce_key(key_file: str | None) -> None:
+        # Said once the options have passed their checks: an error stays the only line.
+        if not server.is_loopback(options.address):
+            print(f"oatui serve: listening on {options.address}: reachable from other machines; the admin key "
+                  "is on tritonserver's command line, visible to this machine's users (an SSH tunnel to "
+                  "127.0.0.1 avoids both)", file=sys.stderr)
         if key_file:
-            print(f"admin key for the model-repository and shared-memory APIs (header '{server.ADMIN_HEADER}'): "
-                  f"stored in {key_file}", file=sys.stderr)
+            print(f"admin key for every API but health, metadata and inference (header '{server.ADMIN_HEADER}', "
+                  f"gRPC '{server.GRPC_HEADER_PREFIX}{server.ADMIN_HEADER}'): stored in {key_file}", file=sys.stderr)
 
     if args.detach:
         info = server.start_detached(workspace, options, admin_key=args.admin_key)

@@ -7,8 +7,6 @@ Keys beyond the ones below are kept in ``extra`` (real exports carry many more) 
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from oatui.errors import UserError
+from oatui.fsutil import UnreadableFile, iter_text_lines
 
 ROLES = ("prompter", "assistant")
 
@@ -167,14 +166,6 @@ def parse_tree(obj: Any) -> MessageTree:
     )
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    with open(path, "rb") as probe:
-        magic = probe.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
-    return open(path, encoding="utf-8", errors="strict")
-
-
 @dataclass
 class LoadReport:
     """What a lenient load skipped: ``(line, reason)`` pairs."""
@@ -185,31 +176,16 @@ class LoadReport:
 def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of every non-blank line of a text file, gzipped or not.
 
-    A file that is missing, a folder, unreadable or not UTF-8 is a :class:`UserError` naming it.
+    A file that is missing, a folder, a device, unreadable, corrupted (gzip), not UTF-8 or with a
+    line longer than :data:`oatui.fsutil.MAX_LINE_BYTES` is a :class:`UserError` naming it (and
+    the line).
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a JSONL file (.jsonl or .jsonl.gz)")
     try:
-        handle = _open_text(path)
-    except OSError as error:
-        raise UserError(f"{path}: cannot read: {error.strerror or error}") from None
-    with handle:
-        line_number = 0
-        while True:
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError as error:
-                raise UserError(f"{path}:{line_number + 1}: not UTF-8 text ({error.reason})") from None
-            except (OSError, EOFError, gzip.BadGzipFile) as error:
-                raise UserError(f"{path}:{line_number + 1}: cannot read: {error}") from None
-            if not line:
-                return
-            line_number += 1
+        for line_number, line in iter_text_lines(path):
             if line.strip():
                 yield line_number, line
+    except UnreadableFile as error:
+        raise UserError(str(error)) from None
 
 
 def iter_trees(

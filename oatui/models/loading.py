@@ -58,13 +58,37 @@ def check_model_name(name: str) -> None:
         raise UserError(f"model {name!r}: no such folder (and not a hub id of the form org/name)")
 
 
+#: The JSON files of a checkpoint folder that transformers reads; each must be a JSON object.
+CHECKPOINT_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "tokenizer.json", "added_tokens.json")
+
+
+def check_checkpoint_files(name: str) -> None:
+    """A local checkpoint folder's JSON files are JSON objects (read with the same bounds and one
+    error line as every file oatui reads back); transformers would fail on them with a traceback."""
+    from oatui.fsutil import UnreadableFile, read_json_file
+
+    folder = Path(name)
+    if not folder.is_dir():
+        return
+    for file_name in CHECKPOINT_JSON_FILES:
+        path = folder / file_name
+        if path.exists():
+            try:
+                read_json_file(path, dict, max_bytes=1 << 30)
+            except UnreadableFile as error:
+                raise UserError(f"model {error}") from None
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
+    check_checkpoint_files(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise UserError(f"cannot load the tokenizer of {name}: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception for a file of the wrong schema
+        first = (str(error).splitlines() or [type(error).__name__])[0][:300]
+        raise UserError(f"cannot load the tokenizer of {name}: {first}") from None
     missing = [token for token in (PROMPTER, ASSISTANT, SYSTEM) if token not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
@@ -125,8 +149,8 @@ def _load(auto_class: Any, name: str, config: "StageConfig", tokenizer: "PreTrai
             trust_remote_code=config.trust_remote_code,
             **extra,
         )
-    except OSError as error:
-        raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"cannot load model {name}: {(str(error).splitlines() or [type(error).__name__])[0][:300]}") from None
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -187,7 +211,7 @@ def load_for_inference(name: str, kind: str, device: str = "cpu", dtype: str = "
     auto = AutoModelForSequenceClassification if kind == "rm" else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(name, dtype=pick_dtype(dtype))
-    except OSError as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}") from None
     model.to(torch.device(device)).eval()
     return model, tokenizer

@@ -94,6 +94,13 @@ def _as_address(address: "TritonAddress | str", default_model: str | None = None
     return address if isinstance(address, TritonAddress) else TritonAddress.parse(address, default_model)
 
 
+def _checked_url(url: str) -> str:
+    """``host:port`` as given, once its port is a port: gRPC would take 99999 modulo 65536 and dial
+    another port."""
+    TritonAddress.parse(url, default_model="-")
+    return url
+
+
 def _is_local(url: str) -> bool:
     """Whether ``host:port`` names this machine's loopback."""
     from oatui.serve.server import is_loopback
@@ -356,7 +363,7 @@ class ChatClient:
     def __init__(self, url: str, model: str = "policy", timeout: float = 30.0, retries: int = 3) -> None:
         import tritonclient.grpc as grpcclient
 
-        self.url = url
+        self.url = _checked_url(url)
         self.model = model
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -539,7 +546,7 @@ class AsyncChatClient:
     """
 
     def __init__(self, url: str, model: str = "policy", timeout: float = 30.0, retries: int = 3) -> None:
-        self.url = url
+        self.url = _checked_url(url)
         self.model = model
         self.timeout = float(timeout)
         self.retries = int(retries)

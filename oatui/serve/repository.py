@@ -42,7 +42,7 @@ DEFAULT_MAX_BATCH = 16
 VERSION = "1"
 COPY_FOLDER = "checkpoint"
 EXPORT_INFO = "oatui_export.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+NAME_PATTERN = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: "$" would let "name\n" in
 MODEL_SOURCES = Path(__file__).resolve().parent / "triton_models"
 #: A checkpoint folder holds at least one of these when its tokenizer was saved with it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -157,10 +157,12 @@ def _checkpoint_facts(model_path: Path) -> dict[str, str]:
     # export would "work", serving gibberish.
     if not any((model_path / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"--model {model_path}: no tokenizer saved there (none of {', '.join(TOKENIZER_FILES)})")
+    from oatui.fsutil import UnreadableFile, read_json_file
+
     try:
-        config = json.loads((model_path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"--model {model_path}: config.json is unreadable: {error}") from None
+        config = read_json_file(model_path / "config.json")
+    except UnreadableFile as error:
+        raise UserError(f"--model {error}") from None
     tokenizer = load_tokenizer(str(model_path))
     facts = {common.EOS_KEY: str(tokenizer.eos_token)}
     positions = config.get("max_position_embeddings") or config.get("n_positions")
@@ -215,6 +217,8 @@ def export_model(
         raise UserError(f"--cpu-threads {cpu_threads}: must be 0 (auto) or more")
     if mode != "policy" and not 1 <= max_batch <= 4096:
         raise UserError(f"--max-batch {max_batch}: must be between 1 and 4096")
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"--repo {repo}: not a folder")
     model = Path(model).absolute()
     if not (model / "config.json").is_file():
         raise UserError(f"--model {model}: no config.json there (expected a Hugging Face checkpoint folder)")

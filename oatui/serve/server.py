@@ -32,6 +32,7 @@ import sys
 import sysconfig
 import threading
 import time
+import typing
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -40,7 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from oatui.errors import UserError
-from oatui.fsutil import FILE_MODE, atomic_write_json, locked, make_private_dir, tail_lines
+from oatui.fsutil import (
+    FILE_MODE,
+    UnreadableFile,
+    atomic_write_json,
+    locked,
+    make_private_dir,
+    fits_type,
+    read_json_file,
+    tail_lines,
+)
 from oatui.workspace import Workspace
 
 DEFAULT_ADDRESS = "127.0.0.1"
@@ -55,7 +65,12 @@ SERVER_FILE = "server.json"
 ERROR_FILE = "server-error.json"
 ADMIN_KEY_FILE = "triton-admin-key"
 ADMIN_HEADER = "admin-key"
-RESTRICTED_APIS = "model-repository,shared-memory"
+# Every API group tritonserver can restrict (src/restricted_features.h) but health, metadata and
+# inference: the repository and shared memory, model configs (they reveal the model's path),
+# statistics, trace settings and logging settings (POST /v2/logging).
+RESTRICTED_APIS = "shared-memory,model-config,model-repository,statistics,trace,logging"
+#: tritonserver prefixes the header of a restricted gRPC protocol with this.
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 SHM_PATTERN = "/dev/shm/triton_python_backend_shm*"
 
 
@@ -134,8 +149,22 @@ class ServerInfo:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ServerInfo":
+        """The record read back; a missing key or a value of the wrong type is a ValueError."""
+        if not isinstance(values, dict):
+            raise ValueError("not an object")
         known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        kept = {key: value for key, value in values.items() if key in known}
+        hints = typing.get_type_hints(cls)
+        for name, value in kept.items():
+            if not fits_type(value, hints[name]):
+                raise ValueError(f"'{name}' is {type(value).__name__}, not {hints[name]}")
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            if name in kept and not 1 <= kept[name] <= 65535:
+                raise ValueError(f"'{name}' {kept[name]} is not a port number")
+        try:
+            return cls(**kept)
+        except TypeError as error:  # a required key is missing
+            raise ValueError(str(error).split(") ", 1)[-1]) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,8 +521,9 @@ def mapped_shm(pid: int) -> set[str]:
 def remove_shm(paths: Sequence[str]) -> list[str]:
     removed = []
     for path in paths:
-        if not path.startswith("/dev/shm/triton_python_backend_shm"):
-            continue  # only ever the Python backend's own files
+        if not isinstance(path, str) or os.path.dirname(path) != "/dev/shm" or \
+                not os.path.basename(path).startswith("triton_python_backend_shm"):
+            continue  # only ever the Python backend's own files (never '/dev/shm/x/../..')
         with contextlib.suppress(FileNotFoundError, PermissionError):
             os.unlink(path)
             removed.append(path)
@@ -739,10 +769,18 @@ def server_file(workspace: Workspace) -> Path:
 
 
 def _read_server_file(workspace: Workspace) -> ServerInfo | None:
-    try:
-        return ServerInfo.from_dict(json.loads(server_file(workspace).read_text()))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+    """The record of the detached server; None when there is none. A record that is not one
+    oatui wrote (not JSON, the wrong types) is a UserError naming the file."""
+    path = server_file(workspace)
+    if not path.exists():
         return None
+    try:
+        info = ServerInfo.from_dict(read_json_file(path))
+    except UnreadableFile as error:
+        raise UserError(f"{error}; remove it if no server runs") from None
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{path}: not a server record ({error}); remove it if no server runs") from None
+    return info
 
 
 def _create_time(pid: int) -> float | None:
@@ -755,7 +793,10 @@ def _create_time(pid: int) -> float | None:
 
 
 def _alive(pid: int | None, started: float | None = None) -> bool:
-    if not pid:
+    """Whether ``pid`` is the process recorded: alive, and started when the record says. A pid
+    without its start time is never trusted (``server.json`` is read back from disk: a wrong pid
+    there must not get some other process signalled), nor is init, nor this process."""
+    if not isinstance(pid, int) or pid <= 1 or started is None or pid == os.getpid():
         return False
     try:
         import psutil
@@ -763,7 +804,7 @@ def _alive(pid: int | None, started: float | None = None) -> bool:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        return started is None or abs(process.create_time() - started) < 1.0
+        return abs(process.create_time() - started) < 1.0
     except Exception:  # noqa: BLE001 - no such process
         return False
 

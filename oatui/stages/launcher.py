@@ -19,7 +19,8 @@ from pathlib import Path
 
 from oatui.config import STAGES, RLConfig, StageConfig, deepspeed_config_path, from_yaml_file, load_stage_config, to_yaml
 from oatui.errors import UserError
-from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, new_run_id, valid_run_id
+from oatui.fsutil import UnreadableFile, iter_text_lines
+from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, new_run_id, pickled_files, valid_run_id
 from oatui.workspace import Workspace
 
 LAUNCHERS = ("auto", "python", "accelerate", "deepspeed")
@@ -131,7 +132,11 @@ def stage_argv(
 
 def _hosts(hostfile: str) -> list[str]:
     hosts = []
-    for number, line in enumerate(Path(hostfile).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = list(iter_text_lines(hostfile, max_line_bytes=1 << 16))
+    except UnreadableFile as error:
+        raise UserError(f"--hostfile {error}") from None
+    for number, line in lines:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -233,10 +238,22 @@ def _prepare_resume(request: LaunchRequest, workspace: Workspace) -> RunDir:
     if info.state == "succeeded":
         raise UserError(f"--resume {run_id}: the run already succeeded")
     from_yaml_file(request.stage, run.config_path)  # still valid with this version of oatui
+    checkpoint = run.latest_checkpoint()
+    for pickled in pickled_files(checkpoint) if checkpoint is not None else []:
+        raise UserError(f"--resume {run_id}: {pickled}: refusing a checkpoint that holds a pickle "
+                        "(loading one can run any code); oatui never writes one")
+    if request.num_processes is not None and request.num_processes < 1:
+        raise UserError("--num-processes: must be at least 1")
     gpus = parse_gpus(request.gpus if request.gpus is not None else info.gpus)
     launcher = info.launcher if request.launcher == "auto" else request.launcher
+    if launcher not in LAUNCHERS:
+        raise UserError(f"--resume {run_id}: {run.info_path}: launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     num_processes = request.num_processes or info.num_processes
+    if num_processes < 1:
+        raise UserError(f"--resume {run_id}: {run.info_path}: num_processes {num_processes} is below 1")
     hostfile = request.hostfile or info.hostfile
+    if hostfile:
+        _hosts(hostfile)
     run.update_info(
         state="queued",
         argv=stage_argv(request.stage, run.path, launcher, gpus, num_processes, hostfile),

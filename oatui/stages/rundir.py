@@ -17,11 +17,23 @@ import re
 import secrets
 import socket
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oatui.fsutil import atomic_write_json, atomic_write_text, json_objects, make_private_dir, read_last_line
+from oatui.errors import UserError
+from oatui.fsutil import (
+    UnreadableFile,
+    atomic_write_json,
+    atomic_write_text,
+    fits_type,
+    json_objects,
+    make_private_dir,
+    parse_json,
+    read_last_line,
+    read_text_file,
+)
 
 STATES = ("queued", "running", "succeeded", "failed", "stopped")
 ACTIVE_STATES = ("queued", "running")
@@ -32,7 +44,7 @@ EXIT_STOPPED = 75
 EXIT_BAD_INPUT = 2
 
 CHECKPOINT_PREFIX = "checkpoint-"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def new_run_id(stage: str) -> str:
@@ -40,7 +52,11 @@ def new_run_id(stage: str) -> str:
 
 
 def valid_run_id(run_id: str) -> bool:
-    return bool(_RUN_ID.match(run_id))
+    return isinstance(run_id, str) and bool(_RUN_ID.fullmatch(run_id))  # fullmatch: '$' lets a newline in
+
+
+class BrokenRunFile(UserError, ValueError):
+    """A ``run.json`` that is missing, not JSON, or not what oatui writes."""
 
 
 @dataclass
@@ -88,18 +104,14 @@ class RunInfo:
                 raise ValueError(f"run.json: '{required}' missing or not a string")
         if values.get("state") not in STATES:
             raise ValueError(f"run.json: state {values.get('state')!r} is not one of {', '.join(STATES)}")
-        info = cls(**values)
-        for name in ("pid", "supervisor_pid", "exit_code", "resumes", "num_processes"):
-            value = getattr(info, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ValueError(f"run.json: '{name}' is not an integer")
-        for name in ("created", "started", "ended", "pid_started", "supervisor_started"):
-            value = getattr(info, name)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-                raise ValueError(f"run.json: '{name}' is not a number")
-        if not isinstance(info.argv, list) or not all(isinstance(a, str) for a in info.argv):
-            raise ValueError("run.json: 'argv' is not a list of strings")
-        return info
+        hints = typing.get_type_hints(cls)
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        for name, value in values.items():
+            if not fits_type(value, hints[name]):
+                kind = typing.get_args(hints[name])[0] if typing.get_args(hints[name]) else hints[name]
+                what = "a list of strings" if typing.get_origin(hints[name]) is list else names.get(kind, str(kind))
+                raise ValueError(f"run.json: '{name}' is not {what}")
+        return cls(**values)
 
 
 class RunDir:
@@ -160,21 +172,21 @@ class RunDir:
         return run
 
     def read_info(self) -> RunInfo:
-        """Parse ``run.json``; raises ``ValueError`` with a one-line reason when it is broken."""
+        """Parse ``run.json``; a broken one raises :class:`BrokenRunFile` (a ``ValueError`` and a
+        ``UserError``: one line naming the run's ``run.json``)."""
         try:
-            text = self.info_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValueError("run.json is missing") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"run.json cannot be read: {error}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"run.json is not valid JSON ({error.msg}, line {error.lineno})") from None
-        try:
-            return RunInfo.from_dict(data)
-        except TypeError as error:
-            raise ValueError(f"run.json: {error}") from None
+            if not self.info_path.exists():
+                raise ValueError("run.json is missing")
+            try:
+                data = parse_json(read_text_file(self.info_path), "run.json")
+            except UnreadableFile as error:
+                raise ValueError(str(error).replace(str(self.info_path), "run.json", 1)) from None
+            try:
+                return RunInfo.from_dict(data)
+            except TypeError as error:
+                raise ValueError(f"run.json: {error}") from None
+        except ValueError as error:
+            raise BrokenRunFile(f"{self.id}/{error}") from None
 
     def write_info(self, info: RunInfo) -> None:
         atomic_write_json(self.info_path, info.to_dict())
@@ -225,3 +237,13 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         checkpoints = self.complete_checkpoints()
         return checkpoints[-1] if checkpoints else None
+
+
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+def pickled_files(checkpoint: Path) -> list[Path]:
+    """Pickle files in a checkpoint. oatui never writes one (its own state is JSON, tensors are
+    safetensors or loaded with ``weights_only=True``), and loading one can run any code: a
+    checkpoint that holds one is refused, never resumed from."""
+    return sorted(path for path in checkpoint.rglob("*") if path.suffix.lower() in PICKLE_SUFFIXES)

@@ -25,7 +25,7 @@ from typing import Any
 from oatui.config import StageConfig, from_yaml_file
 from oatui.errors import UserError
 from oatui.fsutil import atomic_write_text, locked, make_private_dir
-from oatui.stages.rundir import CHECKPOINT_PREFIX, EXIT_BAD_INPUT, EXIT_STOPPED, RunDir
+from oatui.stages.rundir import CHECKPOINT_PREFIX, EXIT_BAD_INPUT, EXIT_STOPPED, RunDir, pickled_files
 from oatui.workspace import Workspace
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +154,9 @@ class StageContext:
         if is_main_process() and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash during a save
         checkpoint = self.run.latest_checkpoint()
+        for pickled in pickled_files(checkpoint) if checkpoint is not None else []:
+            raise UserError(f"{pickled}: refusing to resume from a checkpoint that holds a pickle "
+                            "(loading one can run any code); oatui never writes one")
         if checkpoint is not None and is_main_process():
             step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
             dropped = self.metrics.truncate_after(step)

@@ -28,7 +28,7 @@ import torch
 
 from oatui.config import RLConfig
 from oatui.train.common import MetricsWriter, StageContext, StageStopped, save_final, stop_requested_everywhere
-from oatui.train.ppo.checkpoint import Progress, restore_rng, rng_snapshot, save_checkpoint
+from oatui.train.ppo.checkpoint import Progress, load_checkpoint, restore_rng, rng_snapshot, save_checkpoint
 from oatui.train.ppo.kl_control import make_kl_controller
 from oatui.train.ppo.losses import entropy_from_logits, masked_mean, policy_loss, value_loss
 from oatui.train.ppo.models import response_outputs, rollout_logprobs_and_values
@@ -107,16 +107,18 @@ def run_ppo(context: StageContext) -> None:
     kl_controller = make_kl_controller(config.adaptive_kl, config.init_kl_coef, config.kl_target, config.kl_horizon)
     score_moments = RunningMoments()
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, kl_controller, score_moments, progress)
+    # Kept beside the model and optimizer as JSON, never through accelerate's pickles.
+    checkpoint_state = {"scheduler": scheduler, "kl_controller": kl_controller, "score_moments": score_moments,
+                        "progress": progress}
     if context.resume_from is not None:
-        accelerator.load_state(str(context.resume_from))
+        load_checkpoint(accelerator, context.resume_from, checkpoint_state)
         MetricsWriter(context.run.samples_path, enabled=accelerator.is_main_process).truncate_after(progress.step)
         context.log(f"resumed at step {progress.step} (kl_coef {kl_controller.value:.4g})")
     context.log(f"PPO for {config.total_steps} steps: {config.rollout_batch_size} prompts per step on each of "
                 f"{world} process(es), {config.ppo_epochs} epochs of minibatches of {config.mini_batch_size}")
 
     def checkpoint(step: int) -> None:
-        path = save_checkpoint(accelerator, context.run.checkpoints, step, config.save_total_limit)
+        path = save_checkpoint(accelerator, context.run.checkpoints, step, config.save_total_limit, checkpoint_state)
         context.log(f"checkpoint: {path.name}")
 
     for step in range(progress.step + 1, config.total_steps + 1):
