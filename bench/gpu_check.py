@@ -380,6 +380,9 @@ class Runner:
         except subprocess.TimeoutExpired:
             stop_group(process)
             timed_out = True
+        except KeyboardInterrupt:
+            stop_group(process)  # it runs in its own session: Ctrl-C here did not reach it
+            raise
         finally:
             if self.sampler is not None:
                 result.gpu_memory_peak_mib = self.sampler.stop()
@@ -446,9 +449,18 @@ class Runner:
             self.gpu_index = visible if visible else "0"
             if shutil.which("nvidia-smi"):
                 self.sampler = MemorySampler(self.gpu_index)
-        for step in STEPS[1:]:
-            self.run(step)
-        self.collect_background()
+        try:
+            for step in STEPS[1:]:
+                self.run(step)
+            self.collect_background()
+        finally:
+            # Interrupted between serve and serve-stop: the detached server must not outlive the check.
+            stop = self.results["serve-stop"]
+            if self.results["serve"].status in ("ok", "failed") and stop.status == "pending":
+                self.run(stop.step)
+            for process, _, _ in self.background.values():
+                if process.poll() is None:
+                    stop_group(process)
         table = summary_table([self.results[name] for name in STEP_NAMES], facts)
         (self.out / "summary.md").write_text(table + "\n", encoding="utf-8")
         print()
@@ -457,7 +469,6 @@ class Runner:
             self.pack_logs()
         print(f"\nlogs and results: {self.out}")
         return 0
-
 
     def pack_logs(self) -> None:
         import tarfile
