@@ -18,6 +18,12 @@ hands. The prompts are measured in turns (loop, generate(), Triton, then the nex
     python bench/bench_serve.py --workspace WORKSPACE             # its latest SFT run's model
     python bench/bench_serve.py --model DIR --prompts 16 --max-new-tokens 64
     python bench/bench_serve.py --workspace WORKSPACE --device cuda   # both sides on the GPU
+    python bench/bench_serve.py --concurrency 1 4 16   # then N streams at once through the server
+
+With ``--concurrency``, after the comparison the same server answers N streams at once (N
+``ChatClient`` threads, each answering the prompts in turn, ``--rounds`` times over), for each N
+given: the aggregate tokens per second, each stream's own pace, and the median time to the first
+token, against one stream alone.
 """
 
 from __future__ import annotations
@@ -92,6 +98,46 @@ def timed(pieces) -> tuple[float, float, str]:  # noqa: ANN001
     return (first if first is not None else total), total, "".join(text)
 
 
+def concurrent_streams(url: str, texts: list[str], streams: int, rounds: int, **sampling) -> tuple[float, list[float], list[float]]:  # noqa: ANN003
+    """``streams`` clients answering at once: (wall seconds, each answer's seconds, each answer's first-piece seconds)."""
+    from oatui.serve.client import ChatClient
+
+    totals: list[float] = []
+    firsts: list[float] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start_line = threading.Barrier(streams + 1)
+
+    def stream(index: int) -> None:
+        try:
+            with ChatClient(url, timeout=120) as client:
+                start_line.wait()
+                for answer in range(rounds * len(texts)):
+                    text = texts[(index + answer) % len(texts)]
+                    first, total, _ = timed(client.stream(text, seed=index * 1000 + answer, **sampling))
+                    with lock:
+                        totals.append(total)
+                        firsts.append(first)
+        except BaseException as error:  # noqa: BLE001 - reported by the caller
+            errors.append(error)
+            start_line.abort()
+
+    workers = [threading.Thread(target=stream, args=(index,)) for index in range(streams)]
+    for worker in workers:
+        worker.start()
+    try:
+        start_line.wait()
+    except threading.BrokenBarrierError:
+        pass
+    started = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"--concurrency {streams}: a stream failed: {errors[0]}")
+    return wall, totals, firsts
+
+
 def resolve_model(args: argparse.Namespace) -> Path:
     from oatui.serve.repository import resolve_model as resolve
     from oatui.stages.runs import latest_final
@@ -123,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads on both sides (default 0: half the cores, as the server picks)")
     parser.add_argument("--server-bin", help="tritonserver to run (default: on PATH, else the bundled one)")
+    parser.add_argument("--concurrency", type=int, nargs="+", metavar="N",
+                        help="then N streams at once through the server, for each N given (e.g. 1 4 16)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where both sides run the model: the in-process paths, and the server's model "
                              "(exported with this --device); default cpu")
     args = parser.parse_args(argv)
+    if args.concurrency and min(args.concurrency) < 1:
+        parser.error("--concurrency: each N must be at least 1")
 
     import torch
     from transformers import TextIteratorStreamer
@@ -223,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
                         series.add(first, total, args.max_new_tokens)
                     mismatches += answers[triton.name] != answers[loop.name]
             load_after = os.getloadavg()
+            concurrency = []
+            for streams in args.concurrency or []:
+                wall, totals, firsts = concurrent_streams(
+                    server.info().grpc_url, texts, streams, args.rounds, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, ignore_eos=True)
+                concurrency.append((streams, len(totals) * args.max_new_tokens / wall,
+                                    statistics.median(args.max_new_tokens / t for t in totals),
+                                    statistics.median(firsts) * 1000))
         finally:
             client.close()
             server.stop()
@@ -255,6 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Triton vs {name + ':':<16} first token {triton.first - other.first:+.1f} ms, throughput "
               f"{triton.rate / other.rate:.2f}x (after the first token {triton.decode_rate / other.decode_rate:.2f}x)")
     print("goals: first-token overhead < 10 ms, throughput >= 0.90x the in-process loop")
+    if concurrency:
+        print()
+        print(f"Concurrent streams through Triton ({args.prompts} prompts x {args.rounds} rounds per stream):")
+        print("| streams | aggregate tokens/s | per-stream tokens/s | first token (median) | aggregate vs 1 stream |")
+        print("|---:|---:|---:|---:|---:|")
+        single = next((rate for streams, rate, _, _ in concurrency if streams == 1), None)
+        for streams, rate, pace, first in concurrency:
+            ratio = f"{rate / single:.2f}x" if single else "-"
+            print(f"| {streams} | {rate:.0f} | {pace:.0f} | {first:.1f} ms | {ratio} |")
     return 0
 
 

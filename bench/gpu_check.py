@@ -124,8 +124,9 @@ STEPS: tuple[Step, ...] = (
          f"{OATUI} train rl --configs defaults_rl gpu-check-rl", 240, needs=("serve",)),
     Step("serve-stop", "stop the server (whenever serve ran)", f"{OATUI} serve --stop", 60, needs=("serve",),
          always=True),
-    Step("serve-bench", "streaming through Triton vs in-process, both on the GPU",
-         f"{PYTHON} bench/bench_serve.py --device cuda --prompts 8 --rounds 2 --warmup 1", 240, needs=("sft-bf16",)),
+    Step("serve-bench", "streaming through Triton vs in-process, both on the GPU; 1 and 4 streams at once",
+         f"{PYTHON} bench/bench_serve.py --device cuda --prompts 8 --rounds 2 --warmup 1 --concurrency 1 4", 240,
+         needs=("sft-bf16",)),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)
 
@@ -672,7 +673,12 @@ def _serve_bench(result: Result, runner: Runner) -> str:
     equal = re.search(r"in-process loop's \(same seeds\): (\d+/\d+)", text)
     if not match:
         raise StepFailed("no comparison line in the output")
-    return f"{match.group(1)}; answers equal {equal.group(1) if equal else '?'}"
+    summary = f"{match.group(1)}; answers equal {equal.group(1) if equal else '?'}"
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) ms \| (\S+) \|$", text, re.MULTILINE)
+    if rows:
+        streams, rate, _, first, ratio = rows[-1]
+        summary += f"; {streams} streams at once: {rate} tokens/s in all ({ratio} one stream), first token {first} ms"
+    return summary
 
 
 SUMMARIES: dict[str, Callable[[Result, Runner], str]] = {

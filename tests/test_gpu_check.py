@@ -155,6 +155,17 @@ def test_step_summaries_read_the_outputs_of_gpu_runs(tmp_path: Path) -> None:
     server_log.write_text(server_log.read_text().replace("on cpu", "on cuda:0"))
     assert "policy on cuda:0, rm on cuda:0, ref on cuda:0" in gpu_check.SUMMARIES["serve"](result, runner)
 
+    bench = next(step for step in gpu_check.STEPS if step.name == "serve-bench")
+    result = gpu_check.Result(bench, log="logs/serve-bench.log")
+    (tmp_path / result.log).write_text(
+        "Triton answers equal to the in-process loop's (same seeds): 16/16\n"
+        "Triton vs in-process loop: first token +1.6 ms, throughput 1.02x (after the first token 1.03x)\n"
+        "| streams | aggregate tokens/s | per-stream tokens/s | first token (median) | aggregate vs 1 stream |\n"
+        "|---:|---:|---:|---:|---:|\n| 1 | 877 | 870 | 2.9 ms | 1.00x |\n| 4 | 3024 | 757 | 9.2 ms | 3.45x |\n")
+    assert gpu_check.SUMMARIES["serve-bench"](result, runner) == (
+        "first token +1.6 ms, throughput 1.02x (after the first token 1.03x); answers equal 16/16; "
+        "4 streams at once: 3024 tokens/s in all (3.45x one stream), first token 9.2 ms")
+
     # The monitor's steps, on the synthesised 8×H100 recording.
     recording = ROOT / "tests" / "data" / "recordings" / "8xh100.jsonl"
     runner.has_gpu = True
@@ -205,7 +216,8 @@ def test_tiny_model_padded_vocab_size(tmp_path: Path) -> None:
         ensure_tiny_model(tmp_path, {"vocab_sise": 10})
 
 
-def test_bench_serve_device_option() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--device", "tpu"],
+@pytest.mark.parametrize("args, named", [(["--device", "tpu"], "--device"), (["--concurrency", "0"], "--concurrency")])
+def test_bench_serve_options(args: list[str], named: str) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), *args],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--device" in done.stderr
+    assert done.returncode == 2 and named in done.stderr.splitlines()[-1]
