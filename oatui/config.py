@@ -333,6 +333,12 @@ class RLConfig(StageConfig):
     """Skip a minibatch whose mean probability ratio exceeds this (an exploding update)."""
     samples_per_log: int = 4
     """Prompt/response/score triples written to ``samples.jsonl`` every ``logging_steps``."""
+    eval_steps: int = Field(20, ge=0)
+    """Judge the policy every this many steps (and before the first): greedy answers to a fixed set of
+    held-out prompts, scored by the reward model (``eval/proxy``) and, where the prompts are the
+    sample's, by the gold judge (``eval/gold``); also ``eval/eos_fraction`` and ``eval/kl``. 0: never."""
+    eval_prompts: int = Field(32, ge=1)
+    """How many held-out prompts ``eval_steps`` judges the policy on."""
 
     @field_validator("triton_host_rm", "triton_host_ref")
     @classmethod

@@ -2,9 +2,10 @@
 
 Used by ``oatui demo`` and by the app's ``a`` key. Every stage runs as a real run in the workspace
 (a supervised subprocess, as ``oatui train`` starts it); the models are exported to the workspace's
-Triton repository and served by a real tritonserver; the final phase asks the reward model to score
-the SFT policy's and the RL policy's answers to held-out prompts. Nothing here imports torch: the
-app runs this in a thread.
+Triton repository and served by a real tritonserver; the final phase judges the SFT and RL policies'
+answers to held-out prompts two ways, by the reward model (the proxy RL optimised) and by the gold
+judge it never saw, and the demo succeeds only if RL beats SFT on gold. Nothing here imports torch:
+the app runs this in a thread.
 """
 
 from __future__ import annotations
@@ -50,9 +51,8 @@ class DemoOptions:
     rl_configs: list[str] = field(default_factory=lambda: ["defaults_rl", "tiny_rl"])
     overrides: dict[str, list[str]] = field(default_factory=dict)
     """Extra ``--set`` values per stage (``{"rl": ["total_steps=20"]}``)."""
-    held_out_prompts: int = 16
-    samples_per_prompt: int = 2
-    max_new_tokens: int = 40
+    held_out_prompts: int = 96
+    max_new_tokens: int = 48
     chat_prompt: str | None = None
 
 
@@ -76,6 +76,8 @@ class Demo:
         self.results: list[PhaseResult] = []
         self.models: dict[str, Path] = {}
         self.server: Any = None
+        self.comparison: dict[str, Any] | None = None
+        """``oatui eval``'s report of the SFT and RL policies, once the compare phase ran."""
         self._phase_start = 0.0
 
     # -- driving -------------------------------------------------------------------------------
@@ -220,29 +222,39 @@ class Demo:
         return f"{pieces} pieces streamed, first after {1000 * (first or 0):.0f} ms"
 
     def phase_compare(self) -> str:
-        from oatui.data.datasets import rm_text
-        from oatui.serve.client import ChatClient, ScoreClient
+        """The SFT and RL policies judged on held-out prompts by the reward model (proxy) and the gold
+        judge, greedy and sampled (``oatui eval`` in a child process: this one imports no torch)."""
+        import json
+        import subprocess
+        import sys
 
-        contexts = self._held_out()
-        scorer = ScoreClient(f"{self.server.grpc_url}/rm")
-        eos = _rm_eos(self.models["rm"])
-        means = {}
-        for model in ("policy-sft", "policy"):
-            texts = []
-            with ChatClient(self.server.grpc_url, model) as client:
-                for index, context in enumerate(contexts):
-                    turns = [(turn.role, turn.text) for turn in context]
-                    for sample in range(self.options.samples_per_prompt):
-                        answer = "".join(client.stream(turns=turns, max_new_tokens=self.options.max_new_tokens,
-                                                       seed=1000 * index + sample))
-                        texts.append(rm_text(context, answer.strip(), eos))
-                    self.progress("compare", f"{model}: {index + 1}/{len(contexts)} prompts answered")
-            means[model] = statistics.mean(scorer.score(texts))
-        scorer.close()
-        sft, rl = means["policy-sft"], means["policy"]
-        verdict = f"RM score on {len(contexts)} held-out prompts: SFT {sft:.2f}, RL {rl:.2f}"
-        if not rl > sft:
-            raise PhaseFailed(verdict + " (the RL policy did not beat the SFT policy)")
+        argv = [sys.executable, "-m", "oatui", "eval", "--workspace", str(self.workspace.root),
+                "--policy", str(self.models["rl"]), "--against", str(self.models["sft"]), "--rm", str(self.models["rm"]),
+                "--prompts", str(self.options.held_out_prompts), "--max-new-tokens", str(self.options.max_new_tokens),
+                "--json"]
+        self.progress("compare", f"judging the SFT and RL policies on {self.options.held_out_prompts} held-out prompts")
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            while process.poll() is None:
+                if self.should_stop():
+                    process.terminate()
+                time.sleep(0.2)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        out, err = process.communicate()
+        if process.returncode != 0:
+            raise PhaseFailed((err.strip().splitlines() or [f"oatui eval exited {process.returncode}"])[-1])
+        report = json.loads(out)
+        self.comparison = report
+        rl, sft = report["policies"]
+        verdict = (f"{report['prompts']} held-out prompts, greedy and sampled: RM score SFT {sft['proxy']:.2f}, "
+                   f"RL {rl['proxy']:.2f}; gold (0-3) SFT {_gold(sft['gold'])}, RL {_gold(rl['gold'])}")
+        if sft["gold"] is None or rl["gold"] is None:
+            raise PhaseFailed(verdict + " (the gold judge does not apply to these prompts)")
+        if not rl["gold"] > sft["gold"]:
+            raise PhaseFailed(verdict + " (the RL policy did not beat the SFT policy on gold)")
         return verdict
 
     def phase_stop(self) -> str:
@@ -255,21 +267,8 @@ class Demo:
         return "server stopped" if stopped else "server had already stopped"
 
 
-def _rm_eos(rm_model: Path) -> str:
-    """The reward model's EOS token, read from its tokenizer files (no transformers import)."""
-    import json
-
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        try:
-            data = json.loads((rm_model / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        eos = data.get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if isinstance(eos, str) and eos:
-            return eos
-    return "<|endoftext|>"
+def _gold(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _headline(stage: str, last: dict[str, Any]) -> str:

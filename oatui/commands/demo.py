@@ -18,15 +18,16 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
             "Run the whole flow on the tiny default model, headless: the sample data, SFT, the reward "
             "model, PPO, export of the policies and the reward model, a tritonserver on free loopback "
             "ports, a streamed answer from the RL policy, and the reward model's scores of the SFT and "
-            "RL policies' answers to held-out prompts. Each stage is a normal run in the workspace. "
-            "Exits 0 only if every phase succeeded (the RL policy must out-score the SFT policy). "
+            "RL policies' answers to held-out prompts judged by the reward model and by the gold judge (as "
+            "'oatui eval'). Each stage is a normal run in the workspace. Exits 0 only if every phase "
+            "succeeded and the RL policy beats the SFT policy on gold, not only on the reward model's score. "
             "About 3-5 minutes on 2 CPU cores. Ctrl-C stops it cleanly: the running stage saves a "
             "checkpoint and ends 'stopped', the server is stopped."
         ),
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
                         help="a config override for one stage, e.g. rl:total_steps=40 (repeatable)")
-    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts to compare on (default 16)")
+    parser.add_argument("--prompts", type=int, default=96, help="held-out prompts to compare on (default 96)")
     parser.set_defaults(func=run)
 
 

@@ -9,6 +9,11 @@ learn the ranking and a policy can learn to earn a higher reward.
 
 Run ``python -m oatui.data.sample --out FILE`` to write it; the shipped copy at
 ``oatui/data/sample/oasst_sample.trees.jsonl.gz`` is exactly what the defaults produce.
+
+The same three rules make the gold judge (:func:`judge`): an answer earns a point for each feature
+it has, 0 to 3. The reward model only ever sees rankings; the gold judge is never a training
+signal, so it can tell a policy that got better from one that learnt to please the reward model.
+:func:`held_out_prompts` are questions in the sample's style that the shipped export never asks.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import io
 import json
 import random
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +178,111 @@ def _ranked_replies(lang: str, topic: int, count: int, rng: random.Random) -> li
     else:
         levels = sorted(rng.sample(range(len(_LEVELS)), count))
     return [(make_reply(lang, topic, *rng.choice(_LEVELS[level]), rng), rank) for rank, level in enumerate(levels)]
+
+
+@dataclass(frozen=True)
+class GoldScore:
+    """The sample's rules applied to one answer: a point for each feature."""
+
+    polite: bool
+    """It opens with one of the polite openers of the prompt's language."""
+    on_topic: bool
+    """It names the prompt's topic, and no other topic."""
+    proper_ending: bool
+    """A closing sentence ends it (an answer cut off, or running on after its closing, has none)."""
+
+    @property
+    def total(self) -> int:
+        return int(self.polite) + int(self.on_topic) + int(self.proper_ending)
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+# Longest first, so that a topic that contains another is found whole.
+_TOPIC_PHRASES: list[tuple[str, str, int]] = sorted(
+    ((_fold(topic), lang, index) for lang, topics in TOPICS.items() for index, topic in enumerate(topics)),
+    key=lambda item: -len(item[0]),
+)
+
+
+def prompt_topic(prompt: str) -> tuple[str, int] | None:
+    """(language, topic index) of a question in the sample's style, or None when it names no topic."""
+    text = _fold(prompt)
+    for phrase, lang, index in _TOPIC_PHRASES:
+        if phrase in text:
+            return lang, index
+    return None
+
+
+def judge(prompt: str, answer: str) -> GoldScore | None:
+    """The gold score of ``answer`` to ``prompt`` (the last prompter turn), or None when the prompt is
+    not one of the sample's questions, so the rules do not apply."""
+    found = prompt_topic(prompt)
+    if found is None:
+        return None
+    lang, index = found
+    text = _fold(answer)
+    polite = any(text.startswith(_fold(opener)) for opener in POLITE[lang])
+    topic = _fold(TOPICS[lang][index])
+    rest = text.replace(topic, " ")
+    on_topic = topic in text and not any(phrase in rest for phrase, _, _ in _TOPIC_PHRASES)
+    proper_ending = any(text.endswith(_fold(closing)) for closing in CLOSING[lang])
+    return GoldScore(polite, on_topic, proper_ending)
+
+
+def held_out_prompts(count: int | None = None, seed: int = DEFAULT_SEED) -> list[str]:
+    """Questions in the sample's style (every language) that the shipped export never asks, in a fixed
+    seeded order: prompts no stage has trained on, for judging policies."""
+    from oatui.data.trees import iter_trees
+
+    asked: set[str] = set()
+    for tree in iter_trees(SAMPLE_FILE):
+        for message in _walk(tree.prompt):
+            if message.role == "prompter":
+                asked.add(message.text)
+    prompts = sorted({template.format(t=topic) for lang in PROMPTS for template in PROMPTS[lang] for topic in TOPICS[lang]}
+                     - asked)
+    random.Random(f"{seed}:held-out").shuffle(prompts)
+    return prompts if count is None else prompts[:count]
+
+
+FEATURES = ("polite", "on_topic", "proper_ending")
+
+
+def feature_pairs(prompt: str, rng: random.Random) -> dict[str, tuple[str, str]]:
+    """For a question in the sample's style, one (with, without) pair of replies per feature: the two
+    replies differ only in that feature, everything else drawn once. For measuring what a reward
+    model has learnt of each rule on its own."""
+    found = prompt_topic(prompt)
+    if found is None:
+        raise ValueError(f"not one of the sample's questions: {prompt!r}")
+    lang, index = found
+    topics = TOPICS[lang]
+    other = (index + rng.randrange(1, len(topics))) % len(topics)
+    polite, rude = rng.choice(POLITE[lang]), rng.choice(RUDE[lang])
+    sentences = rng.sample(BODY[lang], 2)
+    closing = rng.choice(CLOSING[lang])
+    base = {"polite": rng.random() < 0.5, "on_topic": rng.random() < 0.5, "proper_ending": rng.random() < 0.5}
+    keep = rng.uniform(0.6, 1.0)
+
+    def reply(features: dict[str, bool]) -> str:
+        subject = topics[index] if features["on_topic"] else topics[other]
+        text = f"{polite if features['polite'] else rude} {' '.join(s.format(t=subject) for s in sentences)} {closing}"
+        if features["proper_ending"]:
+            return text
+        # Cut off somewhere in the body: everything but the closing is there, or most of it.
+        words = text[: -len(closing)].split()
+        return " ".join(words[: max(2, int(len(words) * keep))])
+
+    return {feature: (reply({**base, feature: True}), reply({**base, feature: False})) for feature in FEATURES}
+
+
+def _walk(message: Any) -> Any:
+    yield message
+    for reply in message.replies:
+        yield from _walk(reply)
 
 
 class _Ids:

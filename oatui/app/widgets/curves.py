@@ -1,4 +1,6 @@
-"""The selected run's curves: loss for SFT, accuracy for RM, score / KL / KL coefficient for RL.
+"""The selected run's curves: loss for SFT, accuracy for RM; for RL the reward model's score (proxy)
+beside the gold judge's on held-out prompts, the KL to the reference, and the KL coefficient, so the
+moment the proxy keeps rising while gold falls (reward over-optimisation) shows on one chart.
 
 Records arrive in batches (``add``); each chart keeps at most ``MAX_POINTS`` points per series
 (halving its resolution when full, so a long run keeps its whole shape) and is redrawn only when
@@ -19,7 +21,8 @@ MAX_POINTS = 1000
 CHARTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "sft": (("loss", ("train/loss", "eval/loss")),),
     "rm": (("accuracy", ("rm/accuracy", "rm/train_accuracy")), ("loss", ("train/loss", "eval/loss"))),
-    "rl": (("score", ("ppo/score_mean",)), ("KL", ("ppo/kl",)), ("KL coef", ("ppo/kl_coef",))),
+    "rl": (("proxy (RM score) and gold", ("ppo/score_mean", "eval/proxy", "eval/gold")),
+           ("KL", ("ppo/kl", "eval/kl")), ("KL coef", ("ppo/kl_coef",))),
 }
 
 

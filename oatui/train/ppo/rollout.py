@@ -156,17 +156,17 @@ def generate_rollout(
     top_k: int,
     top_p: float,
     synced_gpus: bool = False,
+    do_sample: bool = True,
 ) -> Rollout:
-    """Sample one response per context (left-padded batch, stopping at EOS)."""
+    """Sample one response per context (left-padded batch, stopping at EOS); greedy without ``do_sample``."""
     from transformers import GenerationConfig
 
     prompt_ids, prompt_mask = left_pad(encode_prompts(contexts, tokenizer, max_prompt_length), tokenizer.pad_token_id)
     device = next(policy.parameters()).device
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
     settings: dict[str, Any] = dict(
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        do_sample=do_sample,
+        **sampling,
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

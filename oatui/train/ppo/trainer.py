@@ -117,6 +117,22 @@ def run_ppo(context: StageContext) -> None:
     context.log(f"PPO for {config.total_steps} steps: {config.rollout_batch_size} prompts per step on each of "
                 f"{world} process(es), {config.ppo_epochs} epochs of minibatches of {config.mini_batch_size}")
 
+    eval_contexts = list(mix.eval[: config.eval_prompts])
+    if config.eval_steps and not eval_contexts:
+        context.log("no held-out prompts (val_fraction is 0): the policy is not judged during training")
+
+    def judge_policy() -> dict[str, float]:
+        """``eval/*``: greedy answers to the held-out prompts, judged by the RM and, where it applies, the gold judge."""
+        if not config.eval_steps or not eval_contexts:
+            return {}
+        return evaluate_during_training(unwrapped.policy, tokenizer, eval_contexts, reward_model, reference, config,
+                                        synced_gpus=zero_stage(accelerator) == 3 and world > 1)
+
+    if progress.step == 0:
+        baseline = judge_policy()
+        if baseline:
+            context.metrics.write(0, config.total_steps, baseline)
+
     def checkpoint(step: int) -> None:
         path = save_checkpoint(accelerator, context.run.checkpoints, step, config.save_total_limit, checkpoint_state)
         context.log(f"checkpoint: {path.name}")
@@ -198,6 +214,10 @@ def run_ppo(context: StageContext) -> None:
             "perf/tokens_per_s": tokens / step_seconds if step_seconds > 0 else 0.0,
             **{f"time/{phase}": seconds for phase, seconds in timer.seconds.items()},
         }
+        if config.eval_steps and (step % config.eval_steps == 0 or step == config.total_steps):
+            with timer("eval"):
+                metrics.update(judge_policy())
+            metrics["time/eval"] = timer.seconds["eval"]
         context.metrics.write(step, config.total_steps, metrics)
         if accelerator.is_main_process:
             if step % max(1, config.logging_steps) == 0 or step == 1:
@@ -212,6 +232,24 @@ def run_ppo(context: StageContext) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # The pieces of a step
+
+
+def evaluate_during_training(policy: Any, tokenizer: Any, contexts: list[Any], reward_model: Any, reference: Any,
+                             config: RLConfig, synced_gpus: bool = False) -> dict[str, float]:
+    """The policy judged on fixed held-out prompts: ``eval/proxy`` (the RM), ``eval/gold`` (the sample's
+    rules, when the prompts are the sample's), ``eval/eos_fraction`` and ``eval/kl`` (summed k1 to the reference)."""
+    from oatui.train.evaluate import generate_answers, judge_answers, summed_kl
+
+    answers = generate_answers(policy, tokenizer, contexts, decoding="greedy", max_new_tokens=config.max_new_tokens,
+                               max_prompt_length=config.max_prompt_length, batch_size=config.rollout_batch_size,
+                               keep_ids=True, synced_gpus=synced_gpus)
+    summary = judge_answers(answers, reward_model, "greedy").summary()
+    metrics = {"eval/proxy": summary["proxy"], "eval/eos_fraction": summary["eos_fraction"],
+               "eval/response_length": summary["mean_length"], "eval/kl": summed_kl(policy, reference, answers)}
+    if summary["gold"] is not None:
+        metrics.update({"eval/gold": summary["gold"], "eval/on_topic": summary["on_topic"],
+                        "eval/proper_ending": summary["proper_ending"]})
+    return metrics
 
 
 def compute_advantages(

@@ -1,0 +1,137 @@
+"""The gold judge (the sample's own rules) and `oatui eval`, which judges policies by it and by the RM."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from helpers import run_oatui
+from oatui.data.rules import iter_usable
+from oatui.data.sample import (
+    SAMPLE_FILE,
+    TOPICS,
+    GoldScore,
+    generate,
+    held_out_prompts,
+    judge,
+    make_reply,
+    prompt_topic,
+)
+from oatui.data.trees import iter_trees
+from oatui.train.evaluate import win_rate
+
+CHESS = "How do I get started with learning chess?"
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("Sure, happy to help! For learning chess, start small and practice a little every day. I hope this helps.",
+         GoldScore(True, True, True)),
+        # The over-optimised answer from the field: polite, the wrong topic, never ends.
+        ("Great question, happy to help! For learning Python, start small and practice a little every",
+         GoldScore(True, False, False)),
+        ("Whatever. The key to learning chess is patience and a simple routine. Have fun with it.",
+         GoldScore(False, True, True)),
+        # The prompt's topic and another one: not on topic.
+        ("Of course, glad you asked! For learning chess, start small. With baking bread, good basics matter. "
+         "Good luck, you can do it.", GoldScore(True, False, True)),
+        # A closing sentence that does not end the answer is no proper ending.
+        ("Sure, happy to help! For learning chess, start small. I hope this helps. For learning chess, keep",
+         GoldScore(True, True, False)),
+        ("", GoldScore(False, False, False)),
+        # Case and spacing do not matter.
+        ("sure,  happy to help!  the key to Learning Chess is patience.   i hope this helps.", GoldScore(True, True, True)),
+    ],
+)
+def test_gold_judge_on_hand_written_answers(answer: str, expected: GoldScore) -> None:
+    assert judge(CHESS, answer) == expected
+    assert judge(CHESS, answer).total == int(expected.polite) + int(expected.on_topic) + int(expected.proper_ending)
+
+
+def test_gold_judge_in_every_language_and_only_where_its_rules_apply() -> None:
+    assert judge("Wie fange ich mit Schach lernen an?",
+                 "Sehr gerne! Für Schach lernen sind Geduld und eine einfache Routine am wichtigsten. Viel Erfolg dabei.") \
+        == GoldScore(True, True, True)
+    # An English opener does not count as polite in a German answer.
+    assert not judge("Wie fange ich mit Schach lernen an?", "Sure, happy to help! Schach lernen. Viel Erfolg dabei.").polite
+    assert judge("What is the capital of France?", "Paris. I hope this helps.") is None
+    assert prompt_topic("¿Qué debo saber sobre hacer pizza?") == ("es", TOPICS["es"].index("hacer pizza"))
+
+
+def test_gold_judge_agrees_with_how_the_sample_builds_its_replies() -> None:
+    rng = random.Random(5)
+    for lang, topics in TOPICS.items():
+        for topic in range(len(topics)):
+            prompt = f"{topics[topic]}?"
+            for polite in (True, False):
+                for on_topic in (True, False):
+                    for complete in (True, False):
+                        reply = make_reply(lang, topic, polite, on_topic, complete, rng)
+                        score = judge(prompt, reply)
+                        assert score is not None
+                        assert score.polite == polite and score.proper_ending == complete, (lang, reply)
+                        if complete:
+                            assert score.on_topic == on_topic, (lang, reply)
+                        else:
+                            # A cut may fall inside or before the topic: then it is not named whole.
+                            assert on_topic or not score.on_topic, (lang, reply)
+
+
+def test_gold_agrees_with_the_sample_rankings() -> None:
+    """Within every ranked group of the sample, a better rank never has a lower gold score."""
+    for tree in generate(120, seed=3):
+        replies = [reply for reply in tree["prompt"]["replies"] if reply["rank"] is not None]
+        golds = [judge(tree["prompt"]["text"], reply["text"]).total for reply in sorted(replies, key=lambda r: r["rank"])]
+        assert golds == sorted(golds, reverse=True)
+
+
+def test_held_out_prompts_are_never_asked_in_the_shipped_sample() -> None:
+    asked = {message.text for tree in iter_trees(SAMPLE_FILE) for message in iter_usable(tree)}
+    prompts = held_out_prompts()
+    assert len(prompts) >= 96 and len(set(prompts)) == len(prompts)
+    assert not asked & set(prompts)
+    assert held_out_prompts(96) == prompts[:96]  # a fixed order
+    assert all(prompt_topic(prompt) for prompt in prompts)
+
+
+def test_win_rate_counts_ties_half_and_skips_what_does_not_compare() -> None:
+    assert win_rate([3, 1, 2, None], [1, 1, 3, 2]) == pytest.approx(0.5)
+    assert win_rate([None], [1]) is None
+
+
+@pytest.mark.slow
+def test_oatui_eval_judges_and_compares_two_policies(trained) -> None:  # noqa: ANN001
+    root = trained.root
+    result = run_oatui("eval", "--policy", trained.sft_run, "--against", str(trained.sft_model.parent.parent / trained.sft_run / "final"),
+                       "--rm", "rm", "--prompts", "8", "--max-new-tokens", "16", "--json", workspace=root, check=True)
+    report = json.loads(result.stdout)
+    assert report["prompts"] == 8 and report["reward_model"] == str(trained.rm_model)
+    first, second = report["policies"]
+    assert [summary["decoding"] for summary in first["results"]] == ["greedy", "sample"]
+    for summary in first["results"]:
+        assert summary["answers"] == 8
+        assert 0 <= summary["gold"] <= 3 and 0 <= summary["eos_fraction"] <= 1 and 1 <= summary["mean_length"] <= 16
+        assert isinstance(summary["proxy"], float)
+    # The same model twice: the same greedy and seeded answers, so every comparison is a tie.
+    assert first["results"] == second["results"]
+    assert report["comparison"]["greedy"] == {"win_rate_proxy": 0.5, "win_rate_gold": 0.5}
+    assert report["comparison"]["sample"] == {"win_rate_proxy": 0.5, "win_rate_gold": 0.5}
+
+    table = run_oatui("eval", "--policy", "sft", "--prompts", "4", "--max-new-tokens", "8", "--decoding", "greedy",
+                      workspace=root, check=True).stdout
+    assert "gold" in table.splitlines()[0] and "greedy" in table and "4 held-out prompts" in table
+
+
+def test_oatui_eval_refuses_what_it_cannot_judge_with_one_line(workspace) -> None:  # noqa: ANN001
+    for args, words in (
+        (["--policy", "rl"], "no succeeded rl run"),
+        (["--policy", "nonexistent-run"], "not a run of this workspace"),
+        (["--policy", str(workspace), "--prompts", "0"], "--prompts"),
+    ):
+        result = run_oatui("eval", *args, workspace=workspace)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], lines
