@@ -324,7 +324,7 @@ class Runner:
                    if self.results[need].status not in started and self.results[need].detail != NOT_SELECTED]
         if missing:
             return f"needs {', '.join(missing)} (not ok)"
-        if not step.always and self.deadline - time.monotonic() < 5:
+        if not step.always and step is not STEPS[0] and self.deadline - time.monotonic() < 5:
             return "the time budget is spent"
         return None
 
@@ -456,8 +456,8 @@ class Runner:
             self.collect_background()
         finally:
             # Interrupted between serve and serve-stop: the detached server must not outlive the check.
-            stop = self.results["serve-stop"]
-            if self.results["serve"].status in ("ok", "failed") and stop.status == "pending":
+            serve, stop = self.results.get("serve"), self.results.get("serve-stop")
+            if serve and stop and serve.status in ("ok", "failed") and stop.status == "pending":
                 self.run(stop.step)
             for process, _, _ in self.background.values():
                 if process.poll() is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,55 @@ def test_only_runs_the_steps_named_and_pack_leaves_few_files(tmp_path: Path) -> 
     with tarfile.open(out / "logs.tar.gz") as archive:
         assert sorted(archive.getnames()) == ["logs", "logs/01-environment.log", "logs/02-gpus.log"]
     assert steps["gpus"]["log"] == "logs.tar.gz:logs/02-gpus.log"
+
+
+def test_each_step_has_its_own_time_limit_and_the_next_one_runs(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """The machinery of the GPU steps, with stand-in commands: a step that hangs is stopped at its
+    limit, a failing one says why in one line, a step that needs a failed one is skipped, the rest
+    run, and the check itself ends 0 with the table."""
+    scripts = {
+        "facts.py": "import json; json.dump({'cuda_available': True, 'gpu_name': 'stand-in GPU'}, "
+                    "open('environment.json', 'w'))",
+        "hangs.py": "import time; time.sleep(60)",
+        "breaks.py": "import sys; print('boom: bad thing', file=sys.stderr); sys.exit(3)",
+        "works.py": "print(42)",
+    }
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text + "\n")
+    python = shlex.quote(sys.executable)
+
+    def run(name: str) -> str:
+        return f"{python} {shlex.quote(str(tmp_path / name))}"
+
+    Step = gpu_check.Step
+    steps = (
+        Step("environment", "facts", run("facts.py"), 30, needs_gpu=False),
+        Step("hangs", "a step that never ends", run("hangs.py"), 1),
+        Step("breaks", "a step that fails", run("breaks.py"), 30),
+        Step("after-hangs", "needs hangs", run("works.py"), 30, needs=("hangs",)),
+        Step("fine", "a step that works", run("works.py") + " > $OUT/fine.txt", 30),
+    )
+    monkeypatch.setattr(gpu_check, "STEPS", steps)
+    monkeypatch.setattr(gpu_check, "STEP_NAMES", tuple(step.name for step in steps))
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path / "out")  # the steps run in $OUT, where the stand-in writes
+    monkeypatch.setitem(gpu_check.SUMMARIES, "environment", lambda result, runner: "stand-in")
+    (tmp_path / "out").mkdir()
+    runner = gpu_check.Runner(tmp_path / "out", budget=120, only=None)
+    assert runner.main() == 0
+    results = {name: result for name, result in runner.results.items()}
+    assert runner.has_gpu
+    assert (results["hangs"].status, results["hangs"].detail.split(";")[0]) == ("failed", "timed out after 1 s")
+    assert results["hangs"].seconds < 30
+    assert (results["breaks"].status, results["breaks"].detail) == ("failed", "exit 3: boom: bad thing")
+    assert (results["after-hangs"].status, results["after-hangs"].detail) == ("skipped", "needs hangs (not ok)")
+    assert results["fine"].status == "ok" and (tmp_path / "out" / "fine.txt").read_text() == "42\n"
+    printed = capsys.readouterr().out
+    assert "| hangs | failed |" in printed and "2 ok, 2 failed, 1 skipped" in printed
+
+    # A spent budget skips what is left, saying so.
+    runner = gpu_check.Runner(tmp_path / "out", budget=4, only=None)
+    runner.main()
+    assert runner.results["fine"].detail == "the time budget is spent"
 
 
 def test_a_step_command_is_filled_in_with_its_environment_and_output_file() -> None:
