@@ -437,8 +437,11 @@ class Runner:
     # -- the whole check
 
     def main(self) -> int:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(exist_ok=True)
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            (self.out / "steps.json").touch()
+        except OSError as error:
+            raise BadInput(f"OUT={self.out}: cannot write there ({error.strerror or error})") from None
         environment = self.run(STEPS[0])
         facts = read_json(self.out / "environment.json") if environment.status == "ok" else {}
         self.has_gpu = bool(facts.get("cuda_available"))

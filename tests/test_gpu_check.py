@@ -94,9 +94,16 @@ def test_the_readme_kernel_and_monitoring_sections_name_the_script() -> None:
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str], named: str) -> None:
     done = run_script(*args, out=tmp_path / "out")
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stdout
     assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder\n")
+    done = run_script(out=tmp_path / "file" / "out")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and f"OUT={tmp_path / 'file' / 'out'}" in done.stderr
 
 
 def test_only_runs_the_steps_named_and_pack_leaves_few_files(tmp_path: Path) -> None:
