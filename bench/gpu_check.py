@@ -665,9 +665,15 @@ def _rl(result: Result, runner: Runner) -> str:
     phases = ("generate", "score", "advantages", "train")
     split = ", ".join(f"{phase} {statistics.median(row[f'time/{phase}'] for row in timed):.3g}" for phase in phases
                       if all(f"time/{phase}" in row for row in timed))
+    summary = f"run {view.id}, {len(rows)} steps; s per step: {split}"
     score = rows[-1].get("ppo/score_mean")
-    return (f"run {view.id}, {len(rows)} steps; s per step: {split}; score {score:.2f}" if score is not None
-            else f"run {view.id}, {len(rows)} steps; s per step: {split}")
+    if score is not None:
+        summary += f"; score {score:.2f}"
+    judged = [row for row in _metrics(view) if "eval/proxy" in row]
+    if judged:
+        gold = judged[-1].get("eval/gold")
+        summary += f"; eval proxy {judged[-1]['eval/proxy']:.2f}" + (f", gold {gold:.2f}" if gold is not None else "")
+    return summary
 
 
 def _serve_bench(result: Result, runner: Runner) -> str:
