@@ -42,6 +42,16 @@ class RemoteError(Exception):
     """The server answered with an error."""
 
 
+class ModelInterfaceError(RemoteError):
+    """The served model does not take or return the tensors the client needs (an Open-Assistant
+    ``to_triton`` model, say): one line naming the missing tensor."""
+
+
+#: Open-Assistant's ``to_triton`` models, for the hint in :class:`ModelInterfaceError`.
+_OA_TO_TRITON = ("Open-Assistant's to_triton models take INT32 input_ids/attention_mask and return rewards or "
+                 "FP16 logits; only the host:port/model address is shared")
+
+
 class AddressError(UserError, ValueError):
     """A malformed ``host:port/model`` address."""
 
@@ -199,7 +209,14 @@ def _with_retries(call: Callable[[], T], where: str, timeout: float, retries: in
 
 
 class _UnaryClient:
-    """What ScoreClient and RefLogprobClient share: one channel, the model's batch limit, retries."""
+    """What ScoreClient and RefLogprobClient share: one channel, the model's batch limit, retries,
+    and a check (once, before the first request) that the model has the client's tensors."""
+
+    #: (name, Triton datatype) of every input the client sends, the output it reads, and what it is.
+    INPUTS: tuple[tuple[str, str], ...] = ()
+    OUTPUT = ""
+    KIND = ""
+    MODE = ""
 
     def __init__(self, address: "TritonAddress | str", timeout: float, retries: int, default_model: str) -> None:
         import tritonclient.grpc as grpcclient
@@ -211,6 +228,7 @@ class _UnaryClient:
         self._client = grpcclient.InferenceServerClient(
             self.address.url, channel_args=_triton_channel_args(self.address.url))
         self._max_batch: int | None = None
+        self._interface_checked = False
 
     def _call(self, call: Callable[[], T]) -> T:
         return _with_retries(call, str(self.address), self.timeout, self.retries)
@@ -223,7 +241,32 @@ class _UnaryClient:
             self._max_batch = int(config.get("config", config).get("max_batch_size", 0) or 0)
         return self._max_batch
 
+    def check_interface(self) -> None:
+        """Raise :class:`ModelInterfaceError` naming the first input or output tensor the served model
+        lacks (or has with another datatype); asked of the server once."""
+        if self._interface_checked:
+            return
+        metadata = self._call(lambda: self._client.get_model_metadata(
+            self.address.model, as_json=True, client_timeout=self.timeout))
+        inputs = {t.get("name"): t.get("datatype") for t in metadata.get("inputs", [])}
+        outputs = {t.get("name"): t.get("datatype") for t in metadata.get("outputs", [])}
+        has = ("it has inputs " + (", ".join(f"{n} {d}" for n, d in inputs.items()) or "none")
+               + " and outputs " + (", ".join(f"{n} {d}" for n, d in outputs.items()) or "none"))
+        wanted = (f"oatui's {self.KIND} takes " + ", ".join(f"{n} {d}" for n, d in self.INPUTS)
+                  + f" and returns {self.OUTPUT} (oatui export --mode {self.MODE}); "
+                  + _OA_TO_TRITON)
+        problem = next((f"no input tensor '{name}'" for name, _ in self.INPUTS if name not in inputs), None)
+        if problem is None and self.OUTPUT not in outputs:
+            problem = f"no output tensor '{self.OUTPUT}'"
+        if problem is None:
+            problem = next((f"input tensor '{name}' is {inputs[name]}, not {datatype}"
+                            for name, datatype in self.INPUTS if inputs[name] != datatype), None)
+        if problem is not None:
+            raise ModelInterfaceError(f"{self.address}: {problem}: {has}; {wanted}")
+        self._interface_checked = True
+
     def _infer(self, inputs: list[Any], output: str) -> np.ndarray:
+        self.check_interface()
         outputs = [self._grpc.InferRequestedOutput(output)]
         result = self._call(lambda: self._client.infer(
             self.address.model, inputs, outputs=outputs, client_timeout=self.timeout))
@@ -253,6 +296,11 @@ class _UnaryClient:
 class ScoreClient(_UnaryClient):
     """Reward-model scores from a served ``rm`` model (``oatui export --mode rm``)."""
 
+    INPUTS = (("text", "BYTES"),)
+    OUTPUT = "score"
+    KIND = "reward model"
+    MODE = "rm"
+
     def __init__(self, address: "TritonAddress | str", timeout: float = 30.0, retries: int = 3) -> None:
         super().__init__(address, timeout, retries, default_model="rm")
 
@@ -272,6 +320,11 @@ class ScoreClient(_UnaryClient):
 
 class RefLogprobClient(_UnaryClient):
     """Per-token log-probs from a served ``ref`` model (``oatui export --mode ref``)."""
+
+    INPUTS = (("input_ids", "INT64"), ("attention_mask", "INT64"))
+    OUTPUT = "logprobs"
+    KIND = "reference model"
+    MODE = "ref"
 
     def __init__(self, address: "TritonAddress | str", timeout: float = 30.0, retries: int = 3) -> None:
         super().__init__(address, timeout, retries, default_model="ref")

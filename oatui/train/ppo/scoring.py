@@ -94,7 +94,7 @@ def call_with_retries(call: Callable[[], T], attempts: int, what: str, sleep: Ca
 
     An error the server answered with (bad input, a crash in the model) is not retried.
     """
-    from oatui.serve.client import RemoteError, ServerUnavailable
+    from oatui.serve.client import ModelInterfaceError, RemoteError, ServerUnavailable
 
     last: Exception | None = None
     for attempt in range(max(1, attempts)):
@@ -104,6 +104,8 @@ def call_with_retries(call: Callable[[], T], attempts: int, what: str, sleep: Ca
             last = error
             if attempt + 1 < attempts:
                 sleep(min(2.0**attempt, MAX_BACKOFF_S))
+        except ModelInterfaceError as error:  # not oatui's rm/ref model (an Open-Assistant to_triton one, say)
+            raise RemoteFailure(f"{what}: {error}") from None
         except RemoteError as error:
             raise RemoteFailure(f"{what}: the server answered with an error: {error}") from None
     raise RemoteFailure(f"{what}: no answer after {max(1, attempts)} attempts: {last}")
