@@ -1,7 +1,8 @@
 """Blind A/B against one real tritonserver serving two tiny policies (`policy-sft` and `policy`, two
 different untrained shapes): on the command line (`oatui chat --ab`) and in the chat pane (ctrl+g):
 both answers at once, a random order revealed after the choice, each choice one export tree with
-both model names, the win rate updated."""
+both model names, the win rate updated; Esc stops both answers (a third, slower model streams long
+enough to be stopped)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from oatui.serve.repository import export_model
 from oatui.stages.launcher import free_port
 from oatui.workspace import Workspace
 
+from test_app_chat import SLOW_SHAPE
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MODELS = ("policy-sft", "policy")
@@ -33,6 +36,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     export_model("policy", build_tiny_model(ws.models / "tiny-a", TINY_SHAPE), ws.triton_repo, name="policy-sft")
     other = {**TINY_SHAPE, "num_hidden_layers": 2}
     export_model("policy", build_tiny_model(ws.models / "tiny-b", other), ws.triton_repo, name="policy")
+    export_model("policy", build_tiny_model(ws.models / "slow-pythia", SLOW_SHAPE), ws.triton_repo, name="slow")
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     info = server.start_detached(ws, server.ServerOptions(repo=str(ws.triton_repo), **ports))
     yield ws, ports, info.grpc_url
@@ -108,7 +112,8 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
     # A seeded draw whose first two rounds come in different orders (the app draws with SystemRandom).
     def orders(seed: int) -> list[tuple[str, str]]:
         rng = random.Random(seed)
-        return [ab.shown_order(*MODELS, rng) for _ in range(3)]
+        draws = [ab.shown_order(*MODELS, rng) for _ in range(3)]
+        return draws + [ab.shown_order("slow", "policy", rng)]
 
     seed = next(s for s in range(100) if orders(s)[0] != orders(s)[1])
     expected = orders(seed)
@@ -146,8 +151,8 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
                 shown.append((prompt, list(panel.texts)))
                 saved = len(recorder.of(ABPanel.Closed))
                 await pilot.press(key, "enter")
-                await until(lambda: len(recorder.of(ABPanel.Closed)) > saved, pilot, timeout=30,
-                            what="the round to close")
+                await until(lambda: len(recorder.of(ABPanel.Closed)) > saved and pane.ab_reveal is not None, pilot,
+                            timeout=30, what="the round to be saved and revealed")
                 return panel
 
             await one_round("How do I bake bread?", "b")
@@ -162,11 +167,12 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
             assert pane.ab_panel is None and not pane.ranking
             assert [(role, text) for role, text, _ in pane.turns][-1] == ("assistant", shown[0][1][1])
             first_tally = pane.ab_tally
-            assert first_tally is not None and first_tally.wins.get(models[1], 0) == tally_before.wins.get(models[1], 0) + 1
+            assert first_tally is not None
+            assert first_tally.wins.get(models[1], 0) == tally_before.wins.get(models[1], 0) + 1
             assert first_tally.headline() in status
             assert any(first_tally.describe() in note for note, _ in recorder.notes)
-            pane._show_status()  # the next status line: the pair's counts
-            assert f"{first_tally.counts()}: {first_tally.headline()}" in str(pane.query_one("#chat-status").render())
+            pane._show_status()  # the status line is drawn again (the server checked, say): the reveal stays
+            assert status == str(pane.query_one("#chat-status").render())
 
             # Round two, the other order: a tie; the conversation went on from the chosen answer.
             await one_round("And rye bread?", "t")
@@ -177,14 +183,42 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
             # Esc once both answers are in skips the round: nothing saved, the prompt comes back.
             closed = len(recorder.of(ABPanel.Closed))
             await pilot.press(*"Skip me", "enter")
-            await until(lambda: recorder.of(ABPanel.AnswersFinished)[-1:] and len(recorder.of(ABPanel.AnswersFinished)) == 3,
+            await until(lambda: len(recorder.of(ABPanel.AnswersFinished)) == 3,
                         pilot, timeout=120, what="the third round's answers")
             await pilot.press("escape")
-            await until(lambda: len(recorder.of(ABPanel.Closed)) > closed, pilot, what="the skip")
+            await until(lambda: len(recorder.of(ABPanel.Closed)) > closed and pane._prompt.value == "Skip me", pilot,
+                        what="the skip")
             assert recorder.of(ABPanel.Closed)[-1].saved is None
             assert pane.query_one("#chat-prompt").value == "Skip me"
             await pilot.press("ctrl+g")
             assert pane.ab_models is None and app.screen.maximized is None
+
+            # Another pair, picked in the dialog; Esc while both stream stops them: nothing saved.
+            await pilot.press("ctrl+g")
+            dialog = app.screen
+            assert isinstance(dialog, ABModels)
+            dialog.query_one("#ab-first").value = "slow"  # type: ignore[attr-defined]
+            await pilot.press("ctrl+s")
+            assert pane.ab_models == ("slow", "policy")
+            await until(lambda: pane.ab_tally is not None, pilot, what="the new pair's win rate")
+            assert "blind A/B slow vs policy: no rounds yet" in str(pane.query_one("#chat-status").render())
+            pane.settings = replace(pane.settings, max_new_tokens=1800)
+            pane._prompt.value = ""
+            pane.focus_prompt()
+            pieces, closed = len(recorder.of(ABPanel.PieceReceived)), len(recorder.of(ABPanel.Closed))
+            await pilot.press(*"Tell me more.", "enter")
+            await until(lambda: {msg.index for msg in recorder.of(ABPanel.PieceReceived)[pieces:]} == {0, 1}, pilot,
+                        timeout=120, what="both answers to start")
+            await pilot.press("escape")
+            await until(lambda: len(recorder.of(ABPanel.Closed)) > closed and pane._prompt.value == "Tell me more.",
+                        pilot, timeout=30, what="the stop")
+            stopped = recorder.of(ABPanel.Closed)[-1]
+            assert stopped.saved is None and stopped.notice == "Answers stopped: nothing saved."
+            assert recorder.of(ABPanel.AnswersFinished)[-1].state == "cancelled"
+            ends = {msg.index: msg.state for msg in recorder.of(ABPanel.AnswerFinished)[-2:]}
+            assert ends[expected[3].index("slow")] == "cancelled"  # the slow one cannot have finished
+            assert pane.ab_panel is None and not pane.ranking
+            await pilot.press("ctrl+g")
 
     run(drive())
 

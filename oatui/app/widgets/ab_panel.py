@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -172,7 +173,8 @@ class ABPanel(Vertical, can_focus=True):
             self.failure = failure
 
     def __init__(self, prompt: str, context: list[tuple[str, str]], context_models: list[str | None],
-                 models: tuple[str, str], settings: ChatSettings, url: str, feedback_file: Path, history: ChatHistory, conversation_id: int | None,
+                 models: tuple[str, str], settings: ChatSettings, url: str, feedback_file: Path,
+                 history: Callable[[], ChatHistory], conversation_id: int | None,
                  parent_id: int | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.prompt = prompt
@@ -182,7 +184,7 @@ class ABPanel(Vertical, can_focus=True):
         self.settings = settings
         self.url = url
         self.feedback_file = feedback_file
-        self.history = history
+        self.history = history  # opened in the save thread: the store may be slow or broken
         self.conversation_id = conversation_id
         self.parent_id = parent_id
         self.seed = random.randrange(2**31)  # the same for both: only the model differs
@@ -334,15 +336,17 @@ class ABPanel(Vertical, can_focus=True):
             append_round(self.feedback_file, ab_round)
             tally = pair_tally(self.feedback_file, *self.models)
         except Exception as error:  # noqa: BLE001 - shown in the panel, never a traceback
-            text = " ".join(str(error).split())
-            self.post_message(self.SaveFailed(f"not saved: {text if isinstance(error, (ValueError, OSError)) else f'{type(error).__name__}: {text}'}"))
+            reason = " ".join(str(error).split())
+            if not isinstance(error, (ValueError, OSError)):
+                reason = f"{type(error).__name__}: {reason}"
+            self.post_message(self.SaveFailed(f"not saved: {reason}"))
             return
         settings = self.settings
         turns: list[tuple[str, str, int | None]] = [("prompter", self.prompt, None),
                                                     ("assistant", ab_round.kept_text, None)]
         conversation_id, history_error = self.conversation_id, None
         try:
-            history = self.history
+            history = self.history()
             if conversation_id is None:
                 conversation_id = history.new_conversation(self.prompt, model=ab_round.kept_model,
                                                            system=settings.system or None,
@@ -427,6 +431,8 @@ class ABMode:
     ab_models: tuple[str, str] | None = None
     ab_panel: ABPanel | None = None
     ab_tally: PairTally | None = None
+    #: The last round's outcome (who wrote A and B, the choice, the win rate), shown until the next round.
+    ab_reveal: Text | None = None
     #: Which model wrote the answers A/B rounds added to the conversation, by chat-history message id.
     ab_turn_models: dict[int, str] | None = None
     _zoomed_for_ab = False
@@ -462,6 +468,7 @@ class ABMode:
             pane.action_toggle_rank()  # one mode at a time
         self.ab_models = models
         self.ab_tally = None
+        self.ab_reveal = None
         pane.add_class("-ab-mode")
         screen = pane.screen
         if screen.maximized is None:
@@ -475,6 +482,7 @@ class ABMode:
     def leave_ab_mode(self) -> None:
         pane: Any = self
         self.ab_models = None
+        self.ab_reveal = None
         pane.remove_class("-ab-mode")
         screen = pane.screen
         if self._zoomed_for_ab and screen.maximized is pane:
@@ -511,11 +519,15 @@ class ABMode:
                 "(Enter sends · ctrl+g leaves A/B mode)")
 
     def ab_status(self) -> Text:
-        """The status line in A/B mode, with the server up: the pair and its win rate so far."""
+        """The status line in A/B mode, with the server up: the last round revealed until the next one
+        starts, else the pair and its win rate so far."""
+        if self.ab_reveal is not None:
+            return self.ab_reveal.copy()
         text = Text()
         if self.ab_models is None:
             return text
         first, second = self.ab_models
+        text.append("● ", style="green")
         text.append(f"blind A/B {first} vs {second}", style="bold magenta")
         tally = self.ab_tally
         if tally is not None and tally.rounds:
@@ -536,9 +548,10 @@ class ABMode:
                           for _, _, message_id in pane.turns] + [None]
         panel = ABPanel(prompt, context, context_models, shown_order(*self.ab_models), pane.settings,
                         pane.server.grpc_url,
-                        Workspace(pane.workspace).feedback_file, pane.history(), pane.conversation_id,
+                        Workspace(pane.workspace).feedback_file, pane.history, pane.conversation_id,
                         pane.turns[-1][2] if pane.turns else None, id="ab-panel")
         self.ab_panel = panel
+        self.ab_reveal = None
         pane.ranking = True  # a round is open: the pane's guards hold as in rank mode
         pane.add_class("-ranking")
         pane.add_class("-streaming")
@@ -590,10 +603,11 @@ class ABMode:
         if saved.history_error:
             note += f"; chat history: {saved.history_error}"
         text = Text()
-        text.append("✓ saved ", style="bold green")
+        text.append("✓ saved: ", style="bold green")
         text.append(note)
         text.append(f" · {saved.tally.headline()}", style="magenta")
-        pane._status.update(text)
+        self.ab_reveal = text
+        pane._show_status()
         pane.notify(f"{note}. So far: {saved.tally.describe()}", timeout=8)
         pane._prompt.focus()
         pane.load_conversations(pane.conversation_id)

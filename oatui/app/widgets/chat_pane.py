@@ -283,11 +283,10 @@ class ChatPane(ABMode, Vertical):
                 text.append("Server not running: ", style="bold")
                 text.append("press s to start it (Esc leaves the prompt first).")
         else:
-            text.append("● ", style="green")
             if self.ab_models is not None:
-                text.append_text(self.ab_status())
-                status.update(text)
+                status.update(self.ab_status())
                 return
+            text.append("● ", style="green")
             text.append(f"{self.settings.model} @ {self.server.grpc_url}")
             s = self.settings
             text.append(f"  T {s.temperature:g} · top-p {s.top_p:g} · max {s.max_new_tokens}", style="dim")
