@@ -92,6 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = error.filename if error.filename is not None else "a file"
         print(f"oatui {args.command}: error: {where}: {error.strerror or error}", file=sys.stderr)
         return EXIT_USAGE
+    except RecursionError:
+        print(f"oatui {args.command}: error: an input is nested too deep to read", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print(f"oatui {args.command}: error: out of memory reading the input (a file too large for this "
+              "machine's memory limit?)", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
@@ -81,6 +82,15 @@ def default_url(workspace_path: str | None) -> str:
     from oatui.workspace import Workspace
 
     info = status(Workspace.open(workspace_path))
+    if info is not None and info.admin_key_file:
+        # It restricts model configs (the EOS token) to its key: ours, since we started it.
+        import os
+
+        from oatui.serve.client import ADMIN_KEY_ENV
+        from oatui.serve.server import read_admin_key
+
+        with contextlib.suppress(OSError):
+            os.environ.setdefault(ADMIN_KEY_ENV, read_admin_key(info.admin_key_file))
     return info.grpc_url if info is not None else DEFAULT_URL
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import queue
 import threading
 import time
@@ -172,13 +173,37 @@ def _message(error: BaseException) -> str:
 
 
 def _is_connection_error(error: BaseException) -> bool:
-    return _status_name(error) == "UNAVAILABLE"
+    return _status_name(error) == "UNAVAILABLE" and not _is_restricted(error)
+
+
+def _is_restricted(error: BaseException) -> bool:
+    """tritonserver refused an API restricted to its admin key (gRPC says UNAVAILABLE, HTTP 403)."""
+    return "is restricted" in _message(error) or "restricted header" in _message(error)
+
+
+FALLBACK_MAX_BATCH = 16
+"""Rows per request when the model's config cannot be read: ``oatui export``'s default ``--max-batch``."""
+ADMIN_KEY_ENV = "OATUI_ADMIN_KEY"
+"""The admin key of a server that restricts its APIs (``oatui serve --address``): clients send it
+when asking for a model's config (its batch limit, its EOS token), which such a server restricts."""
+
+
+class RestrictedAPI(RemoteError):
+    """The server restricts the API to its admin key, and none (or another) was sent."""
+
+
+def admin_headers() -> dict[str, str] | None:
+    """gRPC metadata carrying ``$OATUI_ADMIN_KEY`` under the header tritonserver checks, or None."""
+    key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+    return {"triton-grpc-protocol-admin-key": key} if key else None
 
 
 def classify(error: BaseException, where: str, timeout: float | None = None) -> Exception:
     """The caller-facing exception for a tritonclient/grpc error at ``where`` (``host:port/model``)."""
     status = _status_name(error)
     text = _message(error)
+    if _is_restricted(error):
+        return RestrictedAPI(f"{where}: the server restricts this API to its admin key (${ADMIN_KEY_ENV}): {text}")
     if status == "UNAVAILABLE":
         return ServerUnavailable(f"{where}: server unavailable ({text})")
     if status == "DEADLINE_EXCEEDED":
@@ -236,9 +261,13 @@ class _UnaryClient:
     def max_batch_size(self) -> int:
         """The model's ``max_batch_size`` (0: no batch dimension), asked once."""
         if self._max_batch is None:
-            config = self._call(lambda: self._client.get_model_config(
-                self.address.model, as_json=True, client_timeout=self.timeout))
-            self._max_batch = int(config.get("config", config).get("max_batch_size", 0) or 0)
+            try:
+                config = self._call(lambda: self._client.get_model_config(
+                    self.address.model, as_json=True, client_timeout=self.timeout, headers=admin_headers()))
+                self._max_batch = int(config.get("config", config).get("max_batch_size", 0) or 0)
+            except RestrictedAPI:
+                # An exposed server without the key: chunks of export's default batch limit.
+                self._max_batch = FALLBACK_MAX_BATCH
         return self._max_batch
 
     def check_interface(self) -> None:
@@ -435,9 +464,13 @@ class ChatClient:
     def eos_token(self) -> str:
         """The model's EOS token (from its config), for building the chat format from turns."""
         if self._eos is None:
-            config = _with_retries(
-                lambda: self._open_client().get_model_config(self.model, as_json=True, client_timeout=self.timeout),
-                self.where, self.timeout, self.retries)
+            try:
+                config = _with_retries(
+                    lambda: self._open_client().get_model_config(self.model, as_json=True, client_timeout=self.timeout,
+                                                                 headers=admin_headers()),
+                    self.where, self.timeout, self.retries)
+            except RestrictedAPI:
+                config = {}  # an exposed server without the key: the Pythia/GPT-NeoX EOS below
             parameters = config.get("config", config).get("parameters", {})
             self._eos = parameters.get("eos_token", {}).get("string_value") or "<|endoftext|>"
         return self._eos
@@ -639,9 +672,14 @@ class AsyncChatClient:
             from tritonclient.grpc import service_pb2
 
             stub = self._ensure_channel()
-            response = await self._unary(lambda: stub.ModelConfig(
-                service_pb2.ModelConfigRequest(name=self.model), timeout=self.timeout))
-            parameter = response.config.parameters.get("eos_token")
+            headers = admin_headers()
+            try:
+                response = await self._unary(lambda: stub.ModelConfig(
+                    service_pb2.ModelConfigRequest(name=self.model), timeout=self.timeout,
+                    metadata=tuple(headers.items()) if headers else None))
+                parameter = response.config.parameters.get("eos_token")
+            except RestrictedAPI:
+                parameter = None  # an exposed server without the key: the Pythia/GPT-NeoX EOS below
             self._eos = (parameter.string_value if parameter is not None else "") or "<|endoftext|>"
         return self._eos
 
