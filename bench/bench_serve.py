@@ -22,8 +22,13 @@ hands. The prompts are measured in turns (loop, generate(), Triton, then the nex
 
 With ``--concurrency``, after the comparison the same server answers N streams at once (N
 ``ChatClient`` threads, each answering the prompts in turn, ``--rounds`` times over), for each N
-given: the aggregate tokens per second, each stream's own pace, and the median time to the first
-token, against one stream alone.
+given: the aggregate tokens per second, each stream's own pace, and the time to the first token
+(p50, p95), against one stream alone. The server holds the policy twice, from the same export
+code: ``policy`` (batched decoding, ``--max-batch`` 16) and ``policy_serial`` (``--max-batch`` 1:
+one request at a time, the others queued), and each N runs against both, side by side.
+
+    python bench/bench_serve.py --model DIR --prompts 8 --rounds 1 --warmup 1 --max-new-tokens 48 \
+        --temperature 0 --concurrency 1 2 4 8 16
 """
 
 from __future__ import annotations
@@ -98,7 +103,14 @@ def timed(pieces) -> tuple[float, float, str]:  # noqa: ANN001
     return (first if first is not None else total), total, "".join(text)
 
 
-def concurrent_streams(url: str, texts: list[str], streams: int, rounds: int, **sampling) -> tuple[float, list[float], list[float]]:  # noqa: ANN003
+def percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile (``share`` in (0, 1])."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, int(share * len(ordered) + 0.999999) - 1))]
+
+
+def concurrent_streams(url: str, texts: list[str], streams: int, rounds: int, model: str = "policy",
+                       **sampling) -> tuple[float, list[float], list[float]]:  # noqa: ANN003
     """``streams`` clients answering at once: (wall seconds, each answer's seconds, each answer's first-piece seconds)."""
     from oatui.serve.client import ChatClient
 
@@ -110,7 +122,7 @@ def concurrent_streams(url: str, texts: list[str], streams: int, rounds: int, **
 
     def stream(index: int) -> None:
         try:
-            with ChatClient(url, timeout=120) as client:
+            with ChatClient(url, model=model, timeout=300) as client:
                 start_line.wait()
                 for answer in range(rounds * len(texts)):
                     text = texts[(index + answer) % len(texts)]
@@ -209,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="oatui-bench-serve-") as scratch:
         workspace = Workspace.open(Path(scratch) / "ws")
         export_model("policy", model_path, workspace.triton_repo, cpu_threads=threads, device=args.device)
+        if args.concurrency:
+            export_model("policy", model_path, workspace.triton_repo, name="policy_serial", max_batch=1,
+                         cpu_threads=threads, device=args.device)
         import socket
 
         ports = []
@@ -236,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                 streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
                 inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(model.device)
                 kwargs = dict(**inputs, streamer=streamer, max_new_tokens=args.max_new_tokens,
-                              min_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
-                              top_k=args.top_k, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+                              min_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                if args.temperature > 0:
+                    kwargs.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=1.0)
+                else:
+                    kwargs.update(do_sample=False)
 
                 def work() -> None:
                     with torch.inference_mode():
@@ -275,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
             load_after = os.getloadavg()
             concurrency = []
             for streams in args.concurrency or []:
-                wall, totals, firsts = concurrent_streams(
-                    server.info().grpc_url, texts, streams, args.rounds, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, ignore_eos=True)
-                concurrency.append((streams, len(totals) * args.max_new_tokens / wall,
-                                    statistics.median(args.max_new_tokens / t for t in totals),
-                                    statistics.median(firsts) * 1000))
+                row = [streams]
+                for name in ("policy", "policy_serial"):
+                    wall, totals, firsts = concurrent_streams(
+                        server.info().grpc_url, texts, streams, args.rounds, model=name,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        ignore_eos=True)
+                    row.append((len(totals) * args.max_new_tokens / wall,
+                                statistics.median(args.max_new_tokens / t for t in totals),
+                                percentile(firsts, 0.5) * 1000, percentile(firsts, 0.95) * 1000))
+                concurrency.append(row)
         finally:
             client.close()
             server.stop()
@@ -315,13 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     print("goals: first-token overhead < 10 ms, throughput >= 0.90x the in-process loop")
     if concurrency:
         print()
-        print(f"Concurrent streams through Triton ({args.prompts} prompts x {args.rounds} rounds per stream):")
-        print("| streams | aggregate tokens/s | per-stream tokens/s | first token (median) | aggregate vs 1 stream |")
-        print("|---:|---:|---:|---:|---:|")
-        single = next((rate for streams, rate, _, _ in concurrency if streams == 1), None)
-        for streams, rate, pace, first in concurrency:
+        print(f"Concurrent streams through Triton ({args.prompts} prompts x {args.rounds} rounds per stream), "
+              "batched decoding (policy) against one request at a time (policy_serial, --max-batch 1):")
+        print("| streams | batched tokens/s | per stream | first token p50 / p95 | one at a time tokens/s "
+              "| first token p50 / p95 | batched vs 1 stream | batched vs one at a time |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        single = next((row[1][0] for row in concurrency if row[0] == 1), None)
+        unloaded_first = next((row[1][2] for row in concurrency if row[0] == 1), None)
+        for streams, (rate, pace, p50, p95), (serial_rate, _, serial_p50, serial_p95) in concurrency:
             ratio = f"{rate / single:.2f}x" if single else "-"
-            print(f"| {streams} | {rate:.0f} | {pace:.0f} | {first:.1f} ms | {ratio} |")
+            print(f"| {streams} | {rate:.0f} | {pace:.0f} | {p50:.1f} / {p95:.1f} ms | {serial_rate:.0f} "
+                  f"| {serial_p50:.1f} / {serial_p95:.1f} ms | {ratio} | {rate / serial_rate:.2f}x |")
+        if unloaded_first:
+            worst = max(row[1][2] for row in concurrency)
+            print(f"first token p50, batched: at most {worst / unloaded_first:.2f}x the single stream's")
+        print("goals: 8 streams >= 4x the aggregate tokens/s of 1 stream; first token at 8 streams < 3x one stream's")
     return 0
 
 

@@ -28,7 +28,17 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     parser.add_argument("--name", help="model name in the repository (default: the mode)")
     parser.add_argument("--repo", metavar="DIR", help="model repository (default: WORKSPACE/triton)")
     parser.add_argument("--max-batch", type=int, default=16, metavar="N",
-                        help="rm/ref: largest batch per request and for dynamic batching (default 16)")
+                        help="rm/ref: largest batch per request and for dynamic batching; policy: most requests "
+                             "decoded together, more wait in a queue (default 16)")
+    parser.add_argument("--engine", choices=("python", "vllm"), default="python",
+                        help="policy: python (default: oatui's model on the Python backend, CPU or GPU) or vllm "
+                             "(Triton's vLLM backend: 1/model.json naming the checkpoint; GPU servers with that "
+                             "backend only)")
+    parser.add_argument("--gpu-memory-utilization", type=float, metavar="F",
+                        help="--engine vllm: share of the GPU's memory vLLM may take (default 0.5)")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="--engine vllm: one more vLLM engine argument for model.json (VALUE read as JSON "
+                             "when it is), e.g. tensor_parallel_size=2; repeatable")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the server runs the model; auto: CUDA when it sees a GPU, else CPU")
     parser.add_argument("--instance-kind", choices=("model", "gpu"), default="model",
@@ -48,6 +58,16 @@ def run(args: argparse.Namespace) -> int:
     from oatui.serve.repository import export_model, resolve_model
     from oatui.workspace import Workspace
 
+    from oatui.errors import UserError
+    from oatui.serve.repository import parse_engine_args
+
+    engine_args = parse_engine_args(args.engine_arg)
+    if args.gpu_memory_utilization is not None:
+        if not 0 < args.gpu_memory_utilization <= 1:
+            raise UserError(f"--gpu-memory-utilization {args.gpu_memory_utilization}: must be in (0, 1]")
+        engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.engine != "vllm" and engine_args:
+        raise UserError("--gpu-memory-utilization and --engine-arg go with --engine vllm")
     workspace = Workspace.open(args.workspace)
     model = resolve_model(args.model, workspace.root / "runs")
     repo = Path(args.repo).expanduser().absolute() if args.repo else workspace.triton_repo
@@ -62,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         cpu_threads=args.cpu_threads,
         instance_kind=args.instance_kind,
+        engine=args.engine,
+        engine_args=engine_args,
     )
     verb = "replaced" if result.replaced else "wrote"
-    print(f"{verb} {result.path} ({result.mode}, model {result.model_path})")
+    engine = ", Triton's vLLM backend" if args.engine == "vllm" else ""
+    print(f"{verb} {result.path} ({result.mode}{engine}, model {result.model_path})")
     return 0

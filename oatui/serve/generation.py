@@ -1,8 +1,9 @@
 """Token-by-token generation with a KV cache, and incremental detokenization for streaming.
 
-The Triton policy model streams the pieces this loop yields; the benchmark runs the very same loop
-in-process, so the two differ only by what Triton adds. One sequence at a time: a chat answer is
-one request, and the cache of one sequence needs no padding or attention mask.
+``generate_ids`` is the plain loop for one sequence (its cache needs no padding or attention mask);
+``BatchedGenerator`` decodes many at once, a new request joining the running batch at the next
+step, and is what the Triton policy model runs. Both pick tokens with the same ``next_token``, so
+an answer is the same from either (greedy token for token, sampled with the same seed).
 """
 
 from __future__ import annotations
@@ -263,3 +264,374 @@ def stream_text(
     rest = decoder.flush()
     if rest:
         yield rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters in Triton's LLM conventions (those of its vLLM backend)
+
+LLM_PARAMETER_NAMES = {"max_tokens": "max_new_tokens"}
+_INT_KEYS = ("max_new_tokens", "top_k", "seed")
+_FLOAT_KEYS = ("temperature", "top_p", "repetition_penalty", STREAM_INTERVAL_KEY)
+
+
+def translate_llm_parameters(values: Mapping[str, Any]) -> dict[str, Any]:
+    """oatui's parameter names and types from the vLLM backend's (``sampling_parameters``).
+
+    ``max_tokens`` is ``max_new_tokens``; ``top_k`` -1 (vLLM's "off") is 0; numbers and booleans
+    sent as strings (as the vLLM backend's sample client does: ``{"temperature": "0.1"}``) are
+    read as such. oatui's own names pass through unchanged.
+    """
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for key, value in values.items():
+        name = LLM_PARAMETER_NAMES.get(key, key)
+        if name in out:
+            raise ValueError(f"give one of {given[name]!r} and {key!r}, not both")
+        given[name] = key
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                if name in _INT_KEYS:
+                    value = int(text)
+                elif name in _FLOAT_KEYS:
+                    value = float(text)
+                elif name == "ignore_eos" and text.lower() in ("true", "false"):
+                    value = text.lower() == "true"
+            except ValueError:
+                pass  # left as the string: the check below names the parameter
+        if name == "top_k" and value == -1:
+            value = 0
+        out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched decoding: requests that overlap in time are decoded together
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One request inside :class:`BatchedGenerator`.
+
+    ``on_token(token)`` is called with each new token id, ``on_end(reason, error)`` once at the end
+    (``reason``: ``stop`` (EOS or a role marker), ``length`` (max_new_tokens or the context),
+    ``cancelled`` or ``error``). Both are called on the generator's thread. ``should_stop`` is asked
+    before every step this sequence takes part in.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_token: Callable[[int], None]
+    on_end: Callable[[str, "BaseException | None"], None]
+    should_stop: Callable[[], bool] | None = None
+    # Filled in by the generator.
+    budget: int = 0
+    generated: int = 0
+    pending: int | None = None  # sampled, not yet in the cache
+    generator: "torch.Generator | None" = None
+    history: "torch.Tensor | None" = None
+    submitted: float = 0.0
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Cache positions this sequence may come to hold: its prompt plus its whole budget."""
+        return len(self.prompt_ids) + self.budget
+
+
+class BatchedGenerator:
+    """Continuous batching for a Hugging Face causal LM, one decode step at a time.
+
+    A submitted sequence waits in a queue until there is room (``max_batch`` rows and
+    ``max_tokens_in_flight`` reserved cache positions; one sequence alone is always admitted), is
+    prefilled on its own, and joins the running batch at the next step: its KV cache is left-padded
+    to the batch's length (or the batch's to its own) and stacked, with an attention mask over the
+    padding and each row's own position ids, so a row computes what it would compute alone. A
+    finished or cancelled row leaves at once; the padding nobody needs any more is cut.
+
+    Each row samples with its own parameters and its own ``torch.Generator`` (seeded when the
+    request gives a seed), so a seeded answer is the same alone or batched, and a greedy one is
+    the same token for token.
+
+    Call :meth:`step` in a loop on one thread (:meth:`run` does, until :meth:`stop`); :meth:`submit`
+    may be called from any thread.
+    """
+
+    def __init__(self, model: "PreTrainedModel", stop_ids: set[int], vocab_size: int, limit: int,
+                 max_batch: int = 16, max_tokens_in_flight: int = 32768) -> None:
+        import threading
+        from collections import deque
+
+        if max_batch < 1 or max_tokens_in_flight < 1:
+            raise ValueError("max_batch and max_tokens_in_flight must be at least 1")
+        self.model = model
+        self.stop_ids = stop_ids
+        self.vocab_size = vocab_size
+        self.limit = limit
+        self.max_batch = max_batch
+        self.max_tokens_in_flight = max_tokens_in_flight
+        self.device = next(model.parameters()).device
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: list[GenerationRequest] = []
+        self.cache: Any = None  # DynamicCache of the running rows, left-padded
+        self.mask: "torch.Tensor | None" = None  # running rows x cache length, 1 = a real position
+        self.condition = threading.Condition()
+        self.stopped = False
+        # Counters for metrics and tests.
+        self.steps = 0
+        self.max_rows_seen = 0
+
+    # -- queue --------------------------------------------------------------------------------
+
+    def submit(self, sequence: GenerationRequest) -> GenerationRequest:
+        sequence.budget = max(0, min(sequence.params.max_new_tokens, self.limit - len(sequence.prompt_ids)))
+        sequence.submitted = time.perf_counter()
+        with self.condition:
+            self.waiting.append(sequence)
+            self.condition.notify()
+        return sequence
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def tokens_in_flight(self) -> int:
+        return sum(s.reserved_tokens for s in self.running)
+
+    def stop(self) -> None:
+        with self.condition:
+            self.stopped = True
+            self.condition.notify_all()
+
+    def run(self, after_step: Callable[[], None] | None = None) -> None:
+        """Step until :meth:`stop`, sleeping while there is nothing to do.
+
+        ``after_step`` is called after every step and before each sleep (the model's gauges).
+        """
+        while True:
+            with self.condition:
+                while not self.stopped and not self.waiting and not self.running:
+                    if after_step is not None:
+                        after_step()
+                    self.condition.wait()
+                if self.stopped:
+                    break
+            self.step()
+            if after_step is not None:
+                after_step()
+        for sequence in [*self.running, *self.waiting]:
+            self._end(sequence, "cancelled")
+        self.running, self.cache, self.mask = [], None, None
+        self.waiting.clear()
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Admit what fits, then one decode step for every running row."""
+        import torch
+
+        with torch.inference_mode():
+            self._admit()
+            self.max_rows_seen = max(self.max_rows_seen, len(self.running))
+            if self.running:
+                self._decode()
+                self.steps += 1
+
+    def _end(self, sequence: GenerationRequest, reason: str, error: BaseException | None = None) -> None:
+        try:
+            sequence.on_end(reason, error)
+        except Exception:  # noqa: BLE001 - one request's callback must not stop the others
+            pass
+
+    def _deliver(self, sequence: GenerationRequest, token: int) -> str | None:
+        """Hand ``token`` over; the reason the sequence ends here, or None."""
+        if token in self.stop_ids and not sequence.params.ignore_eos:
+            return "stop"
+        sequence.generated += 1
+        try:
+            sequence.on_token(token)
+        except Exception as error:  # noqa: BLE001 - e.g. the client went away: end this one only
+            return f"error:{error}"
+        if sequence.generated >= sequence.budget:
+            return "length"
+        sequence.pending = token
+        if sequence.params.repetition_penalty != 1.0:
+            assert sequence.history is not None
+            sequence.history = torch_cat_one(sequence.history, token)
+        return None
+
+    def _admit(self) -> None:
+        """Prefill what fits from the queue, as one left-padded batch, and join the running rows."""
+        import torch
+
+        group: list[GenerationRequest] = []
+        with self.condition:
+            reserved = self.tokens_in_flight
+            while self.waiting and len(self.running) + len(group) < self.max_batch:
+                candidate = self.waiting[0]
+                if (self.running or group) and reserved + candidate.reserved_tokens > self.max_tokens_in_flight:
+                    break
+                self.waiting.popleft()
+                group.append(candidate)
+                reserved += candidate.reserved_tokens
+        ready = []
+        for candidate in group:
+            if candidate.should_stop is not None and candidate.should_stop():
+                self._end(candidate, "cancelled")
+            elif candidate.budget < 1:
+                self._end(candidate, "length")
+            else:
+                ready.append(candidate)
+        if not ready:
+            return
+        width = max(len(c.prompt_ids) for c in ready)
+        ids = torch.zeros((len(ready), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(ready), width), dtype=torch.long, device=self.device)
+        for row, candidate in enumerate(ready):
+            ids[row, width - len(candidate.prompt_ids):] = torch.tensor(candidate.prompt_ids, dtype=torch.long)
+            mask[row, width - len(candidate.prompt_ids):] = 1
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             use_cache=True, logits_to_keep=1)
+        except Exception as error:  # noqa: BLE001 - these requests fail, the running batch goes on
+            for candidate in ready:
+                self._end(candidate, "error", error)
+            return
+        joined: list[GenerationRequest] = []
+        rows = []
+        for row, candidate in enumerate(ready):
+            try:
+                if candidate.params.seed is not None:
+                    candidate.generator = torch.Generator(device=self.device)
+                    candidate.generator.manual_seed(candidate.params.seed)
+                candidate.history = ids[row, width - len(candidate.prompt_ids):]
+                token = next_token(out.logits[row, -1], candidate.params, candidate.history, candidate.generator,
+                                   self.vocab_size)
+            except Exception as error:  # noqa: BLE001
+                self._end(candidate, "error", error)
+                continue
+            reason = self._deliver(candidate, token)
+            if reason is not None:
+                self._finish(candidate, reason)
+            else:
+                joined.append(candidate)
+                rows.append(row)
+        if joined:
+            cache = out.past_key_values
+            if len(rows) != len(ready):
+                cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=self.device))
+                mask = mask[rows]
+            self._join(joined, cache, mask)
+
+    def _finish(self, sequence: GenerationRequest, reason: str) -> None:
+        if reason.startswith("error:"):
+            self._end(sequence, "error", RuntimeError(reason[len("error:"):]))
+        else:
+            self._end(sequence, reason)
+
+    def _join(self, sequences: list[GenerationRequest], cache: Any, mask: "torch.Tensor") -> None:
+        """Stack prefilled rows' cache under the running rows', left-padding the shorter."""
+        import torch
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache, self.mask, self.running = cache, mask, list(sequences)
+            self._trim()
+            return
+        assert self.mask is not None
+        width = max(self.mask.shape[1], mask.shape[1])
+        layers = []
+        for old, new in zip(self.cache.layers, cache.layers):
+            layers.append((torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)]),
+                           torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])))
+        self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+        self.running.extend(sequences)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Cut the left columns that are padding in every running row."""
+        assert self.mask is not None
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        if start:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+            self.mask = self.mask[:, start:]
+
+    def _decode(self) -> None:
+        import torch
+
+        assert self.mask is not None
+        # Cancellation first: a cancelled row does not take the step.
+        keep = []
+        for sequence in self.running:
+            if sequence.should_stop is not None and sequence.should_stop():
+                self._end(sequence, "cancelled")
+            else:
+                keep.append(sequence)
+        if len(keep) != len(self.running):
+            self._select(keep)
+            if not self.running:
+                return
+        input_ids = torch.tensor([[s.pending] for s in self.running], dtype=torch.long, device=self.device)
+        positions = self.mask.sum(dim=1, keepdim=True)  # each row's own next position
+        self.mask = torch.cat([self.mask, torch.ones((len(self.running), 1), dtype=torch.long, device=self.device)], dim=1)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True)
+        except Exception as error:  # noqa: BLE001 - every running request gets the error
+            for sequence in self.running:
+                self._end(sequence, "error", error)
+            self.running, self.cache, self.mask = [], None, None
+            return
+        self.cache = out.past_key_values
+        logits = out.logits[:, -1]
+        keep = []
+        for row, sequence in enumerate(self.running):
+            try:
+                token = next_token(logits[row], sequence.params, sequence.history, sequence.generator, self.vocab_size)
+            except Exception as error:  # noqa: BLE001
+                self._end(sequence, "error", error)
+                continue
+            reason = self._deliver(sequence, token)
+            if reason is None:
+                keep.append(sequence)
+            else:
+                self._finish(sequence, reason)
+        if len(keep) != len(self.running):
+            self._select(keep)
+
+    def _select(self, keep: list[GenerationRequest]) -> None:
+        """Keep only these rows."""
+        import torch
+
+        if not keep:
+            self.running, self.cache, self.mask = [], None, None
+            return
+        index = {id(s): row for row, s in enumerate(self.running)}
+        rows = torch.tensor([index[id(s)] for s in keep], dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(rows)
+        assert self.mask is not None
+        self.mask = self.mask.index_select(0, rows)
+        self.running = keep
+        self._trim()
+
+
+def torch_cat_one(history: "torch.Tensor", token: int) -> "torch.Tensor":
+    import torch
+
+    return torch.cat([history, torch.tensor([token], dtype=history.dtype, device=history.device)])
+
+
+def _pad_left(tensor: "torch.Tensor", width: int) -> "torch.Tensor":
+    """``tensor`` with zeros prepended along the sequence axis (dim 2 of a cache, dim 1 of a mask)."""
+    import torch.nn.functional as F
+
+    axis = 2 if tensor.dim() == 4 else 1
+    missing = width - tensor.shape[axis]
+    if missing <= 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - axis) + [missing, 0]
+    return F.pad(tensor, pad)

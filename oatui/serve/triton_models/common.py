@@ -21,6 +21,8 @@ EOS_KEY = "eos_token"
 MAX_POSITIONS_KEY = "max_positions"
 MAX_TEXT_BYTES_KEY = "max_text_bytes"
 CPU_THREADS_KEY = "cpu_threads"
+MAX_BATCH_ROWS_KEY = "max_batch_rows"  # the policy's decode batch (requests generated together)
+MAX_TOKENS_IN_FLIGHT_KEY = "max_tokens_in_flight"  # the policy's reserved cache positions, all rows
 DEFAULT_MAX_TEXT_BYTES = 1 << 20
 
 

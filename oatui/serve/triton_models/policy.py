@@ -1,24 +1,40 @@
 """Triton Python-backend model: the policy, decoupled, streaming its answer as text pieces.
 
-Inputs (all BYTES, shape [1], each optional; exactly one of ``text`` and ``prompt``):
-  ``text``    a whole conversation in the chat format, ending with ``<|assistant|>``
-  ``prompt``  one prompter message; the chat format is built here with the model's EOS token
-  ``system``  a system message, placed first (with ``text`` or ``prompt``)
-Request parameters (all optional): ``max_new_tokens`` (int), ``temperature`` (float, 0 = greedy),
-``top_p`` (float), ``top_k`` (int, 0 = off), ``repetition_penalty`` (float), ``seed`` (int),
-``ignore_eos`` (bool: always generate ``max_new_tokens``), ``stream_interval_ms`` (float, default
-10: pieces coming sooner than this after the previous response are grouped; 0 = one each).
-Output: ``text_output`` (BYTES [1]), one response per decoded piece or small group of pieces (the
-first at once; a multi-byte character split over tokens waits for its last byte), then an empty
-response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``. Cancellation is checked between tokens
-(at most every 10 ms: each check is a round trip to the server). Generation ends at EOS or a role
-marker, at ``max_new_tokens``, or at the context length.
+Inputs (each optional; exactly one of ``text``, ``prompt`` and ``text_input``):
+  ``text``        BYTES [1]: a whole conversation in the chat format, ending with ``<|assistant|>``
+  ``prompt``      BYTES [1]: one prompter message; the chat format is built here with the model's EOS
+  ``system``      BYTES [1]: a system message, placed first (with ``text`` or ``prompt``)
+  ``text_input``  BYTES [1]: any text, continued as is (Triton's LLM convention, as its vLLM backend)
+  ``stream``      BOOL [1]: true = one response per piece, false = one response with the whole text
+                  (default: true for ``text``/``prompt``, false for ``text_input``, as vLLM's)
+  ``sampling_parameters``  BYTES [1]: a JSON object of parameters (below), vLLM's names accepted
+  ``exclude_input_in_output``  BOOL [1]: false puts the input text before the answer (vLLM's
+                  default when not streaming ``text_input``)
+Parameters (request parameters or ``sampling_parameters``, all optional): ``max_new_tokens`` or
+``max_tokens`` (int), ``temperature`` (float, 0 = greedy), ``top_p`` (float), ``top_k`` (int, 0 or
+-1 = off), ``repetition_penalty`` (float), ``seed`` (int), ``ignore_eos`` (bool: always generate
+``max_new_tokens``), ``stream_interval_ms`` (float, default 10: pieces coming sooner than this
+after the previous response are grouped; 0 = one each), ``stream`` (bool, when no ``stream`` input).
+Output: ``text_output`` (BYTES [1]). Streaming: one response per decoded piece or small group of
+pieces (the first at once; a multi-byte character split over tokens waits for its last byte), then
+an empty response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``; not streaming: one response
+with the whole text, flagged final.
+
+Requests that overlap in time are decoded together (``BatchedGenerator`` on one thread: a new
+request is prefilled and joins the running batch at the next step; ``execute`` only queues). At
+most ``max_batch_rows`` rows and ``max_tokens_in_flight`` reserved cache positions (config
+parameters); requests beyond wait in a queue, shown by the ``oatui_queued_requests`` gauge.
+Cancellation is checked between tokens (at most every 10 ms per request: each check is a round
+trip to the server). Generation ends at EOS or a role marker, at ``max_new_tokens``, or at the
+context length.
 
 Written into a model repository by ``oatui export --mode policy``.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import numpy as np
@@ -26,15 +42,20 @@ import triton_python_backend_utils as pb_utils
 
 from oatui.data.format import ASSISTANT, SYSTEM, format_conversation
 from oatui.serve.generation import (
+    BatchedGenerator,
+    GenerationRequest,
     IncrementalDecoder,
     ThrottledCheck,
     context_limit,
-    generate_ids,
     parse_request_parameters,
     stop_token_ids,
+    translate_llm_parameters,
 )
 from oatui.serve.triton_models.common import (
+    MAX_BATCH_ROWS_KEY,
+    MAX_TOKENS_IN_FLIGHT_KEY,
     BadRequest,
+    config_parameter,
     configure_threads,
     decode_texts,
     error_response,
@@ -45,6 +66,87 @@ from oatui.serve.triton_models.common import (
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_INTERVAL = 0.010  # seconds between is_cancelled() round trips to the server
+DEFAULT_MAX_BATCH_ROWS = 16
+DEFAULT_MAX_TOKENS_IN_FLIGHT = 32768
+
+
+def _text_output(text: str) -> "pb_utils.InferenceResponse":
+    output = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
+    return pb_utils.InferenceResponse([output])
+
+
+def _bool_input(request: "pb_utils.InferenceRequest", name: str) -> bool | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise BadRequest(f"input '{name}' must hold one boolean, got {values.size}")
+    return bool(values[0])
+
+
+class _Answer:
+    """One request's answer on its way out: decoding, grouping pieces, the final response."""
+
+    def __init__(self, model: "TritonPythonModel", request: "pb_utils.InferenceRequest", prompt_tokens: int,
+                 stream: bool, interval: float, prefix: str) -> None:
+        self.model = model
+        self.request = request  # kept alive until the answer is done
+        self.sender = request.get_response_sender()
+        self.prompt_tokens = prompt_tokens
+        self.stream = stream
+        self.interval = interval
+        self.decoder = IncrementalDecoder(model.tokenizer)
+        self.pending: list[str] = [prefix] if prefix else []
+        self.last_sent: float | None = None
+        self.tokens = 0
+        self.started = time.perf_counter()
+        self.cancelled = ThrottledCheck(self.sender.is_cancelled, CANCEL_CHECK_INTERVAL)
+
+    def on_token(self, token: int) -> None:
+        self.tokens += 1
+        piece = self.decoder.push(token)
+        if not piece:
+            return
+        self.pending.append(piece)
+        if not self.stream:
+            return
+        now = time.perf_counter()
+        if self.last_sent is None or now - self.last_sent >= self.interval:
+            self.sender.send(_text_output("".join(self.pending)))
+            self.pending.clear()
+            self.last_sent = now
+
+    def on_end(self, reason: str, error: BaseException | None) -> None:
+        model = self.model
+        model.tokens_metric.increment(self.tokens)
+        name = model.settings.name
+        if reason == "error":
+            pb_utils.Logger.log_error(f"oatui policy {name}: generation failed: {error!r}")
+            self.sender.send(error_response(f"generation failed: {error}", internal=True), flags=FINAL)
+            return
+        cancelled = reason == "cancelled" or self.sender.is_cancelled()
+        if cancelled:
+            model.cancelled_metric.increment(1)
+        seconds = time.perf_counter() - self.started
+        pb_utils.Logger.log_info(
+            f"oatui policy {name}: request {self.request.request_id() or '-'}: {self.prompt_tokens} prompt tokens, "
+            f"{self.tokens} generated in {seconds:.3f} s{' (cancelled)' if cancelled else ''}"
+        )
+        try:
+            if cancelled:
+                self.sender.send(flags=FINAL)
+                return
+            self.pending.append(self.decoder.flush())
+            text = "".join(self.pending)
+            if not self.stream:
+                self.sender.send(_text_output(text), flags=FINAL)
+                return
+            if text:
+                self.sender.send(_text_output(text))
+            self.sender.send(flags=FINAL)
+        except Exception:  # noqa: BLE001 - a cancelled request may refuse the final flag; nothing waits for it
+            pass
 
 
 class TritonPythonModel:
@@ -57,123 +159,127 @@ class TritonPythonModel:
         configure_threads(self.device, settings.cpu_threads)
         self.model, self.tokenizer = load_for_inference(settings.model_path, "policy", self.device, settings.dtype)
         self.limit = context_limit(self.model, self.tokenizer)
-        self.stop_ids = stop_token_ids(self.tokenizer)
-        self.vocab_size = len(self.tokenizer)
         self.eos = self.tokenizer.eos_token
+        config = json.loads(args["model_config"])
+        max_rows = int(config_parameter(config, MAX_BATCH_ROWS_KEY, str(DEFAULT_MAX_BATCH_ROWS)) or DEFAULT_MAX_BATCH_ROWS)
+        max_tokens = int(config_parameter(config, MAX_TOKENS_IN_FLIGHT_KEY, str(DEFAULT_MAX_TOKENS_IN_FLIGHT))
+                         or DEFAULT_MAX_TOKENS_IN_FLIGHT)
+        self.generator = BatchedGenerator(self.model, stop_token_ids(self.tokenizer), len(self.tokenizer), self.limit,
+                                          max_batch=max_rows, max_tokens_in_flight=max_tokens)
         labels = {"model": settings.name}
-        # Counters on the metrics endpoint: what the server actually generated, cancellations
-        # included. A family must outlive its metrics, so both stay referenced here.
+        # Metrics on the metrics endpoint: what the server actually generated, cancellations
+        # included, and the batch. A family must outlive its metrics, so both stay referenced here.
+        family = pb_utils.MetricFamily
         self.metric_families = [
-            pb_utils.MetricFamily(
-                name="oatui_generated_tokens_total",
-                description="Tokens generated by the oatui policy model",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
-            pb_utils.MetricFamily(
-                name="oatui_cancelled_requests_total",
-                description="Generation requests the client cancelled before the end",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
+            family(name="oatui_generated_tokens_total", description="Tokens generated by the oatui policy model",
+                   kind=family.COUNTER),
+            family(name="oatui_cancelled_requests_total",
+                   description="Generation requests the client cancelled before the end", kind=family.COUNTER),
+            family(name="oatui_queued_requests", description="Generation requests waiting for room in the batch",
+                   kind=family.GAUGE),
+            family(name="oatui_running_requests", description="Generation requests in the running batch",
+                   kind=family.GAUGE),
         ]
         self.tokens_metric = self.metric_families[0].Metric(labels=labels)
         self.cancelled_metric = self.metric_families[1].Metric(labels=labels)
+        self.queued_metric = self.metric_families[2].Metric(labels=labels)
+        self.running_metric = self.metric_families[3].Metric(labels=labels)
+        self.gauges = (-1, -1)
+        self.worker = threading.Thread(target=self._work, name=f"oatui-policy-{settings.name}", daemon=True)
+        self.worker.start()
         pb_utils.Logger.log_info(
-            f"oatui policy {settings.name}: {settings.model_path} on {self.device}, context {self.limit} tokens"
+            f"oatui policy {settings.name}: {settings.model_path} on {self.device}, context {self.limit} tokens, "
+            f"batches of up to {max_rows} requests and {max_tokens} tokens in flight"
         )
 
-    def _prompt_ids(self, request: "pb_utils.InferenceRequest") -> list[int]:
+    def _work(self) -> None:
+        if self.device == "cpu":
+            configure_threads(self.device, self.settings.cpu_threads)  # torch's thread count is per thread pool
+        self.generator.run(after_step=self._update_gauges)
+
+    def _update_gauges(self) -> None:
+        values = (self.generator.queued, len(self.generator.running))
+        if values != self.gauges:  # each set is a round trip to the server
+            self.gauges = values
+            self.queued_metric.set(values[0])
+            self.running_metric.set(values[1])
+
+    def _texts(self, request: "pb_utils.InferenceRequest") -> dict[str, str]:
         limit = self.settings.max_text_bytes
         inputs = {}
-        for name in ("text", "prompt", "system"):
+        for name in ("text", "prompt", "system", "text_input", "sampling_parameters"):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             values = decode_texts(tensor.as_numpy() if tensor is not None else None, name, limit, required=False)
             if values is not None:
                 if len(values) != 1:
                     raise BadRequest(f"input '{name}' must hold one string, got {len(values)}")
                 inputs[name] = values[0]
-        text, prompt, system = inputs.get("text"), inputs.get("prompt"), inputs.get("system")
-        if (text is None) == (prompt is None):
-            raise BadRequest("give exactly one of the inputs 'text' (chat format) and 'prompt' (plain text)")
+        return inputs
+
+    def _prompt(self, inputs: dict[str, str]) -> str:
+        """The text the model continues."""
+        text, prompt, system, raw = (inputs.get(name) for name in ("text", "prompt", "system", "text_input"))
+        if sum(value is not None for value in (text, prompt, raw)) != 1:
+            raise BadRequest("give exactly one of the inputs 'text' (chat format), 'prompt' (plain text) and "
+                             "'text_input' (continued as is)")
+        if raw is not None:
+            if system:
+                raise BadRequest("input 'system' goes with 'text' or 'prompt', not with 'text_input'")
+            if not raw:
+                raise BadRequest("input 'text_input' is empty")
+            return raw
         if prompt is not None:
             if not prompt.strip():
                 raise BadRequest("input 'prompt' is empty")
-            text = format_conversation([("prompter", prompt)], self.eos, system or None, add_generation_prompt=True)
-        else:
-            if not text.endswith(ASSISTANT):
-                raise BadRequest(f"input 'text' must end with {ASSISTANT} (the chat format, ready for the answer)")
-            if system:
-                text = f"{SYSTEM}{system}{self.eos}{text}"
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return format_conversation([("prompter", prompt)], self.eos, system or None, add_generation_prompt=True)
+        assert text is not None
+        if not text.endswith(ASSISTANT):
+            raise BadRequest(f"input 'text' must end with {ASSISTANT} (the chat format, ready for the answer)")
+        return f"{SYSTEM}{system}{self.eos}{text}" if system else text
+
+    def _submit(self, request: "pb_utils.InferenceRequest") -> None:
+        inputs = self._texts(request)
+        prompt = self._prompt(inputs)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) >= self.limit:
             raise BadRequest(
                 f"the conversation is {len(ids)} tokens; this model reads at most {self.limit} (prompt plus answer)"
             )
-        return ids
-
-    @staticmethod
-    def _send_text(sender: "pb_utils.InferenceResponseSender", text: str) -> None:
-        output = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
-        sender.send(pb_utils.InferenceResponse([output]))
-
-    def _serve(self, request: "pb_utils.InferenceRequest") -> None:
-        sender = request.get_response_sender()
-        try:
-            prompt_ids = self._prompt_ids(request)
-            params, interval = parse_request_parameters(request_parameters(request.parameters()))
-        except ValueError as error:
-            sender.send(error_response(str(error)), flags=FINAL)
-            return
-        started = time.perf_counter()
-        decoder = IncrementalDecoder(self.tokenizer)
-        tokens = 0
-        pending: list[str] = []
-        last_sent: float | None = None
-        cancelled_check = ThrottledCheck(sender.is_cancelled, CANCEL_CHECK_INTERVAL)
-        try:
-            for token in generate_ids(
-                self.model, prompt_ids, params, self.stop_ids, self.vocab_size, self.limit, cancelled_check
-            ):
-                tokens += 1
-                piece = decoder.push(token)
-                if not piece:
-                    continue
-                pending.append(piece)
-                now = time.perf_counter()
-                if last_sent is None or now - last_sent >= interval:
-                    self._send_text(sender, "".join(pending))
-                    pending.clear()
-                    last_sent = now
-            cancelled = sender.is_cancelled()
-            if not cancelled:
-                pending.append(decoder.flush())
-                if "".join(pending):
-                    self._send_text(sender, "".join(pending))
-        except Exception as error:  # noqa: BLE001 - any failure becomes this request's error, not a dead stub
-            self.tokens_metric.increment(tokens)
-            pb_utils.Logger.log_error(f"oatui policy {self.settings.name}: generation failed: {error!r}")
-            sender.send(error_response(f"generation failed: {error}", internal=True), flags=FINAL)
-            return
-        self.tokens_metric.increment(tokens)
-        if cancelled:
-            self.cancelled_metric.increment(1)
-        seconds = time.perf_counter() - started
-        pb_utils.Logger.log_info(
-            f"oatui policy {self.settings.name}: request {request.request_id() or '-'}: {len(prompt_ids)} prompt tokens, "
-            f"{tokens} generated in {seconds:.3f} s{' (cancelled)' if cancelled else ''}"
-        )
-        try:
-            sender.send(flags=FINAL)
-        except Exception:  # noqa: BLE001 - a cancelled request may refuse the final flag; nothing waits for it
-            pass
+        values = request_parameters(request.parameters())
+        if "sampling_parameters" in inputs:
+            extra = request_parameters(inputs["sampling_parameters"])
+            values.update(extra)
+        values = translate_llm_parameters(values)
+        stream = _bool_input(request, "stream")
+        stream_parameter = values.pop("stream", None)
+        if stream is None and stream_parameter is not None:
+            if not isinstance(stream_parameter, bool):
+                raise BadRequest(f"parameter 'stream' must be true or false, got {stream_parameter!r}")
+            stream = stream_parameter
+        llm_style = "text_input" in inputs
+        if stream is None:
+            stream = not llm_style
+        exclude = _bool_input(request, "exclude_input_in_output")
+        if exclude is None:
+            exclude = stream or not llm_style
+        params, interval = parse_request_parameters(values)
+        answer = _Answer(self, request, len(ids), stream, interval, "" if exclude else prompt)
+        self.generator.submit(GenerationRequest(ids, params, answer.on_token, answer.on_end, answer.cancelled))
 
     def execute(self, requests: list["pb_utils.InferenceRequest"]) -> None:
-        # Decoupled: every answer goes through its request's response sender; execute returns None.
+        # Decoupled: every answer goes through its request's response sender; execute only queues,
+        # so the next requests reach the batch while these are being generated.
         for request in requests:
-            self._serve(request)
+            try:
+                self._submit(request)
+            except ValueError as error:  # BadRequest is one
+                request.get_response_sender().send(error_response(str(error)), flags=FINAL)
         return None
 
     def finalize(self) -> None:
+        self.generator.stop()
+        self.worker.join(timeout=30)
         self.model = None
         # Metrics before their families.
-        self.tokens_metric = self.cancelled_metric = None
+        self.tokens_metric = self.cancelled_metric = self.queued_metric = self.running_metric = None
         self.metric_families = []
