@@ -96,8 +96,10 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
     model_name: str = "tiny"
-    """Base checkpoint: a local Hugging Face folder, a hub id (needs the hub or its cache), or
-    ``tiny`` for the built-in tiny Pythia-architecture model, created in the workspace on first use."""
+    """Base checkpoint: a local Hugging Face folder, a hub id (needs the hub or its cache), ``tiny``
+    for the built-in tiny Pythia-architecture model, created in the workspace on first use, or
+    ``latest-sft`` for the newest succeeded SFT run's ``final/`` (a reward model started from the
+    SFT model, as InstructGPT does)."""
     datasets: list[DatasetSpec] = [DatasetSpec(path="sample"), DatasetSpec(path="feedback", optional=True)]
     """Export files to train on, each with an optional fraction; see ``DatasetSpec``."""
     skip_invalid: bool = False

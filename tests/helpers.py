@@ -55,6 +55,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def ppo_steps(run_dir: Path) -> list[dict]:
+    """An RL run's per-step records (the step-0 judgement of the starting policy left out)."""
+    return [record for record in read_metrics(run_dir) if "ppo/score_mean" in record]
+
+
 TRITON_KERNEL_MODULE = "oatui_kernels.triton_kernel"
 
 

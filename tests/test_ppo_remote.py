@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_ports, read_metrics, run_oatui
+from helpers import free_ports, ppo_steps, run_oatui
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def test_a_run_scoring_on_triton_matches_the_in_process_run(served: str, trained
     log = (remote_run / "stdout.log").read_text()
     assert f"reward: {served}/rm; reference: {served}/ref" in log
     # Step 1's rollouts are the same tokens (same seed, same policy): the same scores, KL and rewards.
-    remote_first, local_first = read_metrics(remote_run)[0], read_metrics(local_run)[0]
+    remote_first, local_first = ppo_steps(remote_run)[0], ppo_steps(local_run)[0]
     for key in ("ppo/score_mean", "ppo/score_std", "ppo/kl", "ppo/reward_mean", "ppo/response_length"):
         assert math.isclose(remote_first[key], local_first[key], abs_tol=1e-4), key
     assert (remote_run / "final" / "model.safetensors").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import read_metrics, run_oatui
+from helpers import ppo_steps, read_metrics, run_oatui
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,7 @@ PER_STEP_METRICS = {
     "ppo/entropy", "ppo/value_loss", "ppo/policy_loss", "ppo/response_length", "perf/tokens_per_s",
     "time/generate", "time/score", "time/advantages", "time/train",
 }
+EVAL_METRICS = {"eval/proxy", "eval/gold", "eval/eos_fraction", "eval/kl", "eval/on_topic", "eval/proper_ending"}
 # A few small steps, for the tests that check the machinery rather than the learning.
 SMALL = ["--set", "rollout_batch_size=4", "--set", "mini_batch_size=2", "--set", "ppo_epochs=1",
          "--set", "max_new_tokens=8", "--set", "torch_threads=1"]
@@ -50,8 +51,16 @@ def test_tiny_rl_raises_the_reward_models_score(trained, workspace: Path) -> Non
     result = run_oatui("train", "rl", "--configs", "defaults_rl", "tiny_rl", *models(trained),
                        "--set", "total_steps=30", workspace=workspace, check=True)
     run = only_run(workspace)
-    metrics = read_metrics(run)
+    records = read_metrics(run)
+    metrics = ppo_steps(run)
     assert [m["step"] for m in metrics] == list(range(1, 31))
+    # The policy is judged on held-out prompts before the first step, every eval_steps and at the end.
+    judged = [m for m in records if "eval/gold" in m]
+    assert [m["step"] for m in judged] == [0, 20, 30]
+    for record in judged:
+        assert EVAL_METRICS <= record.keys(), EVAL_METRICS - record.keys()
+        assert 0 <= record["eval/gold"] <= 3 and 0 <= record["eval/eos_fraction"] <= 1
+    assert judged[0]["eval/kl"] == pytest.approx(0.0, abs=1e-3), "the starting policy is the reference"
     for record in metrics:
         assert PER_STEP_METRICS <= record.keys(), PER_STEP_METRICS - record.keys()
         assert math.isfinite(record["ppo/kl"]) and abs(record["ppo/kl"]) < 50
@@ -84,7 +93,7 @@ def test_two_processes_under_accelerate(trained, workspace: Path) -> None:  # no
     assert "accelerate.commands.launch" in info["argv"] and "--multi_gpu" in info["argv"]
     log = (run / "stdout.log").read_text()
     assert "4 prompts per step on each of 2 process(es)" in log
-    metrics = read_metrics(run)
+    metrics = ppo_steps(run)
     assert [m["step"] for m in metrics] == [1, 2]  # rank 0 writes, once per step
     assert all(math.isfinite(m["ppo/kl"]) for m in metrics)
     checkpoint = run / "checkpoints" / "checkpoint-1"
@@ -100,7 +109,7 @@ def test_deepspeed_zero2_through_accelerate(trained, workspace: Path) -> None:  
     info = json.loads((run / "run.json").read_text())
     assert info["launcher"] == "deepspeed" and info["state"] == "succeeded"
     assert (run / "checkpoints" / "checkpoint-1" / "pytorch_model").is_dir(), "deepspeed writes its own checkpoint"
-    assert [m["step"] for m in read_metrics(run)] == [1, 2]
+    assert [m["step"] for m in ppo_steps(run)] == [1, 2]
     assert (run / "final" / "model.safetensors").exists()
 
 

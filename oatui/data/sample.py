@@ -170,14 +170,27 @@ _LEVELS: list[list[tuple[bool, bool, bool]]] = [
 ]
 
 
-def _ranked_replies(lang: str, topic: int, count: int, rng: random.Random) -> list[tuple[str, int]]:
+#: How often a group whose best reply is followed by a one-flaw reply has, as that second reply, a
+#: near miss: the best reply itself about another topic. Such pairs differ in the topic alone, so a
+#: reward model must learn that a good answer to another question is not a good answer.
+NEAR_MISS = 0.8
+
+
+def _ranked_replies(lang: str, topic: int, count: int, rng: random.Random,
+                    near_miss: random.Random | None = None) -> list[tuple[str, int]]:
     """``count`` replies of strictly decreasing quality, with their ranks (0 = best)."""
     if rng.random() < 0.7:
         # Most prompts have one really good answer among their replies.
         levels = [0] + sorted(rng.sample(range(1, len(_LEVELS)), count - 1))
     else:
         levels = sorted(rng.sample(range(len(_LEVELS)), count))
-    return [(make_reply(lang, topic, *rng.choice(_LEVELS[level]), rng), rank) for rank, level in enumerate(levels)]
+    replies = [(make_reply(lang, topic, *rng.choice(_LEVELS[level]), rng), rank) for rank, level in enumerate(levels)]
+    # Drawn from their own generator, so the trees, ranks and other replies stay what they were.
+    if near_miss is not None and levels[:2] == [0, 1] and near_miss.random() < NEAR_MISS:
+        topics = TOPICS[lang]
+        other = topics[(topic + near_miss.randrange(1, len(topics))) % len(topics)]
+        replies[1] = (replies[0][0].replace(topics[topic], other), 1)
+    return replies
 
 
 @dataclass(frozen=True)
@@ -320,12 +333,13 @@ def make_tree(index: int, rng: random.Random) -> dict[str, Any]:
     created = f"2023-{1 + index % 12:02d}-{1 + index % 28:02d}T{index % 24:02d}:00:00+00:00"
     prompt_text = rng.choice(PROMPTS[lang]).format(t=TOPICS[lang][topic])
     prompt = _node(ids, None, "prompter", prompt_text, lang, None, created)
-    for text, rank in _ranked_replies(lang, topic, rng.choice((3, 3, 4)), rng):
+    near_miss = random.Random(f"{index}:near-miss")
+    for text, rank in _ranked_replies(lang, topic, rng.choice((3, 3, 4)), rng, near_miss):
         prompt["replies"].append(_node(ids, prompt["message_id"], "assistant", text, lang, rank, created))
     if rng.random() < 0.3:
         best = prompt["replies"][0]
         follow = _node(ids, best["message_id"], "prompter", rng.choice(FOLLOW_UPS[lang]).format(t=TOPICS[lang][topic]), lang, 0, created)
-        for text, rank in _ranked_replies(lang, topic, rng.choice((2, 3)), rng):
+        for text, rank in _ranked_replies(lang, topic, rng.choice((2, 3)), rng, near_miss):
             follow["replies"].append(_node(ids, follow["message_id"], "assistant", text, lang, rank, created))
         best["replies"].append(follow)
     tree_state = "ready_for_export"

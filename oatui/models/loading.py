@@ -29,6 +29,11 @@ LORA_TARGETS = {
 }
 
 
+#: ``model_name: latest-sft``: start from the newest succeeded SFT run's ``final/`` (as InstructGPT
+#: starts its reward model from the SFT model).
+LATEST_SFT = "latest-sft"
+
+
 def resolve_model_name(name: str, models_dir: Path, tiny_overrides: dict[str, int] | None = None) -> str:
     """A loadable name: ``tiny`` becomes the workspace's tiny model folder; paths must exist."""
     if name == "tiny":
@@ -47,7 +52,7 @@ def resolve_model_name(name: str, models_dir: Path, tiny_overrides: dict[str, in
 
 def check_model_name(name: str) -> None:
     """Cheap check before a run starts: a path that does not exist is bad input, said at once."""
-    if name in ("tiny", "latest"):
+    if name in ("tiny", "latest", LATEST_SFT):
         return
     path = Path(name).expanduser()
     if path.exists():

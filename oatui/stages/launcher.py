@@ -152,10 +152,12 @@ def _hosts(hostfile: str) -> list[str]:
 def _check_inputs(stage: str, config: StageConfig, workspace: Workspace) -> None:
     """The cheap checks that must fail before a run directory exists."""
     from oatui.data.datasets import resolve_dataset_path
-    from oatui.models.loading import check_model_name
+    from oatui.models.loading import LATEST_SFT, check_model_name
     from oatui.stages.runs import require_latest_final
 
     check_model_name(config.model_name)
+    if config.model_name == LATEST_SFT:
+        require_latest_final(workspace.root, "sft")
     for name in ("sft_model", "rm_model"):
         value = getattr(config, name, None)
         if value:

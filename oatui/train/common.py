@@ -164,9 +164,16 @@ class StageContext:
         return checkpoint
 
     def model_name(self, name: str | None = None) -> str:
-        from oatui.models.loading import resolve_model_name
+        from oatui.models.loading import LATEST_SFT, resolve_model_name
 
-        return resolve_model_name(name or self.config.model_name, self.workspace.models, self.config.tiny_model)
+        name = name or self.config.model_name
+        if name == LATEST_SFT:
+            from oatui.stages.runs import require_latest_final
+
+            final = str(require_latest_final(self.workspace.root, "sft"))
+            self.log(f"model_name {LATEST_SFT}: {final}")
+            return final
+        return resolve_model_name(name, self.workspace.models, self.config.tiny_model)
 
     def log(self, message: str) -> None:
         if is_main_process():

@@ -69,12 +69,15 @@ def generate_answers(
     answers = Answers([], [], [], [])
     for start in range(0, len(contexts), batch_size):
         batch = list(contexts[start:start + batch_size])
-        torch.manual_seed(seed * 1_000_003 + start)
-        rollout = generate_rollout(
-            policy, tokenizer, batch, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=0, top_p=1.0, do_sample=decoding == "sample",
-            synced_gpus=synced_gpus,
-        )
+        # Seeded per batch, without touching the caller's random state (the RL stage's rollouts).
+        devices = [policy.device] if getattr(policy, "device", None) is not None and policy.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed * 1_000_003 + start)
+            rollout = generate_rollout(
+                policy, tokenizer, batch, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_k=0, top_p=1.0, do_sample=decoding == "sample",
+                synced_gpus=synced_gpus,
+            )
         answers.contexts.extend(batch)
         answers.texts.extend(text.strip() for text in rollout.response_texts)
         answers.ended.extend(bool(value) for value in rollout.has_eos.tolist())
