@@ -213,6 +213,61 @@ def test_every_run_json_key_of_the_wrong_type_is_one_line(tmp_path: Path, capsys
         assert code == 2 and (run / "run.json").read_bytes() == before
 
 
+_CHATS: dict[str, bytes] = {}
+
+
+def _chat_store_bytes(tmp_path: Path) -> bytes:
+    """A real chat history with two conversations, made once."""
+    if "db" not in _CHATS:
+        from oatui.chat.history import ChatHistory
+
+        history = ChatHistory(tmp_path / "seed.sqlite")
+        for title in ("bread", "tea"):
+            conversation = history.new_conversation(title, model="policy", params={"temperature": 0.7})
+            first = history.add_message(conversation.id, "prompter", f"How do I make {title}?")
+            history.add_message(conversation.id, "assistant", "Like this.", parent_id=first.id, model="policy")
+        _CHATS["db"] = (tmp_path / "seed.sqlite").read_bytes()
+    return _CHATS["db"]
+
+
+@FUZZ
+@given(position=st.floats(0, 1), junk=st.binary(min_size=1, max_size=16), cut=st.booleans())
+def test_a_corrupted_chat_history_is_one_line_or_works(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        position: float, junk: bytes, cut: bool) -> None:
+    data = _chat_store_bytes(tmp_path)
+    at = int(position * (len(data) - 1))
+    workspace = tmp_path / "ws"
+    (workspace / "state").mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in ("chats.sqlite-wal", "chats.sqlite-shm"):
+        (workspace / "state" / name).unlink(missing_ok=True)
+    (workspace / "state" / "chats.sqlite").write_bytes(data[:at] + junk + (b"" if cut else data[at + len(junk):]))
+    out = tmp_path / "chats.jsonl"
+    code = main(["chat", "export", "--out", str(out), "--workspace", str(workspace)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert code == 0 or (code == 2 and err.count("\n") == 1 and "chats.sqlite" in err), (code, err)
+
+
+@FUZZ
+@given(name=st.sampled_from(["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]),
+       raw=st.one_of(st.binary(max_size=30), st.builds(lambda v: json.dumps(v).encode(), JSON_VALUES),
+                     st.just(b"[" * 50000)))
+def test_any_checkpoint_json_file_is_an_object_or_one_line(tmp_path: Path, name: str, raw: bytes) -> None:
+    from oatui.errors import UserError
+    from oatui.models.loading import check_checkpoint_files
+
+    import tempfile
+
+    model = Path(tempfile.mkdtemp(dir=tmp_path))
+    (model / name).write_bytes(raw)
+    try:
+        check_checkpoint_files(str(model))
+    except UserError as error:
+        assert "\n" not in str(error) and name in str(error)
+    else:
+        assert isinstance(json.loads(raw), dict)
+
+
 def test_a_run_id_or_model_name_with_a_newline_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from oatui.serve.repository import NAME_PATTERN
     from oatui.stages.rundir import valid_run_id
@@ -292,8 +347,10 @@ def test_a_foreign_or_loose_workspace_is_refused(tmp_path: Path, capsys: pytest.
     loose = tmp_path / "loose"
     loose.mkdir()
     os.chmod(loose, 0o777)
-    for command in (["runs"], ["export", "--mode", "policy", "--model", "x"], ["serve", "--status"], ["chat", "export"],
-                    ["train", "sft", "--configs", "defaults", "tiny"]):
+    every = (["runs"], ["runs", "stop", "x"], ["export", "--mode", "policy", "--model", "x"], ["serve", "--status"],
+             ["serve", "--stop"], ["chat", "export"], ["chat", "hi"], ["train", "sft", "--configs", "defaults", "tiny"],
+             ["train", "rl", "--resume", "x"], ["train", "sft", "--list-keys"], ["demo"])
+    for command in every:
         one_line(capsys, [*command, "--workspace", str(loose)], f"--workspace {loose}: refusing", "writable by")
     os.chmod(loose, 0o770)
     one_line(capsys, ["runs", "--workspace", str(loose)], "writable by its group")
@@ -326,7 +383,8 @@ def test_as_an_unprivileged_user_foreign_and_read_only_workspaces_are_one_line(
     env = {**os.environ, "HOME": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", OATUI]
     for workspace, expected in ((mine, "owned by root"), (readonly, "not writable by you")):
-        for command in (["runs"], ["serve", "--status"], ["chat", "export"]):
+        for command in (["runs"], ["serve", "--status"], ["chat", "export"], ["train", "sft", "--configs", "defaults", "tiny"],
+                        ["export", "--mode", "policy", "--model", "x"]):
             result = subprocess.run([*as_nobody, *command, "--workspace", str(workspace)], capture_output=True,
                                     text=True, timeout=60, env=env, cwd=tmp_path)
             assert result.returncode == 2 and result.stderr.count("\n") == 1, (command, result.stderr)
@@ -407,6 +465,20 @@ def test_an_exposed_server_answers_only_health_metadata_and_inference_without_th
         header = {f"{triton.GRPC_HEADER_PREFIX}{triton.ADMIN_HEADER}": "k3y-for-tests"}
         assert client.get_model_repository_index(headers=header) is not None
         client.close()
+        # oatui's clients: without the key a model's config is refused and the chat client falls back
+        # to the default EOS (no retries, no hang); with $OATUI_ADMIN_KEY the request gets through.
+        from oatui.serve.client import ADMIN_KEY_ENV, ChatClient, ServerUnavailable
+
+        os.environ.pop(ADMIN_KEY_ENV, None)
+        with ChatClient(f"127.0.0.1:{grpc}", model="nope", retries=3) as chat:
+            assert chat.eos_token() == "<|endoftext|>"
+        os.environ[ADMIN_KEY_ENV] = "k3y-for-tests"
+        try:
+            with ChatClient(f"127.0.0.1:{grpc}", model="nope", retries=0) as chat, \
+                    pytest.raises(ServerUnavailable, match="model not available"):
+                chat.eos_token()
+        finally:
+            del os.environ[ADMIN_KEY_ENV]
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -501,3 +573,46 @@ def test_rl_checkpoint_state_is_json_and_round_trips(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointRefused, match="training_state.json: expected an object"):
         load_checkpoint(accelerator2, path, {"progress": progress2})
+
+
+def test_torch_files_that_name_other_globals_are_refused_before_loading(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed loads its checkpoint files with weights_only=False: the stage lists each torch
+    file's globals (without running anything) and refuses any beyond tensors, numpy's RNG state and
+    DeepSpeed's own state classes."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from oatui.errors import UserError
+    from oatui.train.common import check_torch_files
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("OATUI_PWNED", str(marker))
+    checkpoint = tmp_path / "checkpoint-4"
+    (checkpoint / "global_step4").mkdir(parents=True)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()},
+               checkpoint / "rng_state.pth")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+               checkpoint / "optimizer.pt")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    # DeepSpeed's own state objects pass; a DeepSpeed function (its launcher's main) does not.
+    torch.save({"zero_stage": ZeroStageEnum.gradients, "loss_scaler": LossScaler(1.0)},
+               checkpoint / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    check_torch_files(checkpoint)
+    import deepspeed.launcher.runner
+
+    torch.save({"x": deepspeed.launcher.runner.main}, checkpoint / "global_step4" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(UserError, match="it names deepspeed.launcher.runner.main"):
+        check_torch_files(checkpoint)
+    (checkpoint / "global_step4" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    torch.save({"module": _Exploit()}, checkpoint / "global_step4" / "mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match="mp_rank_00_model_states.pt: refusing to resume: it names posix.system"):
+        check_torch_files(checkpoint)
+    (checkpoint / "global_step4" / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x04not a zip")
+    with pytest.raises(UserError, match="not a torch checkpoint file"):
+        check_torch_files(checkpoint)
+    assert not marker.exists()

@@ -113,12 +113,17 @@ class ChatHistory:
             raise ChatStoreError(f"{self.path}: cannot open the chat history ({error})") from None
         try:
             connection.row_factory = sqlite3.Row
+            # A damaged file can hold text that is not UTF-8: show it with replacement characters.
+            connection.text_factory = lambda raw: raw.decode("utf-8", "replace")
             connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             connection.execute("PRAGMA foreign_keys=ON")
             yield connection
         except sqlite3.DatabaseError as error:
             # Not a database, a damaged one, or one whose tables are not ours: one line naming it.
             raise ChatStoreError(f"{self.path}: not a chat history oatui can read ({error})") from None
+        except UnicodeDecodeError:
+            # sqlite's own message about a damaged schema can hold bytes that are not UTF-8.
+            raise ChatStoreError(f"{self.path}: not a chat history oatui can read (damaged)") from None
         finally:
             connection.close()
 

@@ -139,6 +139,58 @@ class StageStopped(Exception):
 # The context a stage body receives
 
 
+#: Globals a checkpoint's torch files may name beyond what ``torch.load(weights_only=True)``
+#: allows: numpy's RNG state (the Trainer's ``rng_state.pth``) and plain containers. DeepSpeed's
+#: files also name DeepSpeed's own classes (its config, ZeRO stage, loss scaler): see below.
+TORCH_FILE_GLOBALS = frozenset({
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "numpy.dtypes.UInt32DType", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType", "_codecs.encode",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "builtins.object",
+    "collections.OrderedDict", "collections.defaultdict", "builtins.set", "builtins.frozenset", "builtins.slice",
+    "torch.torch_version.TorchVersion",
+})
+#: Written with the checkpoint but never loaded back (the Trainer's arguments, for the record).
+UNREAD_TORCH_FILES = ("training_args.bin",)
+
+
+def _is_deepspeed_class(name: str) -> bool:
+    """Whether ``module.Name`` is a class of the installed DeepSpeed (never a function: unpickling
+    calls a global, and a class only builds an object of DeepSpeed's own kind)."""
+    import importlib
+
+    module_name, _, attribute = name.rpartition(".")
+    if not (module_name == "deepspeed" or module_name.startswith("deepspeed.")):
+        return False
+    try:
+        value: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            value = getattr(value, part)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(value, type)
+
+
+def check_torch_files(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose torch files (``.pt``, ``.pth``, ``.bin``) name globals beyond
+    tensors, plain containers, :data:`TORCH_FILE_GLOBALS` and DeepSpeed's classes, before a loader
+    unpickles them (DeepSpeed loads its files with ``weights_only=False``). Torch lists a pickle's
+    globals from its opcodes: nothing in the file runs."""
+    import torch
+
+    for path in sorted(checkpoint.rglob("*")):
+        if path.suffix not in (".pt", ".pth", ".bin") or path.name in UNREAD_TORCH_FILES or not path.is_file():
+            continue
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as error:  # noqa: BLE001 - not a zip-format torch file: refuse it, one line
+            raise UserError(f"{path}: not a torch checkpoint file this version can check ({type(error).__name__}); "
+                            "refusing to resume from it") from None
+        unexpected = sorted(name for name in set(names) - TORCH_FILE_GLOBALS if not _is_deepspeed_class(name))
+        if unexpected:
+            raise UserError(f"{path}: refusing to resume: it names {', '.join(unexpected[:3])}"
+                            f"{' ...' if len(unexpected) > 3 else ''}, which loading it could run")
+
+
 class StageContext:
     def __init__(self, stage: str, run: RunDir, config: StageConfig) -> None:
         self.stage = stage
@@ -157,6 +209,8 @@ class StageContext:
         for pickled in pickled_files(checkpoint) if checkpoint is not None else []:
             raise UserError(f"{pickled}: refusing to resume from a checkpoint that holds a pickle "
                             "(loading one can run any code); oatui never writes one")
+        if checkpoint is not None:
+            check_torch_files(checkpoint)
         if checkpoint is not None and is_main_process():
             step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
             dropped = self.metrics.truncate_after(step)
