@@ -43,7 +43,8 @@ def train_rm(context: StageContext) -> None:
             return len(group_pairs([row["reply_ranks"] for row in rows])[0])
 
         counts = {"data/train_groups": len(train_rows), "data/eval_groups": len(eval_rows),
-                  "data/train_pairs": pairs(train_rows), "data/eval_pairs": pairs(eval_rows)}
+                  "data/train_pairs": pairs(train_rows), "data/eval_pairs": pairs(eval_rows),
+                  "data/train_replies": sum(len(row["reply_ids"]) for row in train_rows)}
         context.log(f"{len(train_rows)} train groups ({counts['data/train_pairs']} pairs) / {len(eval_rows)} held-out "
                     f"groups ({counts['data/eval_pairs']} pairs); K-wise loss, each reply scored once")
         trainer_class: type = kwise_trainer_class(config.score_l2_reg)

@@ -150,9 +150,10 @@ class KwiseRewardTrainer(RewardTrainer):
             self._metrics[mode]["min_reward"].append(all_rewards.min().item())
             self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
             self._metrics[mode]["max_reward"].append(all_rewards.max().item())
-            if inputs["pair_better"].numel():
-                margin = (rewards[inputs["pair_better"]] - rewards[inputs["pair_worse"]]).mean()
-                self._metrics[mode]["margin"].append(self.accelerator.gather(margin.detach()).mean().item())
+            # Every rank gathers, pairs or not (a gather skipped on one rank would hang the others).
+            differences = rewards[inputs["pair_better"]] - rewards[inputs["pair_worse"]]
+            margin = differences.mean() if differences.numel() else rewards.new_zeros(())
+            self._metrics[mode]["margin"].append(self.accelerator.gather(margin.detach()).mean().item())
             local = group_metric_counts(rewards, inputs)
             summed = self.accelerator.gather(torch.tensor([local[key] for key in _COUNTS], device=rewards.device))
             for key, value in zip(_COUNTS, summed.view(-1, len(_COUNTS)).sum(0).tolist()):
