@@ -30,6 +30,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Select, Static
+from textual.worker import Worker, WorkerState
 
 from oatui.app.messages import ChatSettings
 
@@ -192,6 +193,7 @@ class ABPanel(Vertical, can_focus=True):
         self.states = ["waiting", "waiting"]
         self.choice: str | None = None
         self.sampling = True
+        self._answers_posted = False
         self.saving = False
         self.note = ""
         self._header = Static("", id="ab-header")
@@ -250,7 +252,16 @@ class ABPanel(Vertical, can_focus=True):
             first = failures.exceptions[0]
             state, error = "error", str(first) if isinstance(first, Failed) else f"{type(first).__name__}: {first}"
         finally:
+            self._answers_posted = True
             self.post_message(self.AnswersFinished(state, error))
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        # A worker cancelled before its body ran (Esc at once) never reaches the finally above.
+        if (event.worker.group == "ab-answers" and event.state in (WorkerState.CANCELLED, WorkerState.ERROR)
+                and not self._answers_posted):
+            self._answers_posted = True
+            state = "cancelled" if event.state == WorkerState.CANCELLED else "error"
+            self.post_message(self.AnswersFinished(state, None if state == "cancelled" else str(event.worker.error)))
 
     @on(PieceReceived)
     def _piece(self, message: PieceReceived) -> None:
