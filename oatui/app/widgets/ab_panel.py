@@ -213,8 +213,9 @@ class ABPanel(Vertical, can_focus=True):
     # -- both answers at once ---------------------------------------------------------------------
     @work(exclusive=True, group="ab-answers")
     async def generate(self) -> None:
-        """Stream A and B concurrently (one client per model; the server batches them); whatever way
-        it ends, one ``AnswersFinished`` is posted. A failed answer stops the other."""
+        """Stream A and B concurrently (one client and one gRPC stream per model, so the server
+        generates both at the same time); whatever way it ends, one ``AnswersFinished`` is posted.
+        A failed answer stops the other."""
         from oatui.app.widgets.chat_pane import ANSWER_TIMEOUT, close_quietly, stream_in_batches
         from oatui.serve.client import AsyncChatClient, RemoteError, ServerUnavailable
 
