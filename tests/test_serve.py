@@ -218,6 +218,122 @@ def test_async_chat_streams_and_cancels(server: TritonServer, grpc_url: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# Batched decoding: requests that overlap are generated together
+
+CONCURRENT_PROMPTS = ["How do I bake bread?", "Why is the sky blue?", "Write a poem about the sea.",
+                      "How do vaccines work?", "What is a healthy breakfast?", "Explain recursion.",
+                      "How do I keep a plant alive?", "Give me three tips for sleeping better."]
+
+
+def stream_at_once(url: str, prompts: list[str], cancel_index: int | None = None, **sampling) -> list[dict]:  # noqa: ANN003
+    """One ChatClient thread per prompt, started together: each stream's text and when its first and
+    last pieces came; the stream at ``cancel_index`` asks for 400 tokens and is closed after its
+    third piece."""
+    import threading
+
+    results = [{} for _ in prompts]
+    start_line = threading.Barrier(len(prompts))
+
+    def stream(index: int) -> None:
+        with ChatClient(url, timeout=60) as client:
+            start_line.wait()
+            pieces = []
+            own = {**sampling, "max_new_tokens": 400} if index == cancel_index else sampling
+            iterator = client.stream(prompt=prompts[index], **own)
+            for piece in iterator:
+                if not pieces:
+                    results[index]["first"] = time.monotonic()
+                pieces.append(piece)
+                if index == cancel_index and len(pieces) == 3:
+                    iterator.close()
+                    break
+            results[index].update(text="".join(pieces), last=time.monotonic())
+
+    threads = [threading.Thread(target=stream, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all("last" in result for result in results), "a stream did not finish"
+    return results
+
+
+def test_concurrent_streams_overlap_and_greedy_is_the_same_alone_and_batched(grpc_url: str) -> None:
+    prompts = CONCURRENT_PROMPTS[:4]
+    sampling = dict(max_new_tokens=160, temperature=0, ignore_eos=True)
+    with ChatClient(grpc_url, timeout=30) as client:
+        alone = ["".join(client.stream(prompt=prompt, **sampling)) for prompt in prompts]
+    results = stream_at_once(grpc_url, prompts, **sampling)
+    assert [r["text"] for r in results] == alone
+    # Generated together: every stream had its first piece before any stream ended (one at a time,
+    # the second would start only after the first was done).
+    assert max(r["first"] for r in results) < min(r["last"] for r in results)
+    # Seeded sampling too is the same alone and batched.
+    seeded = dict(max_new_tokens=40, temperature=0.9, top_k=40, seed=5)
+    with ChatClient(grpc_url, timeout=30) as client:
+        alone = ["".join(client.stream(prompt=prompt, **seeded)) for prompt in prompts]
+    assert [r["text"] for r in stream_at_once(grpc_url, prompts, **seeded)] == alone
+
+
+def test_cancelling_one_of_eight_streams_stops_it_and_the_others_finish_the_same(server: TritonServer,
+                                                                                 grpc_url: str) -> None:
+    sampling = dict(max_new_tokens=48, temperature=0, ignore_eos=True)
+    with ChatClient(grpc_url, timeout=30) as client:
+        alone = ["".join(client.stream(prompt=prompt, **sampling)) for prompt in CONCURRENT_PROMPTS]
+    tokens_before = metric(server, "oatui_generated_tokens_total")
+    cancelled_before = metric(server, "oatui_cancelled_requests_total")
+    results = stream_at_once(grpc_url, CONCURRENT_PROMPTS, cancel_index=2, **sampling)
+    assert [r["text"] for i, r in enumerate(results) if i != 2] == alone[:2] + alone[3:]
+    assert results[2]["text"] and alone[2].startswith(results[2]["text"][:len(alone[2])])
+    assert wait_for_metric(server, "oatui_cancelled_requests_total", cancelled_before + 1) == cancelled_before + 1
+    generated = metric(server, "oatui_generated_tokens_total") - tokens_before
+    assert 7 * 48 < generated < 7 * 48 + 200, f"the server generated {generated} tokens: 7 x 48, and 400 asked, cancelled"
+
+
+def http_post(server: TritonServer, path: str, body: dict) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.options.http_port}{path}", method="POST",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+        return response.read().decode()
+
+
+def test_http_generate_and_generate_stream_with_text_input(server: TritonServer, grpc_url: str) -> None:
+    """Triton's LLM conventions (its vLLM backend's): what a client written for those sends, over HTTP."""
+    with ChatClient(grpc_url, timeout=30) as client:
+        answer = "".join(client.stream(prompt="Why is the sky blue?", max_new_tokens=16, temperature=0))
+        eos = client.eos_token()
+    from oatui.data.format import format_conversation
+
+    text = format_conversation([("prompter", "Why is the sky blue?")], eos, add_generation_prompt=True)
+    # generate: one response; not streaming, the input comes first (exclude_input_in_output false).
+    reply = json.loads(http_post(server, "/v2/models/policy/generate",
+                                 {"text_input": text, "parameters": {"max_tokens": 16, "temperature": 0}}))
+    assert reply["model_name"] == "policy" and reply["text_output"] == text + answer
+    # sampling_parameters as a JSON string, values as strings (as the vLLM backend's sample client).
+    reply = json.loads(http_post(server, "/v2/models/policy/generate", {
+        "text_input": text, "exclude_input_in_output": True,
+        "sampling_parameters": json.dumps({"max_tokens": "16", "temperature": "0", "top_k": -1})}))
+    assert reply["text_output"] == answer
+    # generate_stream: server-sent events, one per piece; the input left out when streaming.
+    events = http_post(server, "/v2/models/policy/generate_stream",
+                       {"text_input": text, "stream": True,
+                        "parameters": {"max_tokens": 16, "temperature": 0, "stream_interval_ms": 0}})
+    pieces = [json.loads(line[len("data:"):])["text_output"] for line in events.splitlines() if line.startswith("data:")]
+    assert len(pieces) >= 5 and "".join(pieces) == answer
+    # Not streaming through generate_stream: one event with the whole answer.
+    events = http_post(server, "/v2/models/policy/generate_stream",
+                       {"text_input": text, "exclude_input_in_output": True, "parameters": {"max_tokens": 16, "temperature": 0}})
+    assert [json.loads(line[5:])["text_output"] for line in events.splitlines() if line.startswith("data:")] == [answer]
+    # A bad parameter is a 400 naming it; the model keeps serving.
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        http_post(server, "/v2/models/policy/generate", {"text_input": text, "parameters": {"max_tokens": 0}})
+    assert failure.value.code == 400 and "max_new_tokens must be at least 1" in failure.value.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        http_post(server, "/v2/models/policy/generate", {"text_input": text, "prompt": "two inputs"})
+    assert failure.value.code == 400 and "exactly one of" in failure.value.read().decode()
+
+
+# ---------------------------------------------------------------------------------------------
 # Reward model and reference model
 
 

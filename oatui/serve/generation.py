@@ -224,6 +224,14 @@ class IncrementalDecoder:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
+        return self.take()
+
+    def add(self, token: int) -> None:
+        """Take ``token`` without decoding yet (:meth:`take` decodes all added since, at once)."""
+        self.ids.append(token)
+
+    def take(self) -> str:
+        """The text new since the last piece, or "" while it would end in a split character."""
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         text = self._decode(self.ids[self.prefix_offset :])
         if len(text) > len(prefix) and not text.endswith("\ufffd"):

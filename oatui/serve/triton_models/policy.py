@@ -105,14 +105,16 @@ class _Answer:
 
     def on_token(self, token: int) -> None:
         self.tokens += 1
-        piece = self.decoder.push(token)
-        if not piece:
-            return
-        self.pending.append(piece)
+        # Tokens are decoded only when a response is due: one decode per response, not per token.
+        self.decoder.add(token)
         if not self.stream:
             return
         now = time.perf_counter()
         if self.last_sent is None or now - self.last_sent >= self.interval:
+            piece = self.decoder.take()
+            if not piece:
+                return
+            self.pending.append(piece)
             self.sender.send(_text_output("".join(self.pending)))
             self.pending.clear()
             self.last_sent = now
@@ -137,7 +139,7 @@ class _Answer:
             if cancelled:
                 self.sender.send(flags=FINAL)
                 return
-            self.pending.append(self.decoder.flush())
+            self.pending.append(self.decoder.flush())  # everything not sent yet
             text = "".join(self.pending)
             if not self.stream:
                 self.sender.send(_text_output(text), flags=FINAL)
