@@ -16,7 +16,8 @@ conversation goes with each question; an empty line or Ctrl-D ends, Ctrl-C stops
 The server is --url, else the one 'oatui serve --detach' runs for this workspace, else
 127.0.0.1:8001.
 
-With --rank K, K answers are sampled (different seeds) and you put them in order; each ranking is
+With --rank K, K answers are sampled (different seeds, generated at once: the first streams, the
+others follow as far as they have come) and you put them in order; each ranking is
 appended to WORKSPACE/data/feedback.trees.jsonl as an export tree, which the 'feedback' dataset
 of the SFT and RM configs reads (an edited answer becomes a demonstration).
 
@@ -152,19 +153,29 @@ def export_chats(args: argparse.Namespace) -> int:
 
 
 def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args: argparse.Namespace,
-                 sampling: dict[str, Any], out: TextIO, read: Callable[[str], str] = input) -> str | None:
-    """Sample ``count`` answers, ask for their order, append the ranking; returns the best answer."""
+                 sampling: dict[str, Any], out: TextIO, read: Callable[[str], str] = input,
+                 more_clients: Sequence[Any] = ()) -> str | None:
+    """Sample ``count`` answers, ask for their order, append the ranking; returns the best answer.
+
+    With ``count - 1`` ``more_clients`` the answers are generated at once (the server decodes them
+    together), the first shown as it streams; otherwise one after another through ``client``.
+    """
     from oatui.chat.feedback import Ranking, append_ranking
     from oatui.chat.ranking import HELP, parse_order, ranked_answers
     from oatui.workspace import Workspace
 
     base_seed = sampling.pop("seed", 0)
     seeds = [base_seed + i for i in range(count)]
+    headings = [f"--- answer {number} (seed {seed}) ---" for number, seed in enumerate(seeds, 1)]
     texts = []
-    for number, seed in enumerate(seeds, 1):
-        out.write(f"--- answer {number} (seed {seed}) ---\n")
-        texts.append(answer_turns(client, turns, args.system, {**sampling, "seed": seed}, out).strip())
-        out.write("\n")
+    if len(more_clients) >= count - 1:
+        texts = stream_many([client, *more_clients[: count - 1]], turns, args.system,
+                            [{**sampling, "seed": seed} for seed in seeds], headings, out)
+    else:
+        for heading, seed in zip(headings, seeds):
+            out.write(f"{heading}\n")
+            texts.append(answer_turns(client, turns, args.system, {**sampling, "seed": seed}, out).strip())
+            out.write("\n")
     edits: dict[int, str] = {}
     while True:
         try:
@@ -211,12 +222,24 @@ def stream_both(clients: Sequence[Any], turns: Sequence[tuple[str, str]], system
     Returns both answers. An error of either stream is raised once both have ended; Ctrl-C
     cancels both on the server.
     """
+    first, second = stream_many(clients, turns, system, [sampling, sampling], ["--- A ---", "--- B ---"], out)
+    return first, second
+
+
+def stream_many(clients: Sequence[Any], turns: Sequence[tuple[str, str]], system: str | None,
+                samplings: Sequence[dict[str, Any]], headings: Sequence[str], out: TextIO) -> list[str]:
+    """Generate one answer per client at once (one thread each: the server decodes them together);
+    show the first as it streams, then each next one under its heading as far as it has come.
+
+    Returns the answers, stripped. An error of any stream is raised once all have ended; Ctrl-C
+    cancels them all on the server.
+    """
     import queue
     import threading
 
-    streams: list[queue.Queue[tuple[str, Any]]] = [queue.Queue(), queue.Queue()]
+    streams: list[queue.Queue[tuple[str, Any]]] = [queue.Queue() for _ in clients]
 
-    def produce(client: Any, target: queue.Queue[tuple[str, Any]]) -> None:
+    def produce(client: Any, sampling: dict[str, Any], target: queue.Queue[tuple[str, Any]]) -> None:
         try:
             for piece in client.stream(turns=list(turns), system=system, **sampling):
                 target.put(("piece", piece))
@@ -225,15 +248,15 @@ def stream_both(clients: Sequence[Any], turns: Sequence[tuple[str, str]], system
         else:
             target.put(("end", None))
 
-    threads = [threading.Thread(target=produce, args=(client, target), daemon=True)
-               for client, target in zip(clients, streams)]
+    threads = [threading.Thread(target=produce, args=(client, sampling, target), daemon=True)
+               for client, sampling, target in zip(clients, samplings, streams)]
     for thread in threads:
         thread.start()
     texts: list[str] = []
     failure: BaseException | None = None
     try:
-        for label, target in zip("AB", streams):
-            out.write(f"--- {label} ---\n")
+        for heading, target in zip(headings, streams):
+            out.write(f"{heading}\n")
             out.flush()
             pieces: list[str] = []
             while True:
@@ -257,7 +280,7 @@ def stream_both(clients: Sequence[Any], turns: Sequence[tuple[str, str]], system
             thread.join(timeout=5)
     if failure is not None:
         raise failure
-    return texts[0], texts[1]
+    return texts
 
 
 def ab_round(clients: dict[str, Any], turns: Sequence[tuple[str, str]], context_models: Sequence[str | None],
@@ -375,6 +398,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(error)) from None
         return 0
     client = ChatClient(url, model=args.model, timeout=args.timeout)
+    # --rank K: one client per answer, so that the K answers are generated at once.
+    more_clients = [ChatClient(url, model=args.model, timeout=args.timeout) for _ in range((args.rank or 1) - 1)]
     try:
         if args.rank is not None:
             turns: list[tuple[str, str]] = []
@@ -388,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
                 if not question.strip():
                     break
                 turns.append(("prompter", question))
-                best = rank_answers(client, turns, args.rank, args, dict(sampling), sys.stdout)
+                best = rank_answers(client, turns, args.rank, args, dict(sampling), sys.stdout,
+                                    more_clients=more_clients)
                 if args.prompt is not None:
                     break
                 if best is None:
@@ -412,4 +438,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from None
     finally:
         client.close()
+        for other in more_clients:
+            other.close()
     return 0

@@ -6,7 +6,7 @@ coalesces them further, so a fast model never floods the screen. Esc cancels the
 cancels the gRPC call, which makes the server stop generating. Conversations and their messages
 go to ``oatui.chat.history`` (``WORKSPACE/state/chats.sqlite``) from worker threads.
 
-Rank mode (ctrl+r): each prompt gets K answers (seeds S, S+1, ...), streamed one after the other
+Rank mode (ctrl+r): each prompt gets K answers (seeds S, S+1, ...), streamed at the same time
 into a :class:`RankPanel`, where the person puts them in order, edits one into a better
 demonstration or rejects some. Enter appends the ranking to ``WORKSPACE/data/feedback.trees.jsonl``
 (``oatui.chat.feedback``, in a thread) and the conversation goes on from the best answer; only that
@@ -475,40 +475,50 @@ class ChatPane(ABMode, Vertical):
     @work(exclusive=True, group="chat-rank")
     async def sample_answers(self, context: list[tuple[str, str]], settings: ChatSettings, url: str,
                              seeds: list[int]) -> None:
-        """Stream one answer per seed, one after the other (the server generates one at a time anyway);
-        whatever way it ends, one ``RankSamplingFinished`` is posted."""
+        """Stream one answer per seed, all at once (one client each: the server decodes them together);
+        whatever way it ends, one ``RankSamplingFinished`` is posted. An answer that fails stops the others."""
         state, error = "complete", None
-        client = None
+        clients: list[Any] = []
         try:
             from oatui.serve.client import AsyncChatClient, RemoteError, ServerUnavailable
 
-            client = AsyncChatClient(url, model=settings.model, timeout=ANSWER_TIMEOUT, retries=2)
-            for index, seed in enumerate(seeds):
+            async def sample(index: int, seed: int) -> None:
+                client = AsyncChatClient(url, model=settings.model, timeout=ANSWER_TIMEOUT, retries=2)
+                clients.append(client)
                 pieces: list[str] = []
                 answer_state, answer_error = "complete", None
                 try:
-                    def emit(text: str, index: int = index) -> None:
+                    def emit(text: str) -> None:
                         self.post_message(RankPieceReceived(index, text))
 
                     await stream_in_batches(client, context, settings, pieces, emit, seed=seed)
                 except (ServerUnavailable, RemoteError, ValueError) as failure:
                     answer_state, answer_error = "error", str(failure)
+                    raise
                 except asyncio.CancelledError:
                     answer_state = "cancelled"
                     raise
                 finally:
                     self.post_message(RankAnswerFinished(index, "".join(pieces), answer_state, answer_error))
-                if answer_state == "error":
-                    state, error = "error", answer_error
-                    break
+
+            tasks = [asyncio.create_task(sample(index, seed)) for index, seed in enumerate(seeds)]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         except asyncio.CancelledError:
             state = "cancelled"
             raise
+        except (ServerUnavailable, RemoteError, ValueError) as failure:
+            state, error = "error", str(failure)
         except Exception as failure:  # noqa: BLE001 - shown in the pane, never a traceback
             state, error = "error", f"{type(failure).__name__}: {failure}"
         finally:
             self.post_message(RankSamplingFinished(state, error))
-            await close_quietly(client)
+            for client in clients:
+                await close_quietly(client)
 
     @on(RankPieceReceived)
     def _rank_piece(self, message: RankPieceReceived) -> None:

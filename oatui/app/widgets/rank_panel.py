@@ -118,8 +118,8 @@ class RankPanel(Vertical, can_focus=True):
         if self.states[index] == "waiting":
             self.states[index] = "streaming"
             self._refresh_card(index)
-            if self.has_class("-tabs"):
-                self.action_select_index(index)
+            if self.has_class("-tabs") and self.states[self.selected] != "streaming":
+                self.action_select_index(index)  # follow a stream, but do not jump between them
         self.texts[index] += text
         card = self.cards[index]
         card.body.update(self.texts[index])
