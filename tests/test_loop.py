@@ -98,7 +98,8 @@ def test_the_rm_stage_trains_on_the_feedback_file(trained, workspace: Path) -> N
         ))
     expected_pairs = compute_stats(load_trees(feedback)).rm_pairs
     assert expected_pairs == 36
-    run_oatui("train", "rm", "--configs", "defaults_rm", "tiny_rm", "--set", "val_fraction=0", "--set", "max_steps=4",
+    run_oatui("train", "rm", "--configs", "defaults_rm", "tiny_rm", "--set", "model_name=tiny", "--set", "val_fraction=0",
+              "--set", "max_steps=4",
               "--set", "datasets=[{path: sample, fraction: 0.1}, {path: feedback}]", workspace=workspace, check=True)
     (run,) = (workspace / "runs").iterdir()
     record = next(m for m in read_metrics(run) if "data/pairs/feedback" in m)

@@ -157,7 +157,7 @@ def _check_inputs(stage: str, config: StageConfig, workspace: Workspace) -> None
 
     check_model_name(config.model_name)
     if config.model_name == LATEST_SFT:
-        require_latest_final(workspace.root, "sft")
+        require_latest_final(workspace.root, "sft", "model_name")
     for name in ("sft_model", "rm_model"):
         value = getattr(config, name, None)
         if value:

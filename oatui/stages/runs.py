@@ -219,12 +219,12 @@ def latest_final(runs_dir: Path, stage: str) -> Path | None:
 FIRST_RUN = {"sft": "oatui train sft --configs defaults tiny", "rm": "oatui train rm --configs defaults_rm tiny_rm"}
 
 
-def require_latest_final(workspace_root: Path, stage: str) -> Path:
-    """:func:`latest_final`, or a one-line error saying which run to make first."""
+def require_latest_final(workspace_root: Path, stage: str, key: str | None = None) -> Path:
+    """:func:`latest_final`, or a one-line error saying which run to make first (or which ``key`` to set)."""
     final = latest_final(workspace_root / "runs", stage)
     if final is None:
         raise UserError(f"no succeeded {stage} run in {workspace_root}; train one with "
-                        f"`{FIRST_RUN[stage]}` or set {stage}_model")
+                        f"`{FIRST_RUN[stage]}` or set {key or stage + '_model'}")
     return final
 
 

@@ -224,7 +224,7 @@ class StageContext:
         if name == LATEST_SFT:
             from oatui.stages.runs import require_latest_final
 
-            final = str(require_latest_final(self.workspace.root, "sft"))
+            final = str(require_latest_final(self.workspace.root, "sft", "model_name"))
             self.log(f"model_name {LATEST_SFT}: {final}")
             return final
         return resolve_model_name(name, self.workspace.models, self.config.tiny_model)
