@@ -204,7 +204,11 @@ def open_binary(path: str | os.PathLike[str]) -> io.BufferedIOBase:
         handle.close()
         raise UnreadableFile(f"{path}: cannot read: {error.strerror or error}") from None
     if magic == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=handle, mode="rb")  # type: ignore[return-value]
+        handle.close()
+        try:
+            return gzip.open(path, "rb")  # type: ignore[return-value]  # closing it closes the file
+        except OSError as error:
+            raise UnreadableFile(f"{path}: cannot read: {error.strerror or error}") from None
     return handle
 
 
@@ -245,16 +249,24 @@ def _reason(error: BaseException) -> str:
 
 
 def _json_depth_ok(text: str, limit: int) -> bool:
-    """Whether no JSON array/object in ``text`` nests deeper than ``limit`` (brackets in strings
-    count too: a cheap upper bound, exact for the files we write)."""
-    depth = deepest = 0
+    """Whether no JSON array/object in ``text`` nests deeper than ``limit`` (brackets inside strings
+    do not count)."""
+    depth = 0
+    in_string = escaped = False
     for char in text:
-        if char in "[{":
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
             depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    return False
+            if depth > limit:
+                return False
         elif char in "]}":
             depth -= 1
     return True
