@@ -616,3 +616,14 @@ def test_torch_files_that_name_other_globals_are_refused_before_loading(tmp_path
     with pytest.raises(UserError, match="not a torch checkpoint file"):
         check_torch_files(checkpoint)
     assert not marker.exists()
+
+
+def test_brackets_inside_json_strings_are_not_nesting(tmp_path: Path) -> None:
+    from oatui.fsutil import UnreadableFile, read_json_file
+
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"error": "[" * 500 + "unclosed", "argv": ["\\\"[[["]}))
+    assert read_json_file(path)["error"].startswith("[[[")
+    path.write_text("[" * 101 + "]" * 101)
+    with pytest.raises(UnreadableFile, match="nested deeper than 100"):
+        read_json_file(path, list)
