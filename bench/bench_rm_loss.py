@@ -1,12 +1,13 @@
 """Benchmark: the RM stage with rm_loss pairwise (trl's RewardTrainer) and kwise (Open-Assistant's RMLoss).
 
 Runs the real command, ``oatui train rm --configs defaults_rm tiny_rm --set rm_loss=...``, once per
-loss (``--repeats`` times, alternating the order) in one scratch workspace, then scores the held-out
+loss (``--repeats`` times, alternating the order) in one scratch workspace (after ``oatui train sft --configs defaults tiny`` when the RM starts from the
+newest SFT model, ``model_name: latest-sft``, as ``tiny_rm`` does), then scores the held-out
 ranked groups of that config (the same groups for both) with each final model, every reply once, and
 prints a table: the stage's own ``rm/accuracy`` (held-out pair accuracy, as it logs it), the pair
 accuracy and top-1 group accuracy (a best-ranked reply scores highest in its group) recomputed the
 same way for both models, the sequences encoded per epoch, and the Trainer's ``train_runtime``
-(seconds for the run's epochs; ``tiny_rm`` trains one epoch).
+divided by the run's epochs.
 
     python bench/bench_rm_loss.py
     python bench/bench_rm_loss.py --repeats 2 --configs defaults_rm tiny_rm --set num_train_epochs=2
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a config override for both runs (repeatable)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per loss, alternating which goes first")
     parser.add_argument("--workspace", type=Path, help="scratch workspace (default: a temporary folder)")
+    parser.add_argument("--sft-configs", nargs="+", default=["defaults", "tiny"],
+                        help="sections of the SFT run made first when the RM config's model_name is latest-sft")
     args = parser.parse_args(argv)
 
     scratch = None
@@ -113,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         workspace = Path(scratch.name) / "ws"
     workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(workspace, 0o700)
+
+    from oatui.config import load_stage_config
+
+    if load_stage_config("rm", args.configs, args.overrides, workspace).model_name == "latest-sft":
+        print(f"training: sft --configs {' '.join(args.sft_configs)} (the reward models start from it)",
+              file=sys.stderr, flush=True)
+        oatui = str(Path(sys.executable).parent / "oatui")
+        subprocess.run([oatui, "train", "sft", "--configs", *args.sft_configs, "--workspace", str(workspace)],
+                       check=True, capture_output=True, text=True)
 
     runs: dict[str, list[Path]] = {loss: [] for loss in LOSSES}
     for repeat in range(args.repeats):
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: oatui train rm --configs {' '.join(args.configs)}"
           + "".join(f" --set {o}" for o in args.overrides) + " --set rm_loss=pairwise|kwise")
     print(f"held out: {len(groups)} ranked groups\n")
-    header = ("rm_loss", "stage rm/accuracy", "pair acc.", "top-1 acc.", "sequences/epoch", "train_runtime s")
+    header = ("rm_loss", "stage rm/accuracy", "pair acc.", "top-1 acc.", "sequences/epoch", "seconds/epoch")
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))
     for loss in LOSSES:
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs[loss]:
             metrics = metrics_of(run)
             stage_accuracy.append(metrics["rm/accuracy"])
-            seconds.append(metrics["train/runtime"])
+            seconds.append(metrics["train/runtime"] / config.num_train_epochs)
             pairs_acc, top1_acc, _, _ = group_accuracies(run / "final", groups, config.max_length, config.max_replies)
             pair_accuracy.append(pairs_acc)
             top1_accuracy.append(top1_acc)
