@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.fields import FieldInfo
 
 from oatui.errors import UserError
-from oatui.fsutil import UnreadableFile, read_json_file, read_text_file, untrusted_reason
+from oatui.fsutil import UnreadableFile, expand_user, read_json_file, read_text_file, untrusted_reason
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("sft", "rm", "rl")
@@ -712,7 +712,7 @@ def deepspeed_config_path(name: str | None) -> str | None:
     """A DeepSpeed JSON config: a file, or a name from the shipped ``configs/deepspeed/``."""
     if not name:
         return None
-    path = Path(name).expanduser()
+    path = expand_user(name)
     if path.is_file():
         return str(path.absolute())
     candidate = SHIPPED_CONFIGS / "deepspeed" / f"{name}.json"

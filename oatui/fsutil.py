@@ -158,6 +158,15 @@ def tail_lines(path: str | os.PathLike[str], count: int, max_bytes: int = 1 << 2
     return lines[-count:] if count else []
 
 
+def expand_user(path: str | os.PathLike[str]) -> Path:
+    """``Path(path).expanduser()``, or the path as written when ``~name`` names no user (pathlib
+    raises RuntimeError then): the caller's own check says what is wrong with it, in one line."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading back: every file the product reads is bounded, decoded strictly and type-checked here.
 

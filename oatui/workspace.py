@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oatui.errors import UserError
-from oatui.fsutil import make_private_dir, untrusted_reason
+from oatui.fsutil import expand_user, make_private_dir, untrusted_reason
 
 FEEDBACK_FILE = Path("data") / "feedback.trees.jsonl"
 """Rankings made while chatting, relative to the workspace: the ``feedback`` dataset."""
@@ -26,7 +26,9 @@ class Workspace:
         if root is not None and not str(root).strip():
             raise UserError("--workspace: empty; name a folder")
         path = Path(root) if root is not None else default_workspace()
-        path = path.expanduser().absolute()
+        if str(path).startswith("~") and expand_user(path) == path:
+            raise UserError(f"--workspace {path}: no such user's home folder")
+        path = expand_user(path).absolute()
         if path.exists() and not path.is_dir():
             raise UserError(f"--workspace {path}: not a folder")
         # Its configs and checkpoints choose what code runs: refuse a folder someone else controls,

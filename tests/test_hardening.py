@@ -331,6 +331,9 @@ def test_options_out_of_range_are_one_line(tmp_path: Path, capsys: pytest.Captur
         one_line(capsys, ["serve", "--ready-timeout", value, "--workspace", workspace], "--ready-timeout")
     one_line(capsys, ["chat", "hi", "--url", "127.0.0.1:99999", "--workspace", workspace], "port 99999 is out of range")
     one_line(capsys, ["runs", "--workspace", ""], "--workspace: empty")
+    one_line(capsys, ["runs", "--workspace", "~no-such-user-here/ws"], "no such user's home folder")
+    one_line(capsys, ["train", "sft", "--configs", "defaults", "tiny", "--set", "deepspeed=~0", "--workspace", workspace],
+             "deepspeed")
     code = main(["serve", "--address", "not_a_host", "--repo", str(tmp_path), "--workspace", workspace])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "reachable" not in err

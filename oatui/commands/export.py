@@ -53,8 +53,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from oatui.fsutil import expand_user
     from oatui.serve.repository import export_model, resolve_model
     from oatui.workspace import Workspace
 
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--gpu-memory-utilization and --engine-arg go with --engine vllm")
     workspace = Workspace.open(args.workspace)
     model = resolve_model(args.model, workspace.root / "runs")
-    repo = Path(args.repo).expanduser().absolute() if args.repo else workspace.triton_repo
+    repo = expand_user(args.repo).absolute() if args.repo else workspace.triton_repo
     result = export_model(
         args.mode,
         model,

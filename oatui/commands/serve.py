@@ -58,12 +58,11 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def _options(args: argparse.Namespace, workspace: "Workspace") -> "ServerOptions":
-    from pathlib import Path
-
     from oatui.errors import UserError
+    from oatui.fsutil import expand_user
     from oatui.serve.server import ServerOptions
 
-    repo = Path(args.repo).expanduser().absolute() if args.repo else workspace.triton_repo
+    repo = expand_user(args.repo).absolute() if args.repo else workspace.triton_repo
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else ()
     if args.models is not None and not models:
         raise UserError("--models: name at least one model")

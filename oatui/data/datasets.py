@@ -30,6 +30,7 @@ from oatui.data.rules import (
 )
 from oatui.data.trees import LoadReport, MessageTree, iter_lines, iter_trees
 from oatui.errors import UserError
+from oatui.fsutil import expand_user
 from oatui.workspace import FEEDBACK_FILE
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def resolve_dataset_path(spec: DatasetSpec, workspace: Path) -> Path | None:
     if spec.path == "feedback":
         path = workspace / FEEDBACK_FILE
     else:
-        path = Path(spec.path).expanduser()
+        path = expand_user(spec.path)
         if not path.is_absolute():
             path = workspace / path
     if not path.exists():

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from oatui.data.format import ASSISTANT, PAD, PROMPTER, SYSTEM
 from oatui.errors import UserError
+from oatui.fsutil import expand_user
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,7 @@ def resolve_model_name(name: str, models_dir: Path, tiny_overrides: dict[str, in
         from oatui.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(models_dir, tiny_overrides))
-    path = Path(name).expanduser()
+    path = expand_user(name)
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(f"model folder {path} has no config.json (expected a Hugging Face checkpoint folder)")
@@ -54,7 +55,7 @@ def check_model_name(name: str) -> None:
     """Cheap check before a run starts: a path that does not exist is bad input, said at once."""
     if name in ("tiny", "latest", LATEST_SFT):
         return
-    path = Path(name).expanduser()
+    path = expand_user(name)
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(f"model folder {path} has no config.json (expected a Hugging Face checkpoint folder)")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oatui.errors import UserError
+from oatui.fsutil import expand_user
 from oatui.serve.triton_models import common
 
 MODES = ("policy", "rm", "ref")
@@ -194,7 +195,7 @@ def parse_engine_args(items: list[str]) -> dict[str, object]:
 
 def resolve_model(model: str, runs_dir: Path | None) -> Path:
     """A checkpoint folder from ``--model``: a folder with config.json, or a run id (its ``final/``)."""
-    path = Path(model).expanduser()
+    path = expand_user(model)
     if path.exists():
         if not path.is_dir():
             raise UserError(f"--model {model}: not a folder")

@@ -45,6 +45,7 @@ from oatui.fsutil import (
     FILE_MODE,
     UnreadableFile,
     atomic_write_json,
+    expand_user,
     locked,
     make_private_dir,
     fits_type,
@@ -841,7 +842,7 @@ def clear_server_file(workspace: Workspace, supervisor_pid: int) -> None:
 
 def prepare_options(workspace: Workspace, options: ServerOptions, admin_key: str | None = None) -> ServerOptions:
     """Checks that need no server (exit 2 at once) and the admin key file, for either mode."""
-    repo = Path(options.repo).expanduser().absolute()
+    repo = expand_user(options.repo).absolute()
     options = replace(options, repo=str(repo))
     check_repository(repo, options.models)
     check_gpus(options.gpus)
