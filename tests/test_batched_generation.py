@@ -162,6 +162,10 @@ def test_llm_parameter_names_and_string_values() -> None:
                                      "seed": "7", "ignore_eos": "true"}) == {
         "max_new_tokens": 16, "temperature": 0.1, "top_p": 0.95, "top_k": 0, "seed": 7, "ignore_eos": True}
     assert translate_llm_parameters({"max_new_tokens": 5, "stream": False}) == {"max_new_tokens": 5, "stream": False}
+    # The role markers as stop strings: stops already; anything else is refused.
+    assert translate_llm_parameters({"stop": ["<|prompter|>", "<|system|>"], "seed": 1}) == {"seed": 1}
+    with pytest.raises(ValueError, match="stop: only the role markers"):
+        translate_llm_parameters({"stop": ["\n\n"]})
     with pytest.raises(ValueError, match="max_tokens"):
         translate_llm_parameters({"max_tokens": 3, "max_new_tokens": 4})
     # A value that is not a number stays a string, and the usual check names it.

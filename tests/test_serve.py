@@ -70,6 +70,13 @@ def repo(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: AN
         result = run_oatui("export", "--mode", mode, "--model", model, "--repo", str(repo), *extra,
                            workspace=trained.root)
         assert result.returncode == 0, result.stderr
+    # The policy again, declaring only Triton's LLM conventions (as a model of its vLLM backend does).
+    result = run_oatui("export", "--mode", "policy", "--name", "policy-llm", "--model", trained.sft_run, "--repo",
+                       str(repo), workspace=trained.root)
+    assert result.returncode == 0, result.stderr
+    config = repo / "policy-llm" / "config.pbtxt"
+    lines = config.read_text().splitlines()
+    config.write_text("\n".join(line for line in lines if not re.search(r'name: "(text|prompt|system)" ', line)) + "\n")
     return repo
 
 
@@ -90,12 +97,11 @@ def grpc_url(server: TritonServer) -> str:
 
 
 def metric(server: TritonServer, name: str) -> float:
+    """The metric summed over its label sets (the models)."""
     url = f"http://127.0.0.1:{server.options.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        return sum(float(line.rsplit(" ", 1)[1]) for line in response.read().decode().splitlines()
+                   if line.startswith(name + "{"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +109,7 @@ def metric(server: TritonServer, name: str) -> float:
 
 
 def test_export_writes_a_standard_repository(repo: Path, trained) -> None:  # noqa: ANN001
-    assert sorted(p.name for p in repo.iterdir()) == ["policy", "ref", "rm"]
+    assert sorted(p.name for p in repo.iterdir()) == ["policy", "policy-llm", "ref", "rm"]
     for name in ("policy", "ref", "rm"):
         assert (repo / name / "config.pbtxt").is_file() and (repo / name / "1" / "model.py").is_file()
         assert stat.S_IMODE((repo / name).stat().st_mode) == 0o700  # private, as the whole workspace
@@ -333,6 +339,28 @@ def test_http_generate_and_generate_stream_with_text_input(server: TritonServer,
     assert failure.value.code == 400 and "exactly one of" in failure.value.read().decode()
 
 
+def test_chat_clients_speak_the_llm_conventions_to_a_model_that_takes_only_those(grpc_url: str) -> None:
+    """A model without oatui's inputs (one of Triton's vLLM backend) refuses them; the clients then
+    send text_input, stream and sampling_parameters, and the answers are the same."""
+    requests = [dict(prompt="Why is the sky blue?"), dict(prompt="Hi", system="Be brief."),
+                dict(turns=[("prompter", "Hello"), ("assistant", "Hi!"), ("prompter", "How do I bake bread?")])]
+    sampling = dict(max_new_tokens=24, temperature=0, top_k=0)
+    with ChatClient(grpc_url, timeout=30) as oatui_inputs, ChatClient(grpc_url, model="policy-llm", timeout=30) as llm:
+        expected = ["".join(oatui_inputs.stream(**request, **sampling)) for request in requests]
+        assert ["".join(llm.stream(**request, **sampling)) for request in requests] == expected
+        assert llm._llm and not oatui_inputs._llm
+        # Leaving early still cancels.
+        stream = llm.stream(prompt="Tell me a long story.", max_new_tokens=400, ignore_eos=True)
+        next(stream)
+        stream.close()
+
+    async def scenario() -> list[str]:
+        async with AsyncChatClient(grpc_url, model="policy-llm", timeout=30) as client:
+            return ["".join([piece async for piece in client.stream(**request, **sampling)]) for request in requests]
+
+    assert asyncio.run(scenario()) == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # Reward model and reference model
 
@@ -424,7 +452,7 @@ def test_bad_inputs_get_triton_errors_and_the_server_keeps_serving(grpc_url: str
         prompt = grpcclient.InferInput("prompt", [1], "BYTES")
         prompt.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
         assert "temperature" in raw_stream_error(grpc_url, [prompt], {"temperature": -2.0})
-        assert "unknown parameter 'max_tokens'" in raw_stream_error(grpc_url, [prompt], {"max_tokens": 3})
+        assert "unknown parameter 'max_length'" in raw_stream_error(grpc_url, [prompt], {"max_length": 3})
         assert "stream_interval_ms" in raw_stream_error(grpc_url, [prompt], {"stream_interval_ms": -1})
         assert "exactly one" in raw_stream_error(grpc_url, [])
         # Still serving, every model.

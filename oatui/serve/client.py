@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import queue
 import threading
@@ -415,6 +416,43 @@ def _chat_inputs(text: str | None, prompt: str | None, turns: Sequence[Any] | No
     return inputs
 
 
+def _is_foreign_model(message: str) -> bool:
+    """The model refused oatui's own inputs: it takes Triton's LLM conventions only (a model of
+    Triton's vLLM backend, say: ``oatui export --engine vllm``)."""
+    return "unexpected inference input" in message and any(f"'{name}'" in message for name in ("text", "prompt", "system"))
+
+
+def _llm_request(inputs: list[tuple[str, str]], parameters: dict[str, Any],
+                 eos: Callable[[], str]) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """The same request in Triton's LLM conventions (its vLLM backend's): the chat text as
+    ``text_input``, ``stream`` and ``exclude_input_in_output`` true, the sampling as the JSON string
+    ``sampling_parameters`` with vLLM's names; ``stream_interval_ms`` stays a request parameter
+    (oatui's policy reads it, the vLLM backend ignores request parameters beside that input)."""
+    from oatui.data.format import SPECIAL_TOKENS, SYSTEM, format_conversation
+    from oatui.serve.generation import STREAM_INTERVAL_KEY, SamplingParams
+
+    values = dict(inputs)
+    text = values.get("text")
+    if text is None:
+        text = format_conversation([("prompter", values["prompt"])], eos(), values.get("system") or None,
+                                   add_generation_prompt=True)
+    elif values.get("system"):
+        text = f"{SYSTEM}{values['system']}{eos()}{text}"
+    sampling: dict[str, Any] = {"max_tokens": SamplingParams().max_new_tokens}  # vLLM's default is 16
+    for key, value in parameters.items():
+        if key == STREAM_INTERVAL_KEY:
+            continue
+        if key == "max_new_tokens":
+            key = "max_tokens"
+        elif key == "top_k" and value == 0:
+            value = -1  # vLLM's "off"
+        sampling[key] = value
+    sampling["stop"] = list(SPECIAL_TOKENS)  # a new turn ends the answer, as oatui's policy stops there
+    llm_inputs = [("text_input", text), ("stream", True), ("exclude_input_in_output", True),
+                  ("sampling_parameters", json.dumps(sampling))]
+    return llm_inputs, {k: v for k, v in parameters.items() if k == STREAM_INTERVAL_KEY}
+
+
 def _final(result: Any) -> bool:
     parameters = result.get_response().parameters
     return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
@@ -456,6 +494,7 @@ class ChatClient:
         self._request_id: str | None = None
         self._stream_state = "closed"  # closed | open | broken (a stream error: restart before use)
         self._eos: str | None = None
+        self._llm = False  # the model takes Triton's LLM conventions only
 
     @property
     def where(self) -> str:
@@ -485,18 +524,40 @@ class ChatClient:
         """
         parameters = _sampling_parameters(sampling)
         inputs = _chat_inputs(text, prompt, turns, system, self.eos_token)
-        return self._stream(inputs, parameters)
+        return self._stream_either(inputs, parameters)
+
+    def _stream_either(self, inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> Iterator[str]:
+        """oatui's inputs, or Triton's LLM conventions for a model that takes only those (found out
+        from its first refusal, then kept for this client)."""
+        if not self._llm:
+            received = False
+            try:
+                with contextlib.closing(self._stream(inputs, parameters)) as pieces:
+                    for piece in pieces:
+                        received = True
+                        yield piece
+                return
+            except RemoteError as error:
+                if received or not _is_foreign_model(str(error)):
+                    raise
+                self._llm = True
+        with contextlib.closing(self._stream(*_llm_request(inputs, parameters, self.eos_token))) as pieces:
+            yield from pieces
 
     def _open_client(self) -> Any:
         if self._client is None:
             raise RuntimeError("this ChatClient is closed")
         return self._client
 
-    def _tensors(self, inputs: list[tuple[str, str]]) -> list[Any]:
+    def _tensors(self, inputs: list[tuple[str, Any]]) -> list[Any]:
         tensors = []
         for name, value in inputs:
-            tensor = self._grpc.InferInput(name, [1], "BYTES")
-            tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
+            if isinstance(value, bool):
+                tensor = self._grpc.InferInput(name, [1], "BOOL")
+                tensor.set_data_from_numpy(np.array([value], dtype=bool))
+            else:
+                tensor = self._grpc.InferInput(name, [1], "BYTES")
+                tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
             tensors.append(tensor)
         return tensors
 
@@ -640,6 +701,7 @@ class AsyncChatClient:
         self._stub: Any = None
         self._calls: set[Any] = set()
         self._eos: str | None = None
+        self._llm = False  # the model takes Triton's LLM conventions only
 
     @property
     def where(self) -> str:
@@ -691,9 +753,14 @@ class AsyncChatClient:
         for name, value in inputs:
             tensor = request.inputs.add()
             tensor.name = name
-            tensor.datatype = "BYTES"
             tensor.shape.extend([1])
-            request.raw_input_contents.append(serialize_byte_tensor(np.array([value.encode("utf-8")], dtype=np.object_)).item())
+            if isinstance(value, bool):
+                tensor.datatype = "BOOL"
+                request.raw_input_contents.append(np.array([value], dtype=bool).tobytes())
+            else:
+                tensor.datatype = "BYTES"
+                request.raw_input_contents.append(
+                    serialize_byte_tensor(np.array([value.encode("utf-8")], dtype=np.object_)).item())
         for key, value in parameters.items():
             if isinstance(value, bool):
                 request.parameters[key].bool_param = value
@@ -709,15 +776,33 @@ class AsyncChatClient:
 
     async def stream(self, text: str | None = None, *, prompt: str | None = None, turns: Sequence[Any] | None = None,
                      system: str | None = None, **sampling: Any) -> AsyncIterator[str]:
-        """Pieces of the answer, as :meth:`ChatClient.stream`."""
+        """Pieces of the answer, as :meth:`ChatClient.stream` (oatui's inputs, or Triton's LLM
+        conventions for a model that takes only those)."""
+        parameters = _sampling_parameters(sampling)
+        eos = await self.eos_token() if turns is not None or self._llm else ""
+        inputs = _chat_inputs(text, prompt, turns, system, lambda: eos)
+        if not self._llm:
+            received = False
+            try:
+                async with contextlib.aclosing(self._stream(self._request(inputs, parameters))) as pieces:
+                    async for piece in pieces:
+                        received = True
+                        yield piece
+                return
+            except RemoteError as error:
+                if received or not _is_foreign_model(str(error)):
+                    raise
+                self._llm = True
+                eos = await self.eos_token()
+        async with contextlib.aclosing(self._stream(self._request(*_llm_request(inputs, parameters, lambda: eos)))) as pieces:
+            async for piece in pieces:
+                yield piece
+
+    async def _stream(self, request: Any) -> AsyncIterator[str]:
         import grpc
         from tritonclient.grpc import InferResult
 
-        parameters = _sampling_parameters(sampling)
-        eos = await self.eos_token() if turns is not None else ""
-        inputs = _chat_inputs(text, prompt, turns, system, lambda: eos)
         stub = self._ensure_channel()
-        request = self._request(inputs, parameters)
         received = False
         for attempt in range(self.retries + 1):
             call = stub.ModelStreamInfer(iter([request]))

@@ -287,8 +287,19 @@ def translate_llm_parameters(values: Mapping[str, Any]) -> dict[str, Any]:
 
     ``max_tokens`` is ``max_new_tokens``; ``top_k`` -1 (vLLM's "off") is 0; numbers and booleans
     sent as strings (as the vLLM backend's sample client does: ``{"temperature": "0.1"}``) are
-    read as such. oatui's own names pass through unchanged.
+    read as such. ``stop`` may list the role markers (oatui's policy stops at them anyway); other
+    stop strings are refused. oatui's own names pass through unchanged.
     """
+    from oatui.data.format import SPECIAL_TOKENS
+
+    values = dict(values)
+    stop = values.pop("stop", None)
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(item, str) and item in SPECIAL_TOKENS for item in stop):
+            raise ValueError(f"stop: only the role markers {', '.join(SPECIAL_TOKENS)} are stop strings here "
+                             f"(generation also ends at EOS), got {stop!r}")
     out: dict[str, Any] = {}
     given: dict[str, str] = {}
     for key, value in values.items():
