@@ -46,7 +46,7 @@ def _train(stage: str, sections: list[str], root: Path) -> str:
     from oatui.stages.runs import wait_for_end
     from oatui.stages.rundir import RunDir
 
-    info = wait_for_end(RunDir(root / "runs" / run_id), timeout=600)
+    info = wait_for_end(RunDir(root / "runs" / run_id), timeout=1500)
     if info.state != "succeeded":
         log = (root / "runs" / run_id / "stdout.log").read_text(errors="replace")[-4000:]
         raise AssertionError(f"tiny {stage} run {run_id} ended {info.state}: {info.error}\n{log}")

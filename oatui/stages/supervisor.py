@@ -40,12 +40,15 @@ def signal_name(returncode: int) -> str | None:
 
 
 def outcome(returncode: int, stop_requested: bool, has_final: bool) -> str:
+    """The run's end state. ``final/`` is written atomically as the stage's last act, so a stop that
+    arrives once it exists (the stage was only tidying up) leaves the run ``succeeded``: its model is
+    complete and ``latest`` finds it."""
     if returncode == 0:
         return "succeeded" if has_final else "failed"
-    if returncode == EXIT_STOPPED:
-        return "stopped"
-    if stop_requested and returncode in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGKILL):
-        return "stopped"
+    stopped = returncode == EXIT_STOPPED or (stop_requested and returncode in (
+        -signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGKILL))
+    if stopped:
+        return "succeeded" if has_final else "stopped"
     return "failed"
 
 
