@@ -607,10 +607,16 @@ class BatchedGenerator:
             return
         self.cache = out.past_key_values
         logits = out.logits[:, -1]
+        # Plain greedy rows in one argmax (what next_token does for each: the same first maximum).
+        greedy = logits[:, : self.vocab_size].argmax(dim=-1).tolist()
         keep = []
         for row, sequence in enumerate(self.running):
+            params = sequence.params
             try:
-                token = next_token(logits[row], sequence.params, sequence.history, sequence.generator, self.vocab_size)
+                if params.temperature == 0 and params.repetition_penalty == 1.0:
+                    token = greedy[row]
+                else:
+                    token = next_token(logits[row], params, sequence.history, sequence.generator, self.vocab_size)
             except Exception as error:  # noqa: BLE001
                 self._end(sequence, "error", error)
                 continue
