@@ -31,6 +31,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
+from textual.widgets._footer import FooterKey
 from textual.worker import Worker, WorkerState
 
 from oatui.app import messages as m
@@ -124,6 +125,26 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
+LAUNCH_GROUP = Binding.Group("Launch")
+#: Left off the footer on narrow terminals (the help lists them), so that moving around, help and
+#: quit stay on it.
+FOOTER_WIDE_ONLY = {"stop_run", "export", "toggle_server"}
+#: Below this width the footer drops the space between its keys.
+COMPACT_FOOTER_WIDTH = 130
+
+
+class MainFooter(Footer):
+    """The footer, without the keys of ``FOOTER_WIDE_ONLY`` (and the palette key) when the app is narrow."""
+
+    def compose(self) -> ComposeResult:
+        narrow = self.app.has_class("-narrow")
+        self.show_command_palette = not narrow
+        for widget in super().compose():
+            if narrow and isinstance(widget, FooterKey) and widget.action in FOOTER_WIDE_ONLY:
+                continue
+            yield widget
+
+
 class OatuiApp(App[None]):
     """The workstation. Build it with :func:`make_app`."""
 
@@ -133,9 +154,10 @@ class OatuiApp(App[None]):
     ESCAPE_TO_MINIMIZE = False
     COMMANDS = App.COMMANDS | {OatuiCommands}
     BINDINGS = [
-        Binding("1", "launch('sft')", "SFT"),
-        Binding("2", "launch('rm')", "RM"),
-        Binding("3", "launch('rl')", "RL"),
+        # One footer entry for the three launch keys, so that every main key fits on the footer.
+        Binding("1", "launch('sft')", "SFT", group=LAUNCH_GROUP),
+        Binding("2", "launch('rm')", "RM", group=LAUNCH_GROUP),
+        Binding("3", "launch('rl')", "RL", group=LAUNCH_GROUP),
         Binding("x", "stop_run", "Stop"),
         Binding("e", "export", "Export"),
         Binding("s", "toggle_server", "Server"),
@@ -143,10 +165,12 @@ class OatuiApp(App[None]):
         Binding("a", "demo", "Demo", show=False),
         Binding("c", "focus_chat", "Chat"),
         Binding("g", "focus_gpus", "GPUs"),
-        Binding("r", "focus_runs", "Runs", show=False),
-        Binding("l", "show_log", "Log", show=False),
-        Binding("v", "show_curves", "Curves", show=False),
-        Binding("z", "zoom", "Zoom", show=False),
+        Binding("r", "focus_runs", "Runs"),
+        Binding("l", "show_log", "Log"),
+        Binding("v", "show_curves", "Curves"),
+        Binding("z", "zoom", "Zoom"),
+        # The screen's own tab binding is hidden from the footer; this one (same action) is shown.
+        Binding("tab", "focus_next", "Next", priority=True),
         Binding("escape", "unzoom", "Unzoom", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
@@ -159,6 +183,7 @@ class OatuiApp(App[None]):
         refresh: float = 1.0,
         server_options: dict[str, Any] | None = None,
         demo_options: DemoOptions | None = None,
+        replay: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self.workspace = workspace
@@ -175,6 +200,10 @@ class OatuiApp(App[None]):
         self.server_info: Any = None
         self.server_busy = False
         self.sub_title = str(workspace.root)
+        #: The recording the GPU and host panels replay (its file name), or None for this machine.
+        self.replay_name = None if replay is None else Path(replay).name
+        if self.replay_name:
+            self.title = f"oatui · replay of {self.replay_name}"
         self._owner_finder = OwnerFinder(workspace.runs)
         self._active_runs: tuple[ActiveRun, ...] = ()
         self._gpu_busy = False
@@ -218,10 +247,13 @@ class OatuiApp(App[None]):
                         yield self.chat_pane
                     with TabPane("Demo", id="tab-demo"):
                         yield self.demo_panel
-        yield Footer()
+        yield MainFooter()
 
     def on_mount(self) -> None:
         self.query_one("#runs-panel").border_title = "Runs"
+        if self.replay_name:
+            self.gpu_panel.border_title = f"GPUs · replay of {self.replay_name}"
+            self.host_panel.border_title = "Host · recorded"
         self.detail.hide_tab("tab-demo")  # shown once the demo runs
         self.run_log.start(None, "Select a run to follow its log.")
         self._apply_width(self.size.width)
@@ -233,9 +265,13 @@ class OatuiApp(App[None]):
         self._apply_width(event.size.width)
 
     def _apply_width(self, width: int) -> None:
-        self.set_class(width < NARROW_WIDTH, "-narrow")
+        narrow = width < NARROW_WIDTH
+        changed = narrow != self.has_class("-narrow")
+        self.set_class(narrow, "-narrow")
         for footer in self.screen.query(Footer):
-            footer.compact = width < NARROW_WIDTH
+            footer.compact = width < COMPACT_FOOTER_WIDTH
+            if changed:
+                footer.call_later(footer.recompose)  # the narrow footer leaves keys off
 
     def on_unmount(self) -> None:
         # The demo's thread must end for the process to end: it stops its current run and its server.
@@ -308,6 +344,8 @@ class OatuiApp(App[None]):
         self.snapshot = message.snapshot
         self.owners = message.owners
         self.history.add(message.snapshot)
+        # Without GPUs the GPU panel is one line and the host panel takes the room.
+        self.set_class(not message.snapshot.gpus, "-no-gpus")
         if self.gpu_panel.is_attached:
             self.gpu_panel.show(message.snapshot, message.owners, self.history)
             self.host_panel.show(message.snapshot.host, self.history)
@@ -383,7 +421,7 @@ class OatuiApp(App[None]):
         self._metrics_follower = MetricsFollower(run.path / "metrics.jsonl")
         log_view.start(run.id)
         if run.problem:
-            log_view.write(f"{run.id}: {run.problem}")
+            log_view.append([f"{run.id}: {run.problem}"])
         curves.start(run.id, run.stage if run.info else None)
         self._read_runs_soon()
 
@@ -803,4 +841,5 @@ def make_app(
     workspace = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
     if source is None:
         source = make_source(replay, workspace.root)
-    return OatuiApp(workspace, source, refresh=refresh, server_options=server_options, demo_options=demo_options)
+    return OatuiApp(workspace, source, refresh=refresh, server_options=server_options, demo_options=demo_options,
+                    replay=replay)

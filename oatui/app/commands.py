@@ -26,6 +26,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("Run log", "Show the selected run's log (key l)", "show_log"),
     ("Run curves", "Show the selected run's curves (key v)", "show_curves"),
     ("Zoom", "Zoom the focused panel in or out (key z)", "zoom"),
+    ("Next panel", "Move the focus to the next panel (tab)", "focus_next"),
     ("Unzoom", "Give a zoomed panel its place back (Esc)", "unzoom"),
     ("New conversation", "Start a new chat conversation (ctrl+n in the chat)", "new_conversation"),
     ("Chat options", "Model, system prompt, sampling parameters, answers to rank (ctrl+o in the chat)",
