@@ -97,7 +97,9 @@ def test_two_processes_under_accelerate(trained, workspace: Path) -> None:  # no
     assert [m["step"] for m in metrics] == [1, 2]  # rank 0 writes, once per step
     assert all(math.isfinite(m["ppo/kl"]) for m in metrics)
     checkpoint = run / "checkpoints" / "checkpoint-1"
-    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
+    # Every rank's RNG states, as JSON: no pickle in a checkpoint (accelerate's is replaced).
+    assert (checkpoint / "rng_state_0.json").exists() and (checkpoint / "rng_state_1.json").exists()
+    assert not list(checkpoint.rglob("*.pkl"))
     assert (run / "final" / "model.safetensors").exists()
 
 
@@ -109,6 +111,11 @@ def test_deepspeed_zero2_through_accelerate(trained, workspace: Path) -> None:  
     info = json.loads((run / "run.json").read_text())
     assert info["launcher"] == "deepspeed" and info["state"] == "succeeded"
     assert (run / "checkpoints" / "checkpoint-1" / "pytorch_model").is_dir(), "deepspeed writes its own checkpoint"
+    # DeepSpeed unpickles its files on resume: they name only what the resume check lets through.
+    from oatui.train.common import check_torch_files
+
+    check_torch_files(run / "checkpoints" / "checkpoint-1")
+    assert not list((run / "checkpoints" / "checkpoint-1").rglob("*.pkl"))
     assert [m["step"] for m in ppo_steps(run)] == [1, 2]
     assert (run / "final" / "model.safetensors").exists()
 
