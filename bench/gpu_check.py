@@ -683,10 +683,13 @@ def _serve_bench(result: Result, runner: Runner) -> str:
     if not match:
         raise StepFailed("no comparison line in the output")
     summary = f"{match.group(1)}; answers equal {equal.group(1) if equal else '?'}"
-    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) ms \| (\S+) \|$", text, re.MULTILINE)
+    # bench_serve.py's concurrency table: batched, then the same server one request at a time.
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) / ([\d.]+) ms \| (\d+) \| ([\d.]+) / ([\d.]+) ms "
+                      r"\| (\S+) \| (\S+) \|$", text, re.MULTILINE)
     if rows:
-        streams, rate, _, first, ratio = rows[-1]
-        summary += f"; {streams} streams at once: {rate} tokens/s in all ({ratio} one stream), first token {first} ms"
+        streams, rate, _, first, first_p95, _, _, _, ratio, serial_ratio = rows[-1]
+        summary += (f"; {streams} streams at once: {rate} tokens/s in all ({ratio} one stream, {serial_ratio} one "
+                    f"request at a time), first token {first} ms (p95 {first_p95} ms)")
     return summary
 
 

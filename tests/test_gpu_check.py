@@ -217,11 +217,15 @@ def test_step_summaries_read_the_outputs_of_gpu_runs(tmp_path: Path) -> None:
     (tmp_path / result.log).write_text(
         "Triton answers equal to the in-process loop's (same seeds): 16/16\n"
         "Triton vs in-process loop: first token +1.6 ms, throughput 1.02x (after the first token 1.03x)\n"
-        "| streams | aggregate tokens/s | per-stream tokens/s | first token (median) | aggregate vs 1 stream |\n"
-        "|---:|---:|---:|---:|---:|\n| 1 | 877 | 870 | 2.9 ms | 1.00x |\n| 4 | 3024 | 757 | 9.2 ms | 3.45x |\n")
+        "| streams | batched tokens/s | per stream | first token p50 / p95 | one at a time tokens/s "
+        "| first token p50 / p95 | batched vs 1 stream | batched vs one at a time |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| 1 | 877 | 870 | 2.9 / 4.0 ms | 860 | 3.0 / 4.2 ms | 1.00x | 1.02x |\n"
+        "| 4 | 3024 | 757 | 9.2 / 12.5 ms | 901 | 80.1 / 99.0 ms | 3.45x | 3.36x |\n")
     assert gpu_check.SUMMARIES["serve-bench"](result, runner) == (
         "first token +1.6 ms, throughput 1.02x (after the first token 1.03x); answers equal 16/16; "
-        "4 streams at once: 3024 tokens/s in all (3.45x one stream), first token 9.2 ms")
+        "4 streams at once: 3024 tokens/s in all (3.45x one stream, 3.36x one request at a time), "
+        "first token 9.2 ms (p95 12.5 ms)")
 
     # The monitor's steps, on the synthesised 8×H100 recording.
     recording = ROOT / "tests" / "data" / "recordings" / "8xh100.jsonl"
