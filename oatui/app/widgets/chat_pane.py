@@ -93,6 +93,15 @@ async def stream_in_batches(client: Any, context: list[tuple[str, str]], setting
             emit("".join(pending))
 
 
+STOPPED_MARK = "— stopped"
+
+
+def stopped_answer(text: str) -> str:
+    """An answer stopped with Esc as the pane shows it: marked, so that it does not look finished.
+    The mark is only drawn; the history keeps the text and the state ``cancelled``."""
+    return f"{text}\n\n*{STOPPED_MARK}*" if text.strip() else f"*{STOPPED_MARK}*"
+
+
 async def close_quietly(client: Any) -> None:
     """Close a chat client even while the worker is being cancelled."""
     if client is None:
@@ -402,6 +411,7 @@ class ChatPane(ABMode, Vertical):
             if message.state == "cancelled":
                 view.add_class("-cancelled")
                 view.border_subtitle = "stopped"
+                await view.update(stopped_answer(message.text))
             elif message.state == "error":
                 view.add_class("-error")
                 view.border_subtitle = "failed"
@@ -416,7 +426,8 @@ class ChatPane(ABMode, Vertical):
         if role == "prompter":
             widget: Static | Markdown = Static(Text(text), classes="chat-message chat-prompter")
         else:
-            widget = Markdown(text, classes="chat-message chat-assistant")
+            widget = Markdown(stopped_answer(text) if state == "cancelled" else text,
+                              classes="chat-message chat-assistant")
             if state == "cancelled":
                 widget.add_class("-cancelled")
                 widget.border_subtitle = "stopped"
