@@ -10,6 +10,9 @@ for a checkpoint: 'policy' streams chat answers (decoupled), 'rm' scores convers
 'ref' returns per-token log-probs. The checkpoint is referenced by its absolute path; --copy
 copies it into NAME/1/checkpoint/ instead, so the repository can be moved to another machine
 (its tritonserver's Python environment needs oatui installed). Serve it with 'oatui serve'.
+'--engine vllm' writes the policy for Triton's vLLM backend instead (config.pbtxt with backend
+"vllm" and 1/model.json, vLLM's engine arguments): for GPU servers whose image has that backend;
+unverified until run on a GPU.
 """
 
 
