@@ -111,8 +111,7 @@ def runs_json(workspace: Path) -> list[dict[str, Any]]:
 
 
 def served_json(workspace: Path) -> dict[str, Any] | None:
-    out = run_oatui("serve", "--status", workspace=workspace, check=True).stdout.strip()
-    return None if out == "not running" else json.loads(out)
+    return json.loads(run_oatui("serve", "--status", "--json", workspace=workspace, check=True).stdout)
 
 
 def assert_all_live_and_whole(workspace: Path, run_id: str, server_pid: int) -> None:

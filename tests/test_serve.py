@@ -559,7 +559,7 @@ def test_detach_status_chat_stop_round_trip(repo: Path, tmp_path: Path) -> None:
     key_file = workspace / "state" / "triton-admin-key"
     assert f"stored in {key_file}" in result.stderr and "k3y-for-tests" not in result.stderr
     try:
-        status = run_oatui("serve", "--status", workspace=workspace)
+        status = run_oatui("serve", "--status", "--json", workspace=workspace)
         info = json.loads(status.stdout)
         assert info["grpc_url"] == f"127.0.0.1:{grpc}" and info["models"] == ["policy"]
         assert alive(info["pid"]) and alive(info["supervisor_pid"])

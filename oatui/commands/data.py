@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
             "SFT conversations, RM groups and their (better, worse) pairs, and usable messages per language."
         ),
     )
-    stats.add_argument("--trees", required=True, metavar="FILE", help="export file (.jsonl or .jsonl.gz), or 'sample'")
+    stats.add_argument("--trees", required=True, metavar="FILE", help="export file (.jsonl or .jsonl.gz), 'sample' (the shipped sample), or 'feedback' (the "
+                            "workspace's rankings from the chat, data/feedback.trees.jsonl), as in a config's datasets")
     stats.add_argument("--json", action="store_true", help="one JSON object with exactly the counted keys")
     stats.add_argument("--skip-invalid", action="store_true", help="count and skip malformed lines instead of stopping")
     stats.add_argument("--lang", metavar="CODES", type=_language_codes,
@@ -46,6 +47,14 @@ def run(args: argparse.Namespace) -> int:
         from oatui.data.sample import SAMPLE_FILE
 
         path = SAMPLE_FILE
+    elif path == "feedback":
+        from oatui.errors import UserError
+        from oatui.workspace import FEEDBACK_FILE, Workspace
+
+        path = Workspace.open(args.workspace, create=False).root / FEEDBACK_FILE
+        if not path.is_file():
+            raise UserError(f"--trees feedback: no such file ({path}); rank answers in the chat (ctrl+r) "
+                            "or A/B (ctrl+g) to write it")
     report = LoadReport()
     stats = Stats(lang=args.lang)
     for tree in iter_trees(path, skip_invalid=args.skip_invalid, report=report):

@@ -52,8 +52,11 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                         help="seconds to wait for the server and its models to be ready (default 60)")
     actions = parser.add_mutually_exclusive_group()
     actions.add_argument("--detach", action="store_true", help="start it in the background and return once it is ready")
-    actions.add_argument("--status", action="store_true", help="print the detached server's record, or 'not running'")
+    actions.add_argument("--status", action="store_true",
+                         help="say whether the detached server runs: its addresses, models, uptime and log")
     actions.add_argument("--stop", action="store_true", help="stop the detached server")
+    parser.add_argument("--json", action="store_true",
+                        help="with --status: the server's record as JSON (null when it is not running)")
     parser.set_defaults(func=run)
 
 
@@ -87,17 +90,45 @@ def _describe(info: "ServerInfo", prefix: str) -> str:
             f"models {models}; log {info.log}")
 
 
+def status_table(info: "ServerInfo", now: float | None = None) -> str:
+    """``oatui serve --status`` for people: one line per fact, the names aligned."""
+    import time
+
+    from oatui.monitor.text import format_duration
+    from oatui.serve.server import is_loopback
+
+    now = time.time() if now is None else now
+    where = "bundled tritonserver (nvidia-pytriton)" if info.bundled else (info.server[0] if info.server else "tritonserver")
+    rows = [
+        ("server", f"running, pid {info.pid}, up {format_duration(max(0.0, now - info.started))}"),
+        ("gRPC", info.grpc_url),
+        ("HTTP", info.http_url),
+        ("metrics", info.metrics_url),
+        ("address", info.address + ("" if is_loopback(info.address) or info.admin_key_file is None else
+                                    f" (restricted APIs need the key in {info.admin_key_file})")),
+        ("models", ", ".join(info.models) or "-"),
+        ("repository", info.repo),
+        ("binary", where),
+        ("log", info.log),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
 def run(args: argparse.Namespace) -> int:
+    from oatui.errors import UserError
     from oatui.serve import server
     from oatui.workspace import Workspace
 
+    if args.json and not args.status:
+        raise UserError("--json: only with --status")
     workspace = Workspace.open(args.workspace)
     if args.status:
         info = server.status(workspace)
-        if info is None:
-            print("not running")
+        if args.json:
+            print(json.dumps(None if info is None else info.to_dict(), indent=2, sort_keys=True))
         else:
-            print(json.dumps(info.to_dict(), indent=2, sort_keys=True))
+            print("not running" if info is None else status_table(info))
         return 0
     if args.stop:
         info = server.stop(workspace)

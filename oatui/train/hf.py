@@ -29,6 +29,11 @@ from oatui.train.common import (
 )
 
 
+def evaluated_at(log_history: list[dict[str, Any]], step: int) -> bool:
+    """Whether the trainer's log holds an evaluation of ``step`` (``eval_*`` metrics at that step)."""
+    return any(entry.get("step") == step and any(key.startswith("eval_") for key in entry) for entry in log_history)
+
+
 class RunDirCallback(TrainerCallback):
     def __init__(self, context: StageContext) -> None:
         self.context = context
@@ -165,9 +170,9 @@ def train_and_save(
     trainer.train(resume_from_checkpoint=resume)
     if callback.stopped:
         raise StageStopped()
-    # One last evaluation, unless the last step was just evaluated.
-    eval_steps = trainer.args.eval_steps or 0
-    if eval_rows and not (eval_steps and trainer.state.global_step % eval_steps == 0):
+    # One last evaluation, unless the trainer has just evaluated the last step (transformers does
+    # at the end of training whenever it evaluates every eval_steps): the log says it once.
+    if eval_rows and not evaluated_at(trainer.state.log_history, trainer.state.global_step):
         trainer.evaluate()
     if trainer.is_world_process_zero():
         final_model = trainer.model
