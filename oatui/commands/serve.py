@@ -92,15 +92,18 @@ def _describe(info: "ServerInfo", prefix: str) -> str:
 
 def status_table(info: "ServerInfo", now: float | None = None) -> str:
     """``oatui serve --status`` for people: one line per fact, the names aligned."""
+    import math
     import time
 
     from oatui.monitor.text import format_duration
     from oatui.serve.server import is_loopback
 
     now = time.time() if now is None else now
+    uptime = now - info.started
+    up = format_duration(max(0.0, uptime)) if math.isfinite(uptime) else "?"
     where = "bundled tritonserver (nvidia-pytriton)" if info.bundled else (info.server[0] if info.server else "tritonserver")
     rows = [
-        ("server", f"running, pid {info.pid}, up {format_duration(max(0.0, now - info.started))}"),
+        ("server", f"running, pid {info.pid}, up {up}"),
         ("gRPC", info.grpc_url),
         ("HTTP", info.http_url),
         ("metrics", info.metrics_url),
