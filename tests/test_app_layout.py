@@ -125,13 +125,13 @@ def test_without_gpus_the_gpu_panel_is_one_line_and_the_host_gets_the_room(works
 
     async def drive() -> None:
         async with app.run_test(size=size, message_hook=recorder.hook) as pilot:
-            await until(lambda: bool(recorder.of(m.GpuSampled)), pilot, what="a sample")
+            borders = 2 if size == (120, 40) else 1  # narrow: a top rule only
+            await until(lambda: bool(recorder.of(m.GpuSampled)) and app.gpu_panel.outer_size.height == 1 + borders,
+                        pilot, what="the one-line GPU panel")
             await pilot.pause(0.2)
             assert not app.snapshot.gpus and app.has_class("-no-gpus")
             notice = app.query_one("#gpu-notice")
             assert notice.outer_size.height == 1
-            borders = 2 if size == (120, 40) else 1  # narrow: a top rule only
-            assert app.gpu_panel.outer_size.height == 1 + borders
             assert app.host_panel.outer_size.height > app.gpu_panel.outer_size.height
             text = screen_text(app)
             assert "No NVIDIA driver" in text
