@@ -170,3 +170,21 @@ def test_the_footer_shows_the_keys_to_move_around(workspace: Path, size: tuple[i
                 assert {"x", "e", "s"} <= keys
 
     run(drive())
+
+
+def test_the_footer_follows_a_resize_between_wide_and_narrow(workspace: Path) -> None:
+    app = make_app(workspace, replay=RECORDING, refresh=3600)
+
+    def footer() -> str:
+        return screen_text(app).splitlines()[-1]
+
+    async def drive() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await until(lambda: "x Stop" in footer() and "q Quit" in footer(), pilot, what="the wide footer")
+            await pilot.resize_terminal(80, 24)
+            await until(lambda: "x Stop" not in footer() and "q Quit" in footer(), pilot, what="the narrow footer")
+            assert "z Zoom" in footer() and "tab Next" in footer()
+            await pilot.resize_terminal(120, 40)
+            await until(lambda: "x Stop" in footer() and "q Quit" in footer(), pilot, what="the wide footer again")
+
+    run(drive())
