@@ -72,3 +72,31 @@ def test_rm_loss_keys() -> None:
         load_stage_config("rm", ["defaults_rm"], ["max_replies=1"])
     with pytest.raises(UserError, match="^rm_loss: max_pairs_per_group is for rm_loss: pairwise"):
         load_stage_config("rm", ["defaults_rm"], ["max_pairs_per_group=2", "rm_loss=kwise"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_the_kwise_stage_ranks_held_out_groups(trained, workspace) -> None:  # noqa: ANN001
+    """The acceptance run: `oatui train rm --configs defaults_rm tiny_rm --set rm_loss=kwise`, from the
+    trained workspace's SFT model (what tiny_rm's latest-sft names there), in a workspace of its own
+    so that the shared one's newest RM stays the pairwise one."""
+    import yaml
+
+    from helpers import read_metrics, run_oatui
+    from oatui.stages.rundir import RunDir
+    from oatui.stages.runs import wait_for_end
+
+    result = run_oatui("train", "rm", "--configs", "defaults_rm", "tiny_rm", "--set", "rm_loss=kwise",
+                       "--set", f"model_name={trained.sft_model}", "--detach", workspace=workspace, check=True)
+    run = workspace / "runs" / result.stdout.strip().splitlines()[-1]
+    info = wait_for_end(RunDir(run), timeout=1400)
+    assert info.state == "succeeded", (run / "stdout.log").read_text(errors="replace")[-3000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["rm_loss"] == "kwise"
+    metrics = read_metrics(run)
+    data = next(m for m in metrics if "data/train_groups" in m)
+    assert data["data/train_groups"] > 400 and data["data/train_replies"] < data["data/train_pairs"] * 2
+    accuracy = [m["rm/accuracy"] for m in metrics if "rm/accuracy" in m]
+    top1 = [m["rm/top1_accuracy"] for m in metrics if "rm/top1_accuracy" in m]
+    assert accuracy and accuracy[-1] >= 0.8, accuracy
+    assert top1 and top1[-1] > 0.5, top1
+    assert (run / "final" / "config.json").exists()
