@@ -228,7 +228,7 @@ class Demo:
         import subprocess
         import sys
 
-        argv = [sys.executable, "-m", "oatui", "eval", "--workspace", str(self.workspace.root),
+        argv = [sys.executable, "-m", "oatui.cli", "eval", "--workspace", str(self.workspace.root),
                 "--policy", str(self.models["rl"]), "--against", str(self.models["sft"]), "--rm", str(self.models["rm"]),
                 "--prompts", str(self.options.held_out_prompts), "--max-new-tokens", str(self.options.max_new_tokens),
                 "--json"]

@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 def resolve_model(value: str, runs_dir: Path, option: str) -> Path:
     """A run id, a stage name (its newest succeeded run) or a folder, as a loadable model folder."""
     from oatui.errors import UserError
+    from oatui.fsutil import expand_user
     from oatui.stages.runs import latest_final
 
     if value in STAGES:
@@ -63,7 +64,7 @@ def resolve_model(value: str, runs_dir: Path, option: str) -> Path:
         if not (final / "config.json").is_file():
             raise UserError(f"{option} {value}: the run has no final model (did it succeed?)")
         return final
-    path = Path(value).expanduser()
+    path = expand_user(value)
     if (path / "config.json").is_file():
         return path
     raise UserError(f"{option} {value}: not a run of this workspace, a stage name (sft, rm, rl) or a model folder")
