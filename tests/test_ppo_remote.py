@@ -59,7 +59,7 @@ def test_remote_and_in_process_scoring_give_the_same_rewards(served: str, traine
         "¿Qué debo saber sobre dormir mejor?", "Can you give me some tips for learning Python?",
         "I want to try growing tomatoes. Where do I begin?")]
     torch.manual_seed(0)
-    rollout = generate_rollout(policy, tokenizer, contexts, max_prompt_length=64, max_new_tokens=24,
+    rollout = generate_rollout(policy, tokenizer, contexts, max_prompt_length=64, max_new_tokens=48,
                                temperature=1.0, top_k=0, top_p=1.0)
     assert len(set(rollout.response_lengths.tolist())) > 1, "rows of several lengths exercise the padding"
 

@@ -50,8 +50,10 @@ def _last_step(run: Path) -> int:
 def test_stop_kill_and_resume_end_at_the_configured_step_count(trained, workspace: Path) -> None:  # noqa: ANN001
     _seed(trained, workspace)
     total = 30
+    # Batches of 16: steps slow enough for a stop and a kill to land between checkpoints.
     run_id = run_oatui("train", "sft", "--configs", "defaults", "tiny", "--set", f"max_steps={total}",
                        "--set", "save_steps=10", "--set", "val_fraction=0", "--set", "logging_steps=1",
+                       "--set", "per_device_train_batch_size=16",
                        "--detach", workspace=workspace, check=True).stdout.strip()
     run = workspace / "runs" / run_id
 

@@ -128,14 +128,22 @@ def run_ppo(context: StageContext) -> None:
         return evaluate_during_training(unwrapped.policy, tokenizer, eval_contexts, reward_model, reference, config,
                                         synced_gpus=zero_stage(accelerator) == 3 and world > 1)
 
-    if progress.step == 0:
-        baseline = judge_policy()
-        if baseline:
-            context.metrics.write(0, config.total_steps, baseline)
-
     def checkpoint(step: int) -> None:
         path = save_checkpoint(accelerator, context.run.checkpoints, step, config.save_total_limit, checkpoint_state)
         context.log(f"checkpoint: {path.name}")
+
+    def judged(step: int) -> dict[str, float]:
+        """:func:`judge_policy`; a Triton server that keeps failing saves the state first, as a step does."""
+        try:
+            return judge_policy()
+        except RemoteFailure:
+            checkpoint(step)
+            raise
+
+    if progress.step == 0:
+        baseline = judged(0)
+        if baseline:
+            context.metrics.write(0, config.total_steps, baseline)
 
     for step in range(progress.step + 1, config.total_steps + 1):
         if stop_requested_everywhere():
@@ -216,7 +224,7 @@ def run_ppo(context: StageContext) -> None:
         }
         if config.eval_steps and (step % config.eval_steps == 0 or step == config.total_steps):
             with timer("eval"):
-                metrics.update(judge_policy())
+                metrics.update(judged(step))
             metrics["time/eval"] = timer.seconds["eval"]
         context.metrics.write(step, config.total_steps, metrics)
         if accelerator.is_main_process:
