@@ -227,23 +227,29 @@ class Demo:
         import json
         import subprocess
         import sys
+        import tempfile
 
         argv = [sys.executable, "-m", "oatui.cli", "eval", "--workspace", str(self.workspace.root),
                 "--policy", str(self.models["rl"]), "--against", str(self.models["sft"]), "--rm", str(self.models["rm"]),
                 "--prompts", str(self.options.held_out_prompts), "--max-new-tokens", str(self.options.max_new_tokens),
                 "--json"]
         self.progress("compare", f"judging the SFT and RL policies on {self.options.held_out_prompts} held-out prompts")
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            while process.poll() is None:
-                if self.should_stop():
-                    process.terminate()
-                time.sleep(0.2)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        out, err = process.communicate()
+        # Files, not pipes: a child that writes more than a pipe holds would wait for a reader forever.
+        with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+            process = subprocess.Popen(argv, stdout=stdout, stderr=stderr, text=True, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+            try:
+                while process.poll() is None:
+                    if self.should_stop():
+                        process.terminate()
+                    time.sleep(0.2)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            stdout.seek(0)
+            stderr.seek(0)
+            out, err = stdout.read(), stderr.read()
         if process.returncode != 0:
             raise PhaseFailed((err.strip().splitlines() or [f"oatui eval exited {process.returncode}"])[-1])
         report = json.loads(out)
