@@ -343,6 +343,9 @@ def fits_type(value: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(fits_type(v, item) for v in value)
+    if origin is dict:
+        key_hint, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(fits_type(k, key_hint) and fits_type(v, item) for k, v in value.items())
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:

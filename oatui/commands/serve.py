@@ -109,7 +109,7 @@ def status_table(info: "ServerInfo", now: float | None = None) -> str:
         ("metrics", info.metrics_url),
         ("address", info.address + ("" if is_loopback(info.address) or info.admin_key_file is None else
                                     f" (restricted APIs need the key in {info.admin_key_file})")),
-        ("models", ", ".join(info.models) or "-"),
+        ("models", ", ".join(info.served_label(name) for name in info.models) or "-"),
         ("repository", info.repo),
         ("binary", where),
         ("log", info.log),

@@ -69,6 +69,64 @@ class ExportResult:
     replaced: bool
 
 
+@dataclass(frozen=True)
+class ExportSource:
+    """The training run an exported model comes from, when it comes from one, and its step."""
+
+    run_id: str | None = None
+    step: int | None = None
+
+    def label(self) -> str | None:
+        """``RUN_ID step N`` (or the run id alone when its step is unknown); None without a run."""
+        if self.run_id is None:
+            return None
+        return self.run_id if self.step is None else f"{self.run_id} step {self.step}"
+
+
+def source_run(model: Path) -> ExportSource:
+    """The run a checkpoint folder belongs to: ``RUN/final`` (step: the run's last logged one) or
+    ``RUN/checkpoints/checkpoint-N`` (step N); an empty ``ExportSource`` for any other folder."""
+    from oatui.stages.rundir import CHECKPOINT_PREFIX, RunDir
+
+    model = Path(model)
+    step: int | None = None
+    if model.name == "final":
+        run = model.parent
+    elif model.name.startswith(CHECKPOINT_PREFIX) and model.parent.name == "checkpoints":
+        run = model.parent.parent
+        suffix = model.name[len(CHECKPOINT_PREFIX):]
+        step = int(suffix) if suffix.isdigit() else None
+    else:
+        return ExportSource()
+    if not (run / "run.json").is_file():
+        return ExportSource()
+    if step is None:
+        try:
+            last = RunDir(run).last_metrics() or {}
+        except (OSError, ValueError):
+            last = {}
+        value = last.get("step")
+        step = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return ExportSource(run.name, step)
+
+
+def read_export_source(folder: Path) -> ExportSource:
+    """The run behind an exported model ``REPO/NAME``, from its ``oatui_export.json`` (an export
+    written before it recorded the run: from the checkpoint's path); empty when it cannot tell."""
+    from oatui.fsutil import UnreadableFile, read_json_file
+
+    try:
+        info = read_json_file(Path(folder) / EXPORT_INFO)
+    except UnreadableFile:
+        return ExportSource()
+    if "run_id" not in info:
+        source = info.get("source")
+        return source_run(Path(source)) if isinstance(source, str) else ExportSource()
+    run_id, step = info.get("run_id"), info.get("step")
+    return ExportSource(run_id if isinstance(run_id, str) and run_id else None,
+                        step if isinstance(step, int) and not isinstance(step, bool) else None)
+
+
 def _pbtxt_string(value: str) -> str:
     """A protobuf text-format string literal."""
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
@@ -342,8 +400,9 @@ def export_model(
         if engine == "python":
             (staging / "config.pbtxt").write_text(config_text(mode, name, parameters, max_batch, instance_kind))
             shutil.copyfile(MODEL_SOURCES / f"{mode}.py", version / "model.py")
-        info = {"mode": mode, "source": str(model), "copied": copy, "exported": time.time(), "device": device,
-                "instance_kind": instance_kind, "engine": engine}
+        run = source_run(model)
+        info = {"mode": mode, "source": str(model), "run_id": run.run_id, "step": run.step, "copied": copy,
+                "exported": time.time(), "device": device, "instance_kind": instance_kind, "engine": engine}
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         replaced = False
         if target.exists():

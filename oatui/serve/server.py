@@ -54,6 +54,9 @@ from oatui.fsutil import (
 )
 from oatui.workspace import Workspace
 
+if typing.TYPE_CHECKING:
+    from oatui.serve.repository import ExportSource
+
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
@@ -128,6 +131,20 @@ class ServerInfo:
     shm: list[str] = field(default_factory=list)
     pid_started: float | None = None
     supervisor_started: float | None = None
+    #: The training run behind each served model, and its step, as exported (``oatui_export.json``)
+    #: when the server started: what it serves, even after a newer export replaced the folder.
+    model_runs: dict[str, str] = field(default_factory=dict)
+    model_steps: dict[str, int] = field(default_factory=dict)
+
+    def model_source(self, name: str) -> "ExportSource":
+        from oatui.serve.repository import ExportSource
+
+        return ExportSource(self.model_runs.get(name), self.model_steps.get(name))
+
+    def served_label(self, name: str) -> str:
+        """``NAME``, with the run it was exported from when known: ``policy (sft-… step 40)``."""
+        label = self.model_source(name).label()
+        return name if label is None else f"{name} ({label})"
 
     @property
     def host(self) -> str:
@@ -660,7 +677,10 @@ class TritonServer:
 
     def info(self, supervisor_pid: int | None = None) -> ServerInfo:
         assert self.process is not None and self.log_path is not None and self.started is not None
+        from oatui.serve.repository import read_export_source
+
         pid_started = _create_time(self.process.pid)
+        sources = {name: read_export_source(Path(self.options.repo) / name) for name in self.models}
         return ServerInfo(
             pid=self.process.pid,
             address=self.options.address,
@@ -678,6 +698,8 @@ class TritonServer:
             pid_started=pid_started,
             supervisor_pid=supervisor_pid,
             supervisor_started=_create_time(supervisor_pid) if supervisor_pid else None,
+            model_runs={name: source.run_id for name, source in sources.items() if source.run_id},
+            model_steps={name: source.step for name, source in sources.items() if source.step is not None},
         )
 
     def wait(self, timeout: float | None = None) -> int | None:
