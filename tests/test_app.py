@@ -418,6 +418,42 @@ def test_launch_form_shows_errors_in_place_and_remembers_the_choice(workspace: P
     assert not recorder.of(m.RunStarted)
 
 
+def test_the_chat_options_checkbox_reads_on_or_off_and_toggles_from_the_keyboard(workspace: Path) -> None:
+    from oatui.app.widgets.forms import ChatOptions
+
+    app = make_app(workspace, replay=RECORDING, refresh=3600)
+
+    def box_line() -> str:
+        [line] = [line for line in screen_text(app).splitlines() if "ignore EOS" in line]
+        return line[line.index("▐"):line.index("▌") + 1]
+
+    async def drive() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("c", "ctrl+o")
+            options = app.screen
+            assert isinstance(options, ChatOptions)
+            box = options.query_one("#options-ignore-eos")
+            assert box.value is False
+            off = box_line()
+            while app.focused is not box:  # the keyboard only: tab to it
+                await pilot.press("tab")
+            await pilot.press("space")
+            assert box.value is True
+            await pilot.pause(0.05)
+            on = box_line()
+            assert on != off and "X" in on and "X" not in off  # an empty box when off
+            await pilot.press("enter")
+            assert box.value is False
+            await pilot.pause(0.05)
+            assert box_line() == off
+            await pilot.press("enter")
+            await pilot.press("ctrl+s")
+            assert not isinstance(app.screen, ChatOptions)
+            assert app.chat_pane.settings.ignore_eos is True
+
+    run(drive())
+
+
 # -- the other keys -------------------------------------------------------------------------------
 
 def test_help_lists_every_binding(workspace: Path) -> None:

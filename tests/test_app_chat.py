@@ -84,9 +84,10 @@ def test_chat_streams_the_served_policy_and_esc_cancels_the_second_answer(traine
                 await pilot.press("ctrl+y")
                 assert app.clipboard == pane.last_answer() == cancelled.text
 
-                # s stops the server and starts it again (the pane follows).
+                # s stops the server (once the question is answered) and starts it again (the pane follows).
                 await pilot.press("escape")
                 await pilot.press("s")
+                await pilot.press("y")
                 await until(lambda: recorder.of(m.ServerStopped), pilot, timeout=60, what="the server to stop")
                 assert pane.server is None and server.status(ws) is None
                 await pilot.press("s")

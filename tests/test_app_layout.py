@@ -188,3 +188,55 @@ def test_the_footer_follows_a_resize_between_wide_and_narrow(workspace: Path) ->
             await until(lambda: "x Stop" in footer() and "q Quit" in footer(), pilot, what="the wide footer again")
 
     run(drive())
+
+
+# -- the chat's room ------------------------------------------------------------------------------
+
+def test_the_chat_zooms_with_z_after_esc_and_from_the_palette(workspace: Path) -> None:
+    from textual.command import CommandPalette
+
+    app = make_app(workspace, replay=RECORDING, refresh=3600)
+
+    async def drive() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            pane = app.chat_pane
+            await pilot.press("c")
+            assert app.focused is app.query_one("#chat-prompt") and app.screen.maximized is None
+            await pilot.press("escape")  # leaves the prompt for the transcript
+            assert app.focused is not None and pane in app.focused.ancestors_with_self
+            await pilot.press("z")
+            assert app.screen.maximized is pane
+            await pilot.press("z")
+            assert app.screen.maximized is None
+
+            await pilot.press("ctrl+p")
+            assert isinstance(app.screen, CommandPalette)
+            await pilot.press(*"zoom")
+            await pilot.pause(0.5)
+            await pilot.press("enter")
+            await until(lambda: app.screen.maximized is pane, pilot, what="the chat zoomed from the palette")
+
+    run(drive())
+
+
+def test_the_chat_gets_the_width_at_120_columns(workspace: Path) -> None:
+    app = make_app(workspace, replay=RECORDING, refresh=3600)
+
+    async def drive() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("c")
+            await pilot.pause(0.2)
+            transcript = app.query_one("#chat-transcript")
+            # Unzoomed, the transcript has more than half the screen (it had 34 of 120 columns).
+            assert transcript.size.width >= 64, transcript.size
+            assert not app.query_one("#chat-conversations").display
+            assert app.gpu_panel.size.width >= 44  # the GPU columns still fit
+            await pilot.press("escape", "l")  # the log: the columns share the width again
+            await pilot.pause(0.2)
+            assert abs(app.gpu_panel.outer_size.width - app.query_one("#detail").outer_size.width) <= 1
+            await pilot.press("c", "escape", "z")  # zoomed: the conversation list comes back beside it
+            await pilot.pause(0.2)
+            assert app.query_one("#chat-conversations").display
+            assert transcript.size.width >= 90
+
+    run(drive())

@@ -66,7 +66,7 @@ async def _ready(app: Any, pilot: Any) -> None:
                 what="the app to find the server")
 
 
-def test_rank_mode_ranks_three_streamed_answers_into_one_export_tree(served) -> None:  # noqa: ANN001
+def test_rank_mode_ranks_three_streamed_answers_into_one_export_tree(served, trained) -> None:  # noqa: ANN001
     ws, ports = served
     before = _feedback_lines(ws)
     app = _app(ws, ports)
@@ -135,7 +135,8 @@ def test_rank_mode_ranks_three_streamed_answers_into_one_export_tree(served) -> 
     parse_tree(tree)  # the export schema
     replies = tree["prompt"]["replies"]
     assert [(reply["text"], reply["rank"]) for reply in replies] == [(answers[1], 0), (answers[0], 1), (answers[2], 2)]
-    assert tree["prompt"]["text"] == prompt and all(reply["model_name"] == "policy" for reply in replies)
+    # The answers are named for the run the served policy was exported from, not the export's name.
+    assert tree["prompt"]["text"] == prompt and all(reply["model_name"] == trained.sft_run for reply in replies)
     single = ws.root / "one-ranking.jsonl"
     single.write_text(lines[-1] + "\n")
     stats = json.loads(run_oatui("data", "stats", "--trees", str(single), "--json", check=True).stdout)

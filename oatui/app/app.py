@@ -30,6 +30,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import DataTable, Footer, Header, Static, TabbedContent, TabPane
 from textual.widgets._footer import FooterKey
 from textual.worker import Worker, WorkerState
@@ -47,6 +48,7 @@ from oatui.app.widgets.gpu_panel import GpuPanel
 from oatui.app.widgets.host_panel import HostPanel
 from oatui.app.widgets.run_log import RunLog
 from oatui.app.widgets.runs_panel import RunList
+from oatui.app.widgets.server_line import ServerLine
 from oatui.errors import UserError
 from oatui.monitor import History, MonitorSnapshot, SnapshotSource, make_source
 from oatui.workspace import Workspace
@@ -69,9 +71,12 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Anywhere", (
         ("1 / 2 / 3", "launch an SFT / RM / RL run (a form: config sections, --set overrides, launcher, GPUs)"),
         ("x", "stop the selected run (asks first; the run saves a checkpoint and ends 'stopped')"),
-        ("e", "export the selected run's model into WORKSPACE/triton (policy for SFT/RL, rm for RM)"),
-        ("s", "start or stop tritonserver on the workspace repository"),
-        ("ctrl+t", "restart tritonserver (start it again after it died; works from the chat prompt)"),
+        ("e", "export the selected run's model into WORKSPACE/triton (policy for SFT/RL, rm for RM; asks "
+              "before replacing an export)"),
+        ("s", "start or stop tritonserver on the workspace repository (asks before stopping it); the line "
+              "above the footer shows it and the run behind each served model"),
+        ("ctrl+t", "restart tritonserver (start it again after it died; works from the chat prompt; asks "
+                   "before stopping a running one)"),
         ("a", "run the whole demo flow: data → SFT → RM → RL → export → serve → chat → compare, on the tiny "
               "default (asks first: several minutes, starts its own server); again: stop it"),
         ("c", "chat: focus the prompt (zoomed on narrow terminals)"),
@@ -163,6 +168,9 @@ class OatuiApp(App[None]):
         Binding("s", "toggle_server", "Server"),
         Binding("ctrl+t", "restart_server", "Restart server", show=False),
         Binding("a", "demo", "Demo", show=False),
+        # The chat's own keys work from the main screen too: they open the chat in that mode.
+        Binding("ctrl+r", "toggle_rank", "Rank mode", show=False),
+        Binding("ctrl+g", "toggle_ab", "Blind A/B", show=False),
         Binding("c", "focus_chat", "Chat"),
         Binding("g", "focus_gpus", "GPUs"),
         Binding("r", "focus_runs", "Runs"),
@@ -228,6 +236,7 @@ class OatuiApp(App[None]):
         self.run_curves = RunCurves(id="run-curves")
         self.chat_pane = ChatPane(self.workspace.root, id="chat")
         self.demo_panel = DemoPanel(id="demo")
+        self.server_line = ServerLine(id="server-line")
         self.detail = TabbedContent(id="detail", initial="tab-log")
         yield Header(icon="◆")
         with Horizontal(id="main"):
@@ -247,6 +256,7 @@ class OatuiApp(App[None]):
                         yield self.chat_pane
                     with TabPane("Demo", id="tab-demo"):
                         yield self.demo_panel
+        yield self.server_line
         yield MainFooter()
 
     def on_mount(self) -> None:
@@ -399,6 +409,11 @@ class OatuiApp(App[None]):
         self._active_runs = tuple(active)
         self._follow(table.selected)
 
+    @on(TabbedContent.TabActivated, "#detail")
+    def _detail_tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        # The chat wants the width more than the GPU panel does: its column widens while it shows.
+        self.set_class(event.pane.id == "tab-chat", "-chatting")
+
     @on(DataTable.RowHighlighted, "#runs")
     def _run_highlighted(self) -> None:
         self._follow(self.run_list.selected)
@@ -451,6 +466,7 @@ class OatuiApp(App[None]):
         self.server_info = message.info
         if changed:
             self.chat_pane.set_server(message.info)
+            self.server_line.show(message.info)
 
     @on(m.ActionFailed)
     def _action_failed(self, message: m.ActionFailed) -> None:
@@ -530,8 +546,26 @@ class OatuiApp(App[None]):
         if mode is None or not (run.path / "final" / "config.json").is_file():
             self.notify(f"Run {run.id} has no final model to export (yet).", severity="warning")
             return
-        self.notify(f"Exporting {run.id} as '{mode}'…")
-        self.export_run(run.id, mode)
+        target = self.workspace.triton_repo / mode
+        if not target.exists():
+            self._export(run.id, mode)
+            return
+        from oatui.serve.repository import read_export_source
+
+        current = read_export_source(target).label() or "a model from outside this workspace's runs"
+        detail = f"WORKSPACE/triton/{mode} holds {current}; {run.id} takes its place."
+        if self.server_info is not None and mode in self.server_info.models:
+            detail += " The running server keeps serving the old one until it restarts (ctrl+t)."
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._export(run.id, mode)
+
+        self.push_screen(ConfirmDialog(f"Replace the exported '{mode}'?", detail, yes="Replace"), answered)
+
+    def _export(self, run_id: str, mode: str) -> None:
+        self.notify(f"Exporting {run_id} as '{mode}'…")
+        self.export_run(run_id, mode)
 
     @work(thread=True, exclusive=True, group="export")
     def export_run(self, run_id: str, mode: str) -> None:
@@ -551,7 +585,7 @@ class OatuiApp(App[None]):
     @on(m.ExportFinished)
     def _export_finished(self, message: m.ExportFinished) -> None:
         if message.ok:
-            note = " Restart the server (s, s) to serve it." if self.server_info is not None else ""
+            note = " Restart the server (ctrl+t) to serve it." if self.server_info is not None else ""
             self.notify(f"Exported {message.run_id} as '{message.name}'.{note}")
             self.chat_pane.list_models()
         else:
@@ -561,19 +595,45 @@ class OatuiApp(App[None]):
         if self.server_busy:
             self.notify("The server is starting or stopping…", severity="warning")
             return
-        self.server_busy = True
         if self.server_info is None:
+            self.server_busy = True
             self.post_message(m.ServerStarting())
-        self.toggle_server(self.server_info is None)
+            self.toggle_server(True)
+            return
+        self._ask_to_stop_server("Stop tritonserver?", "Stop", lambda: self._stop_server())
 
     def action_restart_server(self) -> None:
         """Start the server again: after it died, or to serve a new export (stops a running one first)."""
         if self.server_busy:
             self.notify("The server is starting or stopping…", severity="warning")
             return
+
+        def restart() -> None:
+            self.server_busy = True
+            self.post_message(m.ServerStarting())
+            self.toggle_server(True, restart=True)
+
+        if self.server_info is None:
+            restart()
+        else:
+            self._ask_to_stop_server("Restart tritonserver?", "Restart", restart)
+
+    def _ask_to_stop_server(self, question: str, yes: str, then: Any) -> None:
+        info = self.server_info
+        served = ", ".join(info.served_label(name) for name in info.models) if info is not None else ""
+        detail = (f"It serves {served} on {info.grpc_url if info is not None else '?'}. Answers streaming now stop, "
+                  "and runs that score on it fail.")
+
+        def answered(answer: bool | None) -> None:
+            if answer and not self.server_busy:
+                then()
+
+        self.push_screen(ConfirmDialog(question, detail, yes=yes), answered)
+
+    def _stop_server(self) -> None:
         self.server_busy = True
-        self.post_message(m.ServerStarting())
-        self.toggle_server(True, restart=True)
+        self.server_line.show(self.server_info, "stopping")
+        self.toggle_server(False)
 
     @work(thread=True, exclusive=True, group="server")
     def toggle_server(self, start: bool, restart: bool = False) -> None:
@@ -607,25 +667,30 @@ class OatuiApp(App[None]):
     @on(m.ServerStarting)
     def _server_starting(self) -> None:
         self.chat_pane.set_server(None, "Starting tritonserver on the workspace repository…")
+        self.server_line.show(None, "starting")
 
     @on(m.ServerStarted)
     def _server_started(self, message: m.ServerStarted) -> None:
         self.server_busy = False
         self.server_info = message.info
         self.chat_pane.set_server(message.info)
-        self.notify(f"tritonserver ready on {message.info.grpc_url} ({', '.join(message.info.models)}).")
+        self.server_line.show(message.info)
+        served = ", ".join(message.info.served_label(name) for name in message.info.models)
+        self.notify(f"tritonserver ready on {message.info.grpc_url}: {served}.")
 
     @on(m.ServerStopped)
     def _server_stopped(self) -> None:
         self.server_busy = False
         self.server_info = None
         self.chat_pane.set_server(None)
+        self.server_line.show(None)
         self.notify("tritonserver stopped.")
 
     @on(m.ServerFailed)
     def _server_failed(self, message: m.ServerFailed) -> None:
         self.server_busy = False
         self.chat_pane.set_server(self.server_info)
+        self.server_line.show(self.server_info)
         self.notify(f"Server: {message.error}", severity="error", timeout=10)
 
     # -- focus and views -------------------------------------------------------------------------
@@ -667,10 +732,18 @@ class OatuiApp(App[None]):
         self.detail.active = "tab-curves"
 
     def action_zoom(self) -> None:
-        if self.screen.maximized is not None:
-            self.screen.minimize()
-        elif self.focused is not None:
-            self.screen.maximize(self.focused)
+        screen = self.screen
+        if screen.maximized is not None:
+            screen.minimize()
+            return
+        focused = self.focused
+        if focused is None or screen.maximize(focused):
+            return
+        # A widget that does not zoom by itself (the chat transcript): its nearest panel that does.
+        for widget in focused.ancestors:
+            if isinstance(widget, Widget) and widget.allow_maximize:
+                screen.maximize(widget, container=False)
+                return
 
     def action_unzoom(self) -> None:
         self.screen.minimize()

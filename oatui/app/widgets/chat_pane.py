@@ -65,6 +65,8 @@ FLUSH_INTERVAL = 1 / 20
 _DECOUPLED = re.compile(r"decoupled\s*:\s*true", re.IGNORECASE)
 #: Seconds the client waits for each piece of an answer before it gives up on the server.
 ANSWER_TIMEOUT = 60.0
+#: The conversation list shows beside the transcript from this width of the pane (zoomed, or a wide terminal).
+CONVERSATIONS_WIDTH = 100
 PROMPT_HINT = "Ask the policy (Enter sends · Esc stops · ctrl+o options · ctrl+r rank mode)"
 
 
@@ -164,6 +166,7 @@ class ChatPane(ABMode, Vertical):
         self.rank_panel: RankPanel | None = None
         self._rank_context: list[tuple[str, str]] = []
         self._rank_settings = self.settings
+        self._rank_model_name = self.settings.model
         self._zoomed_for_rank = False
         self._history: ChatHistory | None = None
         self._stream: MarkdownStream | None = None
@@ -189,7 +192,7 @@ class ChatPane(ABMode, Vertical):
         self.list_models()
 
     def on_resize(self) -> None:
-        self.set_class(self.size.width >= 56, "-wide")
+        self.set_class(self.size.width >= CONVERSATIONS_WIDTH, "-wide")
 
     # -- the store ------------------------------------------------------------------------------
     def history(self) -> ChatHistory:
@@ -296,7 +299,7 @@ class ChatPane(ABMode, Vertical):
                 status.update(self.ab_status())
                 return
             text.append("● ", style="green")
-            text.append(f"{self.settings.model} @ {self.server.grpc_url}")
+            text.append(f"{self.server.served_label(self.settings.model)} @ {self.server.grpc_url}")
             s = self.settings
             text.append(f"  T {s.temperature:g} · top-p {s.top_p:g} · max {s.max_new_tokens}", style="dim")
             if s.system:
@@ -459,6 +462,12 @@ class ChatPane(ABMode, Vertical):
         self._show_status()
         self._prompt.focus()
 
+    def ranked_model_name(self, model: str) -> str:
+        """The name a ranking records for the answers of ``model``: the run it was exported from, when
+        the server knows it (the export name says little once it has been replaced), else the name."""
+        source = self.server.model_source(model) if self.server is not None else None
+        return source.run_id if source is not None and source.run_id else model
+
     def _placeholder(self) -> str:
         if self.ab_models is not None:
             return self.ab_placeholder()
@@ -473,6 +482,7 @@ class ChatPane(ABMode, Vertical):
         seeds = [base + i for i in range(count)]
         self._rank_context = [(role, text) for role, text, _ in self.turns] + [("prompter", prompt)]
         self._rank_settings = self.settings
+        self._rank_model_name = self.ranked_model_name(self.settings.model)
         panel = RankPanel(prompt, seeds, id="rank-panel")
         self.rank_panel = panel
         self.ranking = True
@@ -603,13 +613,14 @@ class ChatPane(ABMode, Vertical):
             return
         parent = self.turns[-1][2] if self.turns else None
         self.save_ranking(list(self._rank_context), list(panel.texts), event.order, event.edits, list(panel.seeds),
-                          self._rank_settings, self.conversation_id, parent)
+                          self._rank_settings, self.conversation_id, parent, self._rank_model_name)
 
     @work(thread=True, exclusive=True, group="chat-rank-save")
     def save_ranking(self, context: list[tuple[str, str]], texts: list[str], order: Order, edits: dict[int, str],
                      seeds: list[int], settings: ChatSettings, conversation_id: int | None,
-                     parent: int | None) -> None:
-        """Append the ranking to the feedback file, then keep the prompt and the best answer in the history."""
+                     parent: int | None, model_name: str) -> None:
+        """Append the ranking to the feedback file (its answers' ``model_name``: ``model_name``), then keep
+        the prompt and the best answer in the history."""
         from oatui.chat.feedback import Ranking, append_ranking
         from oatui.chat.ranking import ranked_answers
         from oatui.workspace import Workspace
@@ -617,7 +628,7 @@ class ChatPane(ABMode, Vertical):
         feedback = Workspace(self.workspace).feedback_file
         try:
             ranking = Ranking(context=context, answers=ranked_answers(texts, order, edits, seeds),
-                              model_name=settings.model, system=settings.system or None)
+                              model_name=model_name, system=settings.system or None)
             tree = append_ranking(feedback, ranking)
         except (ValueError, OSError) as error:
             self.post_message(RankingFailed(f"not saved: {one_line(str(error))}"))

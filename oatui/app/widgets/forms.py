@@ -181,6 +181,14 @@ class LaunchForm(ModalScreen[tuple[str, str] | None]):
             self.dismiss(None)
 
 
+class OptionBox(Checkbox):
+    """A checkbox whose box is empty when off: Textual's own draws the same X either way, only dimmer."""
+
+    @property
+    def BUTTON_INNER(self) -> str:  # type: ignore[override]  # noqa: N802 - Textual's name
+        return "X" if self.value else " "
+
+
 class ChatOptions(ModalScreen[ChatSettings | None]):
     """Model (any streaming model of the repository), system prompt and sampling parameters."""
 
@@ -216,8 +224,8 @@ class ChatOptions(ModalScreen[ChatSettings | None]):
                 with Vertical():
                     yield Label("Answers to rank", classes="field-label")
                     yield Input(str(settings.rank_count), id="options-rank-count", compact=True)
-            yield Checkbox("Always generate max new tokens (ignore EOS)", settings.ignore_eos,
-                           id="options-ignore-eos", compact=True)
+            yield OptionBox("Always generate max new tokens (ignore EOS)", settings.ignore_eos,
+                            id="options-ignore-eos", compact=True)
             yield Static("", id="options-error", classes="form-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save (ctrl+s)", variant="primary", id="options-save", compact=True)

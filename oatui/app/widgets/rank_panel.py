@@ -121,10 +121,8 @@ class RankPanel(Vertical, can_focus=True):
             if self.has_class("-tabs") and self.states[self.selected] != "streaming":
                 self.action_select_index(index)  # follow a stream, but do not jump between them
         self.texts[index] += text
-        card = self.cards[index]
-        card.body.update(self.texts[index])
-        if card.max_scroll_y - card.scroll_y <= 2:
-            card.scroll_end(animate=False)
+        # The card stays where it is (at the start, unless scrolled): an answer is ranked from its start.
+        self.cards[index].body.update(self.texts[index])
 
     def finish_answer(self, index: int, text: str, state: str) -> None:
         self.texts[index] = text.strip() if state == "complete" else text
