@@ -49,7 +49,7 @@ def _app(ws: Workspace, ports: dict[str, int]) -> Any:
 
 
 async def _ready(app: Any, pilot: Any) -> None:
-    await until(lambda: app.server_line.info is not None and "policy" in app.chat_pane.models, pilot, timeout=30,
+    await until(lambda: app.chat_pane.server is not None and "policy" in app.chat_pane.models, pilot, timeout=30,
                 what="the app to find the server")
     await pilot.pause(0.1)
 
