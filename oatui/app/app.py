@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -600,7 +601,7 @@ class OatuiApp(App[None]):
             self.post_message(m.ServerStarting())
             self.toggle_server(True)
             return
-        self._ask_to_stop_server("Stop tritonserver?", "Stop", lambda: self._stop_server())
+        self._confirm_server_stop("Stop tritonserver?", "Stop", self._stop_server)
 
     def action_restart_server(self) -> None:
         """Start the server again: after it died, or to serve a new export (stops a running one first)."""
@@ -613,16 +614,16 @@ class OatuiApp(App[None]):
             self.post_message(m.ServerStarting())
             self.toggle_server(True, restart=True)
 
-        if self.server_info is None:
-            restart()
-        else:
-            self._ask_to_stop_server("Restart tritonserver?", "Restart", restart)
+        self._confirm_server_stop("Restart tritonserver?", "Restart", restart)
 
-    def _ask_to_stop_server(self, question: str, yes: str, then: Any) -> None:
+    def _confirm_server_stop(self, question: str, yes: str, then: Callable[[], None]) -> None:
+        """Ask before ``then`` stops the running server; with none running, nothing to ask."""
         info = self.server_info
-        served = ", ".join(info.served_label(name) for name in info.models) if info is not None else ""
-        detail = (f"It serves {served} on {info.grpc_url if info is not None else '?'}. Answers streaming now stop, "
-                  "and runs that score on it fail.")
+        if info is None:
+            then()
+            return
+        served = ", ".join(info.served_label(name) for name in info.models)
+        detail = f"It serves {served} on {info.grpc_url}. Answers streaming now stop, and runs that score on it fail."
 
         def answered(answer: bool | None) -> None:
             if answer and not self.server_busy:
