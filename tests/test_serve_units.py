@@ -501,6 +501,44 @@ def test_export_errors_are_one_line(tmp_path: Path) -> None:
     assert not (workspace / "triton").exists() or not any((workspace / "triton").iterdir())
 
 
+def test_the_run_behind_an_export_is_read_from_its_record_or_its_checkpoint_path(tmp_path: Path) -> None:
+    from oatui.serve.repository import EXPORT_INFO, ExportSource, read_export_source, source_run
+    from oatui.serve.server import ServerInfo
+    from oatui.stages.rundir import RunDir, RunInfo
+
+    info = RunInfo(id="rl-20261124-093000-5e1f", stage="rl", state="succeeded", created=1.0e9, configs=["tiny_rl"])
+    run = RunDir.create(tmp_path / "runs", info, "model_name: tiny\n")
+    run.metrics_path.write_text("".join(json.dumps({"step": step, "total_steps": 30}) + "\n" for step in (10, 30)))
+    assert source_run(run.path / "final") == ExportSource("rl-20261124-093000-5e1f", 30)
+    assert source_run(run.path / "checkpoints" / "checkpoint-20") == ExportSource("rl-20261124-093000-5e1f", 20)
+    assert source_run(tmp_path / "models" / "tiny-pythia") == ExportSource()
+    assert source_run(tmp_path / "elsewhere" / "final") == ExportSource()  # no run.json beside it
+
+    recorded, older, foreign, broken = (tmp_path / "triton" / name for name in ("policy", "rm", "ref", "bad"))
+    for folder, record in ((recorded, {"source": "/x/final", "run_id": "sft-a", "step": 40}),
+                           (older, {"source": str(run.path / "final")}),
+                           (foreign, {"source": "/models/pythia", "run_id": None, "step": None})):
+        folder.mkdir(parents=True)
+        (folder / EXPORT_INFO).write_text(json.dumps(record))
+    broken.mkdir()
+    (broken / EXPORT_INFO).write_text("{")
+    assert read_export_source(recorded) == ExportSource("sft-a", 40)
+    assert read_export_source(older) == ExportSource("rl-20261124-093000-5e1f", 30)  # written before run_id was
+    assert read_export_source(foreign) == ExportSource() and read_export_source(broken) == ExportSource()
+    assert ExportSource("sft-a", 40).label() == "sft-a step 40" and ExportSource("sft-a").label() == "sft-a"
+    assert ExportSource().label() is None
+
+    record = {"pid": 10, "supervisor_pid": 11, "address": "127.0.0.1", "http_port": 8000, "grpc_port": 8001,
+              "metrics_port": 8002, "repo": "/ws/triton", "models": ["policy", "rm"], "log": "/ws/log",
+              "started": 1.0, "model_runs": {"policy": "sft-a"}, "model_steps": {"policy": 40}}
+    server = ServerInfo.from_dict(record)
+    assert server.served_label("policy") == "policy (sft-a step 40)" and server.served_label("rm") == "rm"
+    legacy = ServerInfo.from_dict({key: value for key, value in record.items() if not key.startswith("model_")})
+    assert legacy.model_runs == {} and legacy.served_label("policy") == "policy"
+    with pytest.raises(ValueError, match="model_steps"):
+        ServerInfo.from_dict({**record, "model_steps": {"policy": "40"}})
+
+
 def test_server_and_client_modules_stay_light() -> None:
     """The UI imports these: no torch, no transformers."""
     code = ("import sys, oatui.serve.server, oatui.serve.client, oatui.serve.repository; "
