@@ -198,8 +198,8 @@ def test_processes_of_our_runs_are_highlighted_and_cuda_visible_devices_respecte
                 assert rows[0].has_class("-ours") and rows[6].has_class("-ours") and not rows[3].has_class("-ours")
                 table = app.query_one(ProcessTable)
                 cells = [table.get_row_at(i) for i in range(table.row_count)]
-                assert [str(row[4]) for row in cells if str(row[1]) == "48211"] == ["◆ rl-ours"]
-                assert all(str(row[4]) == "" for row in cells if str(row[1]) != "48211")
+                assert [str(row[5]) for row in cells if str(row[1]) == "48211"] == ["◆ rl-ours"]
+                assert all(str(row[5]) == "" for row in cells if str(row[1]) != "48211")
 
         run(drive())
     finally:
@@ -466,7 +466,9 @@ def test_help_lists_every_binding(workspace: Path) -> None:
             text = screen_text(app)
             keys = {binding.key for binding in OatuiApp.BINDINGS} | {b.key for b in ChatPane.BINDINGS}
             keys |= {b.key for b in RankPanel.BINDINGS if not b.key.isdigit()} | {b.key for b in DemoPanel.BINDINGS}
-            shown = {"question_mark": "?", "escape": "esc", "pageup": "pgup", "pagedown": "pgdn"}
+            keys |= {b.key for b in ProcessTable.BINDINGS}
+            shown = {"question_mark": "?", "escape": "esc", "pageup": "pgup", "pagedown": "pgdn", "slash": "/",
+                     "left_square_bracket": "[", "right_square_bracket": "]"}
             for key in keys:
                 assert shown.get(key, key) in text, key
             assert "ctrl+p" in text and "1 / 2 / 3" in text and "1 … 9" in text

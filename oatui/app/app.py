@@ -45,8 +45,9 @@ from oatui.app.widgets.curves import RunCurves
 from oatui.app.widgets.demo_panel import DemoPanel
 from oatui.app.widgets.dialogs import ConfirmDialog, HelpDialog
 from oatui.app.widgets.forms import LaunchForm
-from oatui.app.widgets.gpu_panel import GpuPanel
+from oatui.app.widgets.gpu_panel import GpuPanel, ProcessTable
 from oatui.app.widgets.host_panel import HostPanel
+from oatui.app.widgets.metric_picker import MetricPicker
 from oatui.app.widgets.run_log import RunLog
 from oatui.app.widgets.runs_panel import RunList
 from oatui.app.widgets.server_line import ServerLine
@@ -64,7 +65,8 @@ ACTIVE = ("queued", "running")
 MAIN_SCREEN_ACTIONS = {
     "launch", "stop_run", "export", "toggle_server", "restart_server", "focus_chat", "focus_gpus", "focus_runs",
     "show_log", "show_curves", "show_demo", "zoom", "unzoom", "help", "new_conversation", "chat_options",
-    "copy_answer", "toggle_rank", "toggle_ab", "demo", "stop_demo", "quit",
+    "copy_answer", "toggle_rank", "toggle_ab", "demo", "stop_demo", "quit", "pick_metrics", "smoothing",
+    "compare_run",
 }
 PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 
@@ -84,6 +86,11 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("g", "GPUs: focus and zoom the GPU panel (again: unzoom)"),
         ("r", "focus the list of runs"),
         ("l / v", "show the selected run's log / curves"),
+        ("/", "curves: pick the metrics to draw, any metric the runs logged (type to filter, space picks, "
+              "enter draws, ctrl+d: the stage's default charts)"),
+        ("[ / ]", "curves: less / more smoothing (TensorBoard's EMA weight, 0 to 0.99; shown in each title)"),
+        ("m", "keep the selected run on the curves (again: take it off); select another run: both are "
+              "drawn on the same axes, each line with its own marker and name"),
         ("z", "zoom the focused panel in or out"),
         ("esc", "unzoom (in the chat: stop the answer first, then leave the prompt)"),
         ("tab", "next panel"),
@@ -92,7 +99,11 @@ KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("q", "quit (runs and the server keep going; a running demo asks first, then stops)"),
     )),
     ("Runs list", (
-        ("up / down", "select a run: its log and curves follow"),
+        ("up / down", "select a run: its log and curves follow (runs kept with m stay on the curves, marked +)"),
+    )),
+    ("GPU panel (g, then tab to the process table)", (
+        ("o", "sort the processes: by GPU, GPU memory, GPU utilization, pid, run"),
+        ("x", "stop the highlighted process's run (asks first), when it is one of this workspace's runs"),
     )),
     ("Chat", (
         ("enter", "send the prompt; the answer streams in"),
@@ -177,6 +188,10 @@ class OatuiApp(App[None]):
         Binding("r", "focus_runs", "Runs"),
         Binding("l", "show_log", "Log"),
         Binding("v", "show_curves", "Curves"),
+        Binding("slash", "pick_metrics", "Metrics", show=False),
+        Binding("left_square_bracket", "smoothing(-1)", "Less smoothing", show=False),
+        Binding("right_square_bracket", "smoothing(1)", "More smoothing", show=False),
+        Binding("m", "compare_run", "Compare", show=False),
         Binding("z", "zoom", "Zoom"),
         # The screen's own tab binding is hidden from the footer; this one (same action) is shown.
         Binding("tab", "focus_next", "Next", priority=True),
@@ -221,7 +236,10 @@ class OatuiApp(App[None]):
         self._states: dict[str, str] = {}
         self._selected: tuple[str, str] | None = None
         self._log_follower: FileFollower | None = None
-        self._metrics_follower: MetricsFollower | None = None
+        #: Followers of the metrics the curves draw, by run id: the selected run and the compared ones.
+        self._metrics_followers: dict[str, MetricsFollower] = {}
+        #: Runs kept on the curves (key m), in the order they were marked.
+        self._compared: list[str] = []
         self._server_checked = False
         self._last_poll_error: str | None = None
 
@@ -313,7 +331,7 @@ class OatuiApp(App[None]):
             return
         self._runs_busy = True
         self._runs_again = False
-        self.read_runs(self._selected, self._log_follower, self._metrics_follower)
+        self.read_runs(self._selected, self._log_follower, dict(self._metrics_followers))
 
     def action_refresh_now(self) -> None:
         self.poll()
@@ -363,7 +381,7 @@ class OatuiApp(App[None]):
 
     @work(thread=True, exclusive=True, group="runs-poll", exit_on_error=False)
     def read_runs(self, selected: tuple[str, str] | None, log: FileFollower | None,
-                  metrics: MetricsFollower | None) -> None:
+                  metrics: dict[str, MetricsFollower]) -> None:
         from oatui.stages.runs import list_runs
 
         try:
@@ -372,14 +390,15 @@ class OatuiApp(App[None]):
             self.post_message(m.ActionFailed(f"cannot list runs: {error}"))
             runs = []
         self.post_message(m.RunsRefreshed(runs))
-        if selected is not None and log is not None and metrics is not None:
+        if selected is not None and log is not None:
             run_id, stage = selected
             lines = log.read_new()
             if lines:
                 self.post_message(m.LogLinesRead(run_id, lines))
-            records = metrics.read_new()
+        for run_id, follower in metrics.items():
+            records = follower.read_new()
             if records:
-                self.post_message(m.MetricsRead(run_id, stage, records))
+                self.post_message(m.MetricsRead(run_id, follower.stage, records, follower=follower))
         try:
             from oatui.serve.server import status
 
@@ -427,19 +446,33 @@ class OatuiApp(App[None]):
         self._selected = key
         self.detail.border_title = None if run is None else run.id
         log_view = self.run_log
-        curves = self.run_curves
         if run is None:
-            self._log_follower = self._metrics_follower = None
+            self._log_follower = None
             log_view.start(None, "Select a run to follow its log.")
-            curves.start(None, None)
+            self._show_curve_runs(None)
             return
         self._log_follower = FileFollower(run.path / "stdout.log")
-        self._metrics_follower = MetricsFollower(run.path / "metrics.jsonl")
         log_view.start(run.id)
         if run.problem:
             log_view.append([f"{run.id}: {run.problem}"])
-        curves.start(run.id, run.stage if run.info else None)
+        self._show_curve_runs(run)
         self._read_runs_soon()
+
+    def _show_curve_runs(self, selected: Any) -> None:
+        """Draw ``selected`` (a RunView or None) with the compared runs; a run drawn already keeps its
+        follower and its points. Compared runs are drawn only beside a selected one."""
+        if selected is None:
+            self._metrics_followers = {}
+            self.run_curves.show_runs(None, ())
+            return
+        runs = self.run_list.runs
+        shown = [selected, *(runs[run_id] for run_id in self._compared if run_id in runs and run_id != selected.id)]
+        self._metrics_followers = {
+            run.id: self._metrics_followers.get(run.id) or MetricsFollower(run.path / "metrics.jsonl", run.stage)
+            for run in shown
+        }
+        pairs = [(run.id, run.stage if run.info else None) for run in shown]
+        self.run_curves.show_runs(pairs[0], pairs[1:])
 
     @on(m.LogLinesRead)
     def _log_lines_read(self, message: m.LogLinesRead) -> None:
@@ -450,8 +483,9 @@ class OatuiApp(App[None]):
     @on(m.MetricsRead)
     def _metrics_read(self, message: m.MetricsRead) -> None:
         curves = self.run_curves
-        if curves.is_attached and curves.run_id == message.run_id:
-            curves.add(message.records)
+        # Records read by a follower that has since been replaced would be counted twice.
+        if curves.is_attached and self._metrics_followers.get(message.run_id) is message.follower:
+            curves.add(message.records, message.run_id)
 
     @on(m.RunFinished)
     def _run_finished(self, message: m.RunFinished) -> None:
@@ -504,6 +538,10 @@ class OatuiApp(App[None]):
         if run is None:
             self.notify("Select a run first.", severity="warning")
             return
+        self._confirm_stop(run)
+
+    def _confirm_stop(self, run: Any) -> None:
+        """Ask, then stop ``run`` (a RunView): the runs list's x and the GPU process table's x."""
         if run.state not in ACTIVE:
             self.notify(f"Run {run.id} is not running (it {run.state}).", severity="warning")
             return
@@ -517,6 +555,21 @@ class OatuiApp(App[None]):
                           "resume it later with 'oatui train --resume'.", yes="Stop"),
             answered,
         )
+
+    @on(ProcessTable.StopAsked)
+    def _process_stop_asked(self, message: ProcessTable.StopAsked) -> None:
+        if message.run_id is None:
+            self.notify(f"Process {message.pid} is not one of this workspace's runs: oatui stops only its own.",
+                        severity="warning")
+            return
+        if message.run_id == "tritonserver":
+            self._confirm_server_stop("Stop tritonserver?", "Stop", self._stop_server)
+            return
+        run = self.run_list.runs.get(message.run_id)
+        if run is None:
+            self.notify(f"Run {message.run_id} is no longer in the runs list.", severity="warning")
+            return
+        self._confirm_stop(run)
 
     @work(thread=True, exclusive=True, group="stop")
     def stop_selected(self, path: Path) -> None:
@@ -719,7 +772,9 @@ class OatuiApp(App[None]):
         if self.screen.maximized is panel:
             self.screen.minimize()
             return
-        panel.focus()
+        # The process table when it has rows: its keys sort it and stop a run from it.
+        table = panel.process_table
+        (table if table.row_count and table.display else panel).focus()
         self.screen.maximize(panel, container=False)
 
     def action_focus_runs(self) -> None:
@@ -731,6 +786,39 @@ class OatuiApp(App[None]):
 
     def action_show_curves(self) -> None:
         self.detail.active = "tab-curves"
+
+    def action_pick_metrics(self) -> None:
+        curves = self.run_curves
+        if curves.run_id is None:
+            self.notify("Select a run first: the picker lists the metrics it logged.", severity="warning")
+            return
+        self.action_show_curves()
+
+        def picked(names: tuple[str, ...] | None) -> None:
+            if names is not None:
+                curves.pick(names)
+
+        self.push_screen(MetricPicker(curves.metric_names(), curves.picked), picked)
+
+    def action_smoothing(self, direction: int) -> None:
+        self.action_show_curves()
+        self.run_curves.step_smoothing(direction)
+
+    def action_compare_run(self) -> None:
+        run = self.selected_run()
+        if run is None:
+            self.notify("Select a run first.", severity="warning")
+            return
+        if run.id in self._compared:
+            self._compared.remove(run.id)
+            self.notify(f"{run.id} is no longer kept on the curves.")
+        else:
+            self._compared.append(run.id)
+            self.notify(f"{run.id} stays on the curves: select another run to draw both on the same axes.")
+        self.run_list.mark(self._compared)
+        self._show_curve_runs(run)
+        self.action_show_curves()
+        self._read_runs_soon()
 
     def action_zoom(self) -> None:
         screen = self.screen

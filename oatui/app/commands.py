@@ -25,6 +25,11 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("Runs", "Focus the list of runs (key r)", "focus_runs"),
     ("Run log", "Show the selected run's log (key l)", "show_log"),
     ("Run curves", "Show the selected run's curves (key v)", "show_curves"),
+    ("Pick metrics", "Choose the metrics the curves draw, any metric the runs logged (key /)", "pick_metrics"),
+    ("More smoothing", "Smooth the curves more: TensorBoard's EMA weight (key ])", "smoothing(1)"),
+    ("Less smoothing", "Smooth the curves less, down to the raw values (key [)", "smoothing(-1)"),
+    ("Compare runs", "Keep the selected run on the curves; select another to draw both on the same axes "
+     "(key m)", "compare_run"),
     ("Zoom", "Zoom the focused panel in or out (key z)", "zoom"),
     ("Next panel", "Move the focus to the next panel (tab)", "focus_next"),
     ("Unzoom", "Give a zoomed panel its place back (Esc)", "unzoom"),

@@ -63,7 +63,8 @@ class FileFollower:
 class MetricsFollower:
     """New records of a ``metrics.jsonl``, read from the start of the file (curves need them all)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], stage: str = "") -> None:
+        self.stage = stage
         self._lines = FileFollower(path, start_tail_bytes=1 << 62)
 
     def read_new(self) -> list[dict[str, Any]]:

@@ -68,14 +68,18 @@ class LogLinesRead(Message):
 
 
 class MetricsRead(Message):
-    """Metrics records appended to the selected run's metrics.jsonl since the last poll."""
+    """Metrics records appended to a drawn run's metrics.jsonl (the selected run's or a compared
+    one's) since the last poll."""
 
-    def __init__(self, run_id: str, stage: str, records: list[dict[str, Any]], reset: bool = False) -> None:
+    def __init__(self, run_id: str, stage: str, records: list[dict[str, Any]], reset: bool = False,
+                 follower: object = None) -> None:
         super().__init__()
         self.run_id = run_id
         self.stage = stage
         self.records = records
         self.reset = reset
+        #: The follower that read them: records of a replaced follower are not drawn.
+        self.follower = follower
 
 
 class ServerChecked(Message):

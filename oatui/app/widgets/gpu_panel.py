@@ -1,5 +1,9 @@
 """The GPU panel: one row per GPU with a utilization sparkline, MIG devices, and GPU processes.
 
+The process table sorts by GPU, GPU memory, GPU utilization, pid or run (key o), and asks to stop
+the run a highlighted process belongs to (key x: ``ProcessTable.StopAsked``; the app confirms and
+stops it as the runs list does). Processes of no run of this workspace are never signalled.
+
 It draws ``MonitorSnapshot`` objects handed to ``show()`` and nothing else; rows are rebuilt only
 when the GPUs change, and each row's text and sparkline are updated only when their values do.
 Without a driver the panel holds one sentence (the snapshot's ``notice``) and nothing else.
@@ -8,10 +12,13 @@ Without a driver the panel holds one sentence (the snapshot's ``notice``) and no
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import DataTable, Sparkline, Static
 
 from oatui.app.owners import Ownership
@@ -177,28 +184,116 @@ class GpuRow(Horizontal):
             self._spark.data = list(series)
 
 
+#: The process table's orders (key o cycles them): (name, column sorted, what the title says).
+SORTS: tuple[tuple[str, str, str], ...] = (
+    ("gpu", "GPU", "by GPU"),
+    ("memory", "GPU MEM", "by GPU memory, most first"),
+    ("util", "GPU UTIL", "by GPU utilization, busiest first"),
+    ("pid", "PID", "by pid"),
+    ("run", "RUN", "by run, this workspace's first"),
+)
+
+
+@dataclass(frozen=True)
+class ProcessRow:
+    """One process on one GPU (or MIG device), as the table shows it."""
+
+    key: str
+    gpu: int
+    mig: int | None
+    pid: int
+    gpu_memory: int | None
+    #: Utilization of the GPU (or MIG device) the process runs on; NVML gives none per process here.
+    utilization: float | None
+    owner: str | None
+
+    def sort_key(self, sort: str) -> tuple[object, ...]:
+        place = (self.gpu, -1 if self.mig is None else self.mig, self.pid)
+        if sort == "memory":
+            return (-(self.gpu_memory if self.gpu_memory is not None else -1), *place)
+        if sort == "util":
+            return (-(self.utilization if self.utilization is not None else -1), *place)
+        if sort == "pid":
+            return (self.pid, *place)
+        if sort == "run":
+            return (self.owner is None, self.owner or "", *place)
+        return place
+
+
+def process_rows(snapshot: MonitorSnapshot, owners: Ownership, sort: str = "gpu") -> list[ProcessRow]:
+    """Every process of every GPU, in the order ``sort`` (a name of ``SORTS``) says."""
+    rows = []
+    for gpu in snapshot.gpus:
+        migs = {mig.index: mig for mig in gpu.mig_devices}
+        for process in gpu.processes:
+            where = str(gpu.index) if process.mig_index is None else f"{gpu.index}:{process.mig_index}"
+            mig = migs.get(process.mig_index) if process.mig_index is not None else None
+            utilization = mig.utilization_gpu if mig is not None else gpu.utilization_gpu
+            rows.append(ProcessRow(f"{where}/{process.pid}", gpu.index, process.mig_index, process.pid,
+                                   process.gpu_memory, utilization, owners.processes.get(process.pid)))
+    return sorted(rows, key=lambda row: row.sort_key(sort))
+
+
 class ProcessTable(DataTable):
     """Every process on every GPU; ours (the workspace's runs) marked with ◆ and the run id."""
 
-    COLUMNS = ("GPU", "PID", "USER", "GPU MEM", "RUN", "COMMAND")
+    COLUMNS = ("GPU", "PID", "USER", "GPU MEM", "GPU UTIL", "RUN", "COMMAND")
+    BINDINGS = [
+        Binding("o", "cycle_sort", "Sort"),
+        Binding("x", "stop_process", "Stop its run"),
+    ]
+
+    class StopAsked(Message):
+        """Stop the run of the highlighted process: ``run_id`` None when it belongs to no run here."""
+
+        def __init__(self, pid: int, run_id: str | None) -> None:
+            super().__init__()
+            self.pid = pid
+            self.run_id = run_id
+
+    class Sorted(Message):
+        def __init__(self, sort: str) -> None:
+            super().__init__()
+            self.sort = sort
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, show_cursor=False, **kwargs)  # type: ignore[arg-type]
+        self.sort = "gpu"
+        self.rows_shown: list[ProcessRow] = []
         self._key: tuple[str, ...] | None = None
         self._cells_by_key: dict[str, tuple[Text, ...]] = {}
+        self._last: tuple[MonitorSnapshot, Ownership] | None = None
 
     def on_mount(self) -> None:
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        sorted_column = next(column for name, column, _ in SORTS if name == self.sort)
         for name in self.COLUMNS:
-            self.add_column(name, key=name)
+            # The sorted column says so in its title, with an arrow for the direction.
+            arrow = {"memory": " ▼", "util": " ▼", "pid": " ▲", "run": " ▲"}.get(self.sort, "")
+            label = f"{name}{arrow}" if name == sorted_column and arrow else name
+            self.add_column(Text(label, style="bold underline" if name == sorted_column else ""), key=name)
+
+    def on_focus(self) -> None:
+        self.show_cursor = True
+
+    def on_blur(self) -> None:
+        self.show_cursor = False
+
+    @property
+    def highlighted_row(self) -> ProcessRow | None:
+        row = self.cursor_row
+        return self.rows_shown[row] if self.rows_shown and 0 <= row < len(self.rows_shown) else None
 
     def show(self, snapshot: MonitorSnapshot, owners: Ownership) -> int:
         """Draw the processes; returns how many there are. Same processes: cells change in place."""
-        rows = []
-        for gpu in snapshot.gpus:
-            for process in gpu.processes:
-                where = str(gpu.index) if process.mig_index is None else f"{gpu.index}:{process.mig_index}"
-                owner = owners.processes.get(process.pid)
-                rows.append((f"{where}/{process.pid}", self._cells(where, process, owner)))
+        self._last = (snapshot, owners)
+        processes = {(gpu.index, process.pid, process.mig_index): process
+                     for gpu in snapshot.gpus for process in gpu.processes}
+        shown = process_rows(snapshot, owners, self.sort)
+        rows = [(row.key, self._cells(row, processes[(row.gpu, row.pid, row.mig)])) for row in shown]
+        self.rows_shown = shown
         keys = tuple(key for key, _ in rows)
         if keys == self._key:
             for key, cells in rows:
@@ -211,24 +306,54 @@ class ProcessTable(DataTable):
                                          update_width=len(after) > len(before))
                 self._cells_by_key[key] = cells
             return len(rows)
+        # Another set or order of rows: the cursor stays on the process it was on.
+        highlighted = self._key[self.cursor_row] if self._key and 0 <= self.cursor_row < len(self._key) else None
         self._key = keys
         self._cells_by_key = dict(rows)
         self.clear()
         for key, cells in rows:
             self.add_row(*cells, key=key)
+        if highlighted in keys:
+            self.move_cursor(row=keys.index(highlighted), animate=False)
         return len(rows)
 
+    def action_cycle_sort(self) -> None:
+        names = [name for name, _, _ in SORTS]
+        self.sort = names[(names.index(self.sort) + 1) % len(names)]
+        highlighted = self.highlighted_row
+        self.clear(columns=True)
+        self._add_columns()
+        self._key = None
+        if self._last is not None:
+            self.show(*self._last)
+            keys = [row.key for row in self.rows_shown]
+            if highlighted is not None and highlighted.key in keys:
+                self.move_cursor(row=keys.index(highlighted.key), animate=False)
+        self.post_message(self.Sorted(self.sort))
+
+    def action_stop_process(self) -> None:
+        row = self.highlighted_row
+        if row is not None:
+            self.post_message(self.StopAsked(row.pid, row.owner))
+
     @staticmethod
-    def _cells(where: str, process: GpuProcess, owner: str | None) -> tuple[Text, ...]:
+    def _cells(row: ProcessRow, process: GpuProcess) -> tuple[Text, ...]:
+        owner = row.owner
         style = "bold" if owner else ""
+        where = str(row.gpu) if row.mig is None else f"{row.gpu}:{row.mig}"
         return (
             Text(where, style=style, justify="right"),
             Text(str(process.pid), style=style, justify="right"),
             Text(printable(process.user), style=style),
             Text(format_bytes(process.gpu_memory), style=style, justify="right"),
+            Text(format_percent(row.utilization), style=style, justify="right"),
             Text(f"◆ {owner}" if owner else "", style=style),
             Text(printable(process.command)[:160], style=style),
         )
+
+
+def processes_title(sort: str) -> str:
+    return f"Processes · {next(title for name, _, title in SORTS if name == sort)} (o: sort, x: stop its run)"
 
 
 def mig_text(snapshot: MonitorSnapshot) -> Text:
@@ -270,7 +395,8 @@ class GpuPanel(VerticalScroll):
         self._header = Static(id="gpu-header", classes="-hidden")
         self._rows = Vertical(id="gpu-rows")
         self._mig = Static(id="gpu-mig", classes="-hidden")
-        self._processes_title = Static("Processes", id="gpu-processes-title", classes="section-title -hidden")
+        self._processes_title = Static(processes_title("gpu"), id="gpu-processes-title",
+                                       classes="section-title -hidden")
         self._processes = ProcessTable(id="gpu-processes", classes="-hidden")
 
     def compose(self) -> ComposeResult:
@@ -280,6 +406,13 @@ class GpuPanel(VerticalScroll):
         yield self._mig
         yield self._processes_title
         yield self._processes
+
+    @property
+    def process_table(self) -> ProcessTable:
+        return self._processes
+
+    def on_process_table_sorted(self, message: ProcessTable.Sorted) -> None:
+        self._processes_title.update(processes_title(message.sort))
 
     def on_resize(self) -> None:
         layout = layout_for(self.scrollable_content_region.width)

@@ -1,7 +1,7 @@
 """The runs of the workspace: stage, state, progress bar with ETA, step, elapsed time.
 
 A run directory whose ``run.json`` cannot be read is a row of its own, state ``broken``, with the
-reason in the NOTE column. Cells are updated in place when the list of runs is unchanged, so the
+reason in the NOTE column. Runs kept on the curves for comparison (key m) read ``+ RUN``. Cells are updated in place when the list of runs is unchanged, so the
 cursor (the selected run) stays where it is.
 """
 
@@ -34,8 +34,13 @@ def progress_bar(fraction: float | None, width: int = BAR_WIDTH) -> str:
     return f"{bar:░<{width}} {fraction * 100:3.0f}%"
 
 
-def run_cells(run: RunView) -> tuple[Text, ...]:
+#: Before the id of a run kept on the curves (key m).
+COMPARED_MARK = "+ "
+
+
+def run_cells(run: RunView, compared: bool = False) -> tuple[Text, ...]:
     state_style = STATE_STYLES.get(run.state, "")
+    name = Text(COMPARED_MARK + run.id, style="bold") if compared else Text(run.id)
     if run.info is None:
         return (
             Text("?"),
@@ -44,7 +49,7 @@ def run_cells(run: RunView) -> tuple[Text, ...]:
             Text("-"),
             Text("-"),
             Text("-"),
-            Text(run.id),
+            name,
             Text(run.problem or "run.json cannot be read", style="red"),
         )
     steps = f"{run.step}/{run.total_steps}" if run.total_steps else "-"
@@ -58,7 +63,7 @@ def run_cells(run: RunView) -> tuple[Text, ...]:
         Text(steps, justify="right"),
         Text(clock(run.eta) if run.eta is not None else "-", justify="right"),
         Text(clock(run.elapsed), justify="right"),
-        Text(run.id),
+        name,
         Text(note, style="red" if run.state == "failed" else ""),
     )
 
@@ -74,6 +79,8 @@ class RunList(DataTable):
         self.runs: dict[str, RunView] = {}
         self._order: tuple[str, ...] = ()
         self._cells: dict[str, tuple[Text, ...]] = {}
+        #: Runs kept on the curves (key m).
+        self.compared: frozenset[str] = frozenset()
 
     def on_mount(self) -> None:
         for name in self.COLUMNS:
@@ -94,7 +101,7 @@ class RunList(DataTable):
     def show(self, runs: list[RunView]) -> None:
         self.runs = {run.id: run for run in runs}
         order = tuple(run.id for run in runs)
-        cells = {run.id: run_cells(run) for run in runs}
+        cells = {run.id: run_cells(run, run.id in self.compared) for run in runs}
         if order == self._order:
             for run_id in order:
                 old, new = self._cells.get(run_id), cells[run_id]
@@ -114,6 +121,11 @@ class RunList(DataTable):
         self._cells = cells
         if selected in order:
             self.move_cursor(row=order.index(selected), animate=False)
+
+    def mark(self, compared: list[str]) -> None:
+        """Mark the runs kept on the curves."""
+        self.compared = frozenset(compared)
+        self.show(list(self.runs.values()))
 
     def select_run(self, run_id: str) -> bool:
         if run_id not in self._order:
