@@ -83,6 +83,11 @@ SchedulerName = Literal[
 ]
 
 
+#: Where ``report_to`` can send the metrics (transformers' and accelerate's names for them).
+Reporter = Literal["tensorboard", "wandb"]
+REPORTERS: tuple[str, ...] = typing.get_args(Reporter)
+
+
 MAX_TOKENS = 1 << 20
 """Bound on lengths in tokens (max_length, max_prompt_length, max_new_tokens): a typo such as
 10**12 is refused with the config, not after a run folder exists."""
@@ -124,6 +129,14 @@ class StageConfig(BaseModel):
     """Gradients are clipped to this global L2 norm."""
     logging_steps: int = Field(10, ge=1)
     """Write a line to ``metrics.jsonl`` and the log every this many steps."""
+    report_to: list[Reporter] = []
+    """Also send the metrics to these trackers: ``tensorboard`` (event files in the run's
+    ``tensorboard/`` folder, so ``tensorboard --logdir WORKSPACE/runs`` shows every run) and/or
+    ``wandb`` (needs the wandb package; project ``$WANDB_PROJECT`` or ``oatui``, the run named by
+    its id). A list, or one name or ``tensorboard,wandb`` as text; empty or ``none``: only
+    ``metrics.jsonl``. SFT and RM log through transformers' integrations (its tag names:
+    ``train/loss``, ``eval/loss``, ``eval/accuracy``, ...), RL through accelerate's trackers
+    (``metrics.jsonl``'s names: ``ppo/score_mean``, ``ppo/kl``, ``eval/proxy``, ...)."""
     save_steps: int = 500
     """Write a resumable checkpoint every this many steps (and when stopped)."""
     save_total_limit: int = Field(2, ge=1)
@@ -172,6 +185,21 @@ class StageConfig(BaseModel):
                 raise ValueError(f"unknown shape key '{key}'{hint}; known: {', '.join(known)}")
             if not 1 <= number <= MAX_TINY_DIMENSION:
                 raise ValueError(f"{key} {number} must be between 1 and {MAX_TINY_DIMENSION}")
+        return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _reporter_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):  # report_to: tensorboard, or "tensorboard,wandb" as transformers writes it
+            value = [part.strip() for part in value.split(",") if part.strip()]
+            value = [] if value == ["none"] else value
+        if isinstance(value, list):
+            for name in value:
+                if name not in REPORTERS:
+                    raise ValueError(f"unknown reporter {name!r}; known: {', '.join(REPORTERS)}")
+            return list(dict.fromkeys(value))
         return value
 
     @field_validator("deepspeed")

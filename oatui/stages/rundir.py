@@ -156,6 +156,11 @@ class RunDir:
         return self.path / "error.txt"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files (``report_to: tensorboard``)."""
+        return self.path / "tensorboard"
+
+    @property
     def workspace(self) -> Path:
         return self.path.parent.parent
 

@@ -93,6 +93,7 @@ def stage_main(stage: str, body: Callable[["StageContext"], None], argv: list[st
     try:
         config = from_yaml_file(stage, run.config_path)
         context = StageContext(stage, run, config)
+        prepare_reporting(config, run)
         if config.torch_threads:
             import torch
 
@@ -129,6 +130,33 @@ def quiet_libraries() -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+#: The package each ``report_to`` tracker needs.
+REPORTER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+#: The wandb project when ``$WANDB_PROJECT`` names none.
+WANDB_PROJECT = "oatui"
+
+
+def prepare_reporting(config: StageConfig, run: RunDir) -> None:
+    """Check that the trackers of ``report_to`` are installed (one line, before anything heavy
+    loads: transformers would raise deep in the Trainer, accelerate would skip a missing one
+    silently), and point them at the run: TensorBoard's event files in ``RUN/tensorboard/``,
+    wandb's files in the run folder, its project ``$WANDB_PROJECT`` or ``oatui``."""
+    import importlib.util
+
+    for name in config.report_to:
+        package = REPORTER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"report_to: {name} needs the {package} package, which is not installed "
+                            f"(pip install {package}, or drop {name} from report_to)")
+    if "tensorboard" in config.report_to:
+        # transformers' TensorBoardCallback reads its folder from here (TrainingArguments has no
+        # logging_dir any more); the RL stage hands the same folder to accelerate's tracker.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
+    if "wandb" in config.report_to:
+        os.environ.setdefault("WANDB_PROJECT", WANDB_PROJECT)
+        os.environ.setdefault("WANDB_DIR", str(run.path))
 
 
 class StageStopped(Exception):

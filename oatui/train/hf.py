@@ -127,7 +127,8 @@ def trainer_arguments(config: TrainerStageConfig, context: StageContext) -> dict
         optim="adamw_bnb_8bit" if config.optimizer == "adamw_8bit" else "adamw_torch",
         deepspeed=deepspeed_config_path(config.deepspeed),
         dataloader_num_workers=config.dataloader_num_workers,
-        report_to="none",
+        report_to=list(config.report_to) or "none",  # prepare_reporting points them at the run
+        run_name=context.run.id,
         disable_tqdm=True,
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,

@@ -11,6 +11,7 @@ import torch
 
 from oatui.config import RLConfig, deepspeed_config_path
 from oatui.errors import UserError
+from oatui.stages.rundir import RunDir
 from oatui.train.ppo.models import ActorCritic, ValueHead, disable_dropout, value_model_from_rm
 from oatui.train.ppo.scoring import LocalReference, LocalRewardModel, RemoteReference, RemoteRewardModel
 
@@ -30,8 +31,9 @@ def resolve_stage_model(value: str, stage: str, context: "StageContext") -> str:
     return context.model_name(value)
 
 
-def make_accelerator(config: RLConfig, hidden_size: int) -> "Accelerator":
-    """An ``Accelerator``; with ``deepspeed`` set, through accelerate's DeepSpeed plugin.
+def make_accelerator(config: RLConfig, hidden_size: int, run: RunDir | None = None) -> "Accelerator":
+    """An ``Accelerator``; with ``deepspeed`` set, through accelerate's DeepSpeed plugin; with
+    ``report_to``, logging to its trackers (:func:`start_trackers` starts them).
 
     There is no dataloader for accelerate to read batch sizes from, so the DeepSpeed config's
     ``auto`` values are filled here.
@@ -42,6 +44,8 @@ def make_accelerator(config: RLConfig, hidden_size: int) -> "Accelerator":
     from oatui.train.common import world_size
 
     options: dict[str, Any] = dict(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    if config.report_to and run is not None:
+        options["log_with"] = report_trackers(config, run)
     if not config.deepspeed and not torch.cuda.is_available():
         # Several processes on a machine without GPUs: torch.distributed with gloo (accelerate's MULTI_CPU).
         options["cpu"] = True
@@ -73,6 +77,28 @@ def make_accelerator(config: RLConfig, hidden_size: int) -> "Accelerator":
         options["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
         options["mixed_precision"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     return Accelerator(**options)
+
+
+def report_trackers(config: RLConfig, run: RunDir) -> list[Any]:
+    """``report_to`` as accelerate's ``log_with``. TensorBoard's tracker is made here so that its
+    events land in ``RUN/tensorboard/`` itself, as SFT's and RM's do (by name, accelerate would put
+    them in a folder named after the project, which is wandb's project too)."""
+    from accelerate.tracking import TensorBoardTracker
+
+    return [TensorBoardTracker(run.tensorboard.name, run.path) if name == "tensorboard" else name
+            for name in config.report_to]
+
+
+def start_trackers(accelerator: "Accelerator", config: RLConfig, run: RunDir) -> None:
+    """Start the ``report_to`` trackers (on the main process; a no-op without ``report_to``):
+    wandb's run is named by the run id, in ``$WANDB_PROJECT`` or ``oatui``, with the config."""
+    import os
+
+    from oatui.train.common import WANDB_PROJECT
+
+    if config.report_to:
+        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", WANDB_PROJECT), init_kwargs={
+            "wandb": {"name": run.id, "dir": str(run.path), "config": config.model_dump(mode="json")}})
 
 
 def zero_stage(accelerator: "Accelerator") -> int:

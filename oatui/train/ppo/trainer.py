@@ -71,6 +71,7 @@ def run_ppo(context: StageContext) -> None:
         make_accelerator,
         make_optimizer,
         resolve_stage_model,
+        start_trackers,
         zero_stage,
     )
     from oatui.train.ppo.scoring import triton_host
@@ -88,7 +89,8 @@ def run_ppo(context: StageContext) -> None:
                      config.skip_invalid)
     context.log("prompts: " + mix.describe("prompts"))
 
-    accelerator = make_accelerator(config, AutoConfig.from_pretrained(sft_path).hidden_size)
+    accelerator = make_accelerator(config, AutoConfig.from_pretrained(sft_path).hidden_size, context.run)
+    start_trackers(accelerator, config, context.run)
     set_seed(config.seed + accelerator.process_index)  # ranks sample differently
     device = accelerator.device
     world = accelerator.num_processes
@@ -144,6 +146,7 @@ def run_ppo(context: StageContext) -> None:
         baseline = judged(0)
         if baseline:
             context.metrics.write(0, config.total_steps, baseline)
+            accelerator.log(baseline, step=0)
 
     for step in range(progress.step + 1, config.total_steps + 1):
         if stop_requested_everywhere():
@@ -227,6 +230,7 @@ def run_ppo(context: StageContext) -> None:
                 metrics.update(judged(step))
             metrics["time/eval"] = timer.seconds["eval"]
         context.metrics.write(step, config.total_steps, metrics)
+        accelerator.log(metrics, step=step)  # report_to's trackers, with the same names
         if accelerator.is_main_process:
             if step % max(1, config.logging_steps) == 0 or step == 1:
                 write_samples(context.run.samples_path, step, rollout, raw_scores, config.samples_per_log)
@@ -236,6 +240,8 @@ def run_ppo(context: StageContext) -> None:
 
     # --- The policy alone, as a normal Hugging Face folder ------------------------------------
     save_policy(accelerator, model, tokenizer, context)
+    for tracker in accelerator.trackers:  # not end_training(): that also ends torch.distributed
+        tracker.finish()
 
 
 # ------------------------------------------------------------------------------------------------
