@@ -365,7 +365,8 @@ class RLConfig(StageConfig):
     """Prompt/response/score triples written to ``samples.jsonl`` every ``logging_steps``."""
     eval_steps: int = Field(20, ge=0)
     """Judge the policy every this many steps (and before the first): greedy answers to a fixed set of
-    held-out prompts, scored by the reward model (``eval/proxy``) and, where the prompts are the
+    held-out prompts (the sample's held-out questions when the prompts are the sample's, else those of
+    ``val_fraction``), scored by the reward model (``eval/proxy``) and, where the prompts are the
     sample's, by the gold judge (``eval/gold``); also ``eval/eos_fraction`` and ``eval/kl``. 0: never."""
     eval_prompts: int = Field(32, ge=1)
     """How many held-out prompts ``eval_steps`` judges the policy on."""

@@ -10,9 +10,11 @@ import pytest
 from helpers import run_oatui
 from oatui.data.rules import iter_usable
 from oatui.data.sample import (
+    FEATURES,
     SAMPLE_FILE,
     TOPICS,
     GoldScore,
+    feature_pairs,
     generate,
     held_out_prompts,
     judge,
@@ -72,12 +74,7 @@ def test_gold_judge_agrees_with_how_the_sample_builds_its_replies() -> None:
                         reply = make_reply(lang, topic, polite, on_topic, complete, rng)
                         score = judge(prompt, reply)
                         assert score is not None
-                        assert score.polite == polite and score.proper_ending == complete, (lang, reply)
-                        if complete:
-                            assert score.on_topic == on_topic, (lang, reply)
-                        else:
-                            # A cut may fall inside or before the topic: then it is not named whole.
-                            assert on_topic or not score.on_topic, (lang, reply)
+                        assert score == GoldScore(polite, on_topic, complete), (lang, reply)
 
 
 def test_gold_agrees_with_the_sample_rankings() -> None:
@@ -86,6 +83,42 @@ def test_gold_agrees_with_the_sample_rankings() -> None:
         replies = [reply for reply in tree["prompt"]["replies"] if reply["rank"] is not None]
         golds = [judge(tree["prompt"]["text"], reply["text"]).total for reply in sorted(replies, key=lambda r: r["rank"])]
         assert golds == sorted(golds, reverse=True)
+
+
+def test_the_sample_asks_every_topic_and_its_best_replies_keep_to_it() -> None:
+    """What makes the task learnable: every topic of every language is asked about several times (a
+    topic asked once is learnt by heart or not at all), the best reply of every group names the
+    prompt's topic (its flaws, when it has one, are its tone or its ending), and most groups hold a
+    near miss, the best reply about another topic."""
+    asked: dict[tuple[str, int], int] = {}
+    groups = near_misses = 0
+    for tree in iter_trees(SAMPLE_FILE):
+        found = prompt_topic(tree.prompt.text)
+        assert found is not None
+        asked[found] = asked.get(found, 0) + 1
+        replies = sorted((reply for reply in tree.prompt.replies if reply.rank is not None), key=lambda r: r.rank)
+        assert judge(tree.prompt.text, replies[0].text).on_topic, replies[0].text
+        lang, index = found
+        topic = TOPICS[lang][index]
+        groups += 1
+        best = replies[0].text
+        swapped = any(topic not in reply.text and reply.text.replace(other, topic) == best
+                      for reply in replies[1:] for other in TOPICS[lang])
+        # The generic near miss keeps the best reply's opener and its ending, and names no topic.
+        generic = any(not any(phrase in reply.text for phrase in TOPICS[lang]) and reply.text.split()[:2] == best.split()[:2]
+                      and reply.text.split()[-2:] == best.split()[-2:] for reply in replies[1:])
+        near_misses += swapped or generic
+    assert len(asked) == sum(len(topics) for topics in TOPICS.values()) and min(asked.values()) >= 2
+    assert near_misses > 0.7 * groups
+
+
+def test_feature_pairs_differ_in_one_rule_each() -> None:
+    rng = random.Random(2)
+    for prompt in held_out_prompts(40):
+        for feature, (good, bad) in feature_pairs(prompt, rng).items():
+            with_it, without = judge(prompt, good), judge(prompt, bad)
+            assert getattr(with_it, feature) and not getattr(without, feature), (feature, good, bad)
+            assert all(getattr(with_it, other) == getattr(without, other) for other in FEATURES if other != feature)
 
 
 def test_held_out_prompts_are_never_asked_in_the_shipped_sample() -> None:

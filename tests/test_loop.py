@@ -121,9 +121,11 @@ def test_demo_runs_the_whole_flow_and_judges_rl_against_sft_on_gold(workspace: P
     compare = next(line for line in summary.splitlines() if line.startswith("compare"))
     scores = re.search(r"RM score SFT (-?[0-9.]+), RL (-?[0-9.]+); gold \(0-3\) SFT ([0-9.]+), RL ([0-9.]+)", compare)
     assert scores, compare
-    rl_wins_on_gold = float(scores.group(4)) > float(scores.group(3))
-    assert (result.returncode == 0) == rl_wins_on_gold, (result.returncode, compare)
-    assert (" ok " in compare) == rl_wins_on_gold and ("did not beat the SFT policy on gold" in compare) != rl_wins_on_gold
+    # The tiny default is built so that RL improves on the SFT model: it learns to open politely and
+    # to finish its answers, which the SFT model, imitating flawed best replies, often does not.
+    assert float(scores.group(4)) > float(scores.group(3)), compare
+    assert float(scores.group(2)) > float(scores.group(1)), compare
+    assert result.returncode == 0 and " ok " in compare, (result.returncode, compare)
     runs = json.loads(run_oatui("runs", "--json", workspace=workspace, check=True).stdout)
     assert sorted(r["stage"] for r in runs) == ["rl", "rm", "sft"] and all(r["state"] == "succeeded" for r in runs)
     # The demo's RL stage is `oatui train rl --configs defaults_rl tiny_rl` on the tiny SFT and RM
@@ -136,7 +138,7 @@ def test_demo_runs_the_whole_flow_and_judges_rl_against_sft_on_gold(workspace: P
     first, last = sum(scores[:fifth]) / fifth, sum(scores[-fifth:]) / fifth
     assert last > first, (first, last, metrics[0]["ppo/score_std"])
     assert all(abs(m["ppo/kl"]) < 50 for m in metrics)
-    assert [m["step"] for m in read_metrics(rl_run) if "eval/gold" in m] == [0, 20, 40, 60, 80]
+    assert [m["step"] for m in read_metrics(rl_run) if "eval/gold" in m] == [0, 10, 20, 30, 40]
     from oatui.serve.server import status
 
     assert status(Workspace.open(workspace)) is None, "the demo stops its server"

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
             "RL policies' answers to held-out prompts judged by the reward model and by the gold judge (as "
             "'oatui eval'). Each stage is a normal run in the workspace. Exits 0 only if every phase "
             "succeeded and the RL policy beats the SFT policy on gold, not only on the reward model's score. "
-            "About 5 minutes on 2 CPU cores. Ctrl-C stops it cleanly: the running stage saves a "
+            "About 3 minutes on 2 CPU cores. Ctrl-C stops it cleanly: the running stage saves a "
             "checkpoint and ends 'stopped', the server is stopped."
         ),
     )

@@ -133,6 +133,18 @@ BODY = {
     ],
 }
 
+# Sentences that could follow any question: a reply made of one answers none in particular.
+GENERIC = {
+    "en": ["Start small and practice a little every day.", "Patience and a simple routine are the key.",
+           "Good basics matter more than fancy equipment."],
+    "de": ["Fang klein an und übe jeden Tag ein bisschen.", "Geduld und eine einfache Routine sind am wichtigsten.",
+           "Gute Grundlagen zählen mehr als teure Ausrüstung."],
+    "es": ["Empieza poco a poco y practica un poco cada día.", "La paciencia y una rutina sencilla son la clave.",
+           "Las bases importan más que el equipo caro."],
+    "fr": ["Commence doucement et pratique un peu chaque jour.", "La patience et une routine simple, c'est la clé.",
+           "Les bases comptent plus que le matériel cher."],
+}
+
 CLOSING = {
     "en": ["I hope this helps.", "Good luck, you can do it.", "Have fun with it."],
     "de": ["Ich hoffe, das hilft dir.", "Viel Erfolg dabei.", "Viel Spaß dabei."],
@@ -140,57 +152,119 @@ CLOSING = {
     "fr": ["J'espère que cela t'aide.", "Bonne chance.", "Amuse-toi bien."],
 }
 
-LANG_WEIGHTS = {"en": 0.6, "de": 0.15, "es": 0.15, "fr": 0.1}
+LANG_WEIGHTS = {"en": 0.4, "de": 0.2, "es": 0.2, "fr": 0.2}
 
 
-def _truncate(text: str, rng: random.Random) -> str:
-    """Cut a reply off mid-sentence, as a model that hit its length limit would."""
-    words = text.split()
-    keep = max(2, int(len(words) * rng.uniform(0.35, 0.6)))
-    return " ".join(words[:keep])
+#: How often a reply that misses the prompt's topic names no topic at all (a generic answer) instead
+#: of another one, and how often a group of three holds the generic near miss rather than the other.
+GENERIC_MISS = 0.35
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What a reply is made of, so that a near miss can be the same reply about something else."""
+
+    opener: str
+    template: str
+    subject: str | None
+    """The topic the body is about; None for a generic body (``template`` is then the whole sentence)."""
+    closing: str
+    cut: float | None
+    """Where an incomplete reply stops, as a share of the words it may keep; None when complete."""
+
+    def about(self, subject: str | None, template: str) -> "_Parts":
+        return _Parts(self.opener, template, subject, self.closing, self.cut)
+
+    def render(self) -> str:
+        if self.cut is None:
+            body = self.template if self.subject is None else self.template.format(t=self.subject)
+            return f"{self.opener} {body} {self.closing}"
+        sentence = self.template if self.subject is None else self.template.format(t=self.subject)
+        words = sentence.split()
+        # Through the topic, then some but never all of the rest of the sentence.
+        head = 0 if self.subject is None else len(self.template.split("{t}")[0].split() + self.subject.split())
+        head = min(head, len(words) - 2)
+        keep = head + 1 + int(self.cut * (len(words) - head - 1))
+        return " ".join(self.opener.split() + words[:keep])
+
+
+def _other_subject(lang: str, topic: int, template: str, rng: random.Random) -> tuple[str | None, str]:
+    """(subject, template) of a body that misses ``topic``: the same sentence about another topic, or a
+    generic sentence about none."""
+    if rng.random() < GENERIC_MISS:
+        return None, rng.choice(GENERIC[lang])
+    topics = TOPICS[lang]
+    return topics[(topic + rng.randrange(1, len(topics))) % len(topics)], template
+
+
+def _parts(lang: str, topic: int, polite: bool, on_topic: bool, complete: bool, rng: random.Random) -> _Parts:
+    template = rng.choice(BODY[lang])
+    subject, template = (TOPICS[lang][topic], template) if on_topic else _other_subject(lang, topic, template, rng)
+    opener = rng.choice(POLITE[lang] if polite else RUDE[lang])
+    return _Parts(opener, template, subject, rng.choice(CLOSING[lang]), None if complete else rng.random())
 
 
 def make_reply(
     lang: str, topic: int, polite: bool, on_topic: bool, complete: bool, rng: random.Random
 ) -> str:
-    topics = TOPICS[lang]
-    subject = topics[topic] if on_topic else topics[(topic + rng.randrange(1, len(topics))) % len(topics)]
-    opener = rng.choice(POLITE[lang] if polite else RUDE[lang])
-    body = " ".join(sentence.format(t=subject) for sentence in rng.sample(BODY[lang], 2))
-    text = f"{opener} {body} {rng.choice(CLOSING[lang])}"
-    return text if complete else _truncate(text, rng)
+    """A polite or rude opener, one sentence (about the topic, another one or none), and a closing
+    sentence; an incomplete reply is cut off mid-sentence, after the topic, as a writer who stopped
+    or hit a limit leaves it."""
+    return _parts(lang, topic, polite, on_topic, complete, rng).render()
 
 
-# Quality levels of the replies to one prompt, best first: each level lacks more features.
-_LEVELS: list[list[tuple[bool, bool, bool]]] = [
+Features = tuple[bool, bool, bool]
+"""(polite, on_topic, complete)."""
+
+# Quality levels of a reply, best first: ordered by how many features it has, and among replies with
+# as many, the one that keeps to the prompt's topic first (an answer to another question helps least).
+_LEVELS: list[list[Features]] = [
     [(True, True, True)],
-    [(False, True, True), (True, False, True), (True, True, False)],
-    [(False, False, True), (False, True, False), (True, False, False)],
+    [(False, True, True), (True, True, False)],
+    [(True, False, True)],
+    [(False, True, False)],
+    [(False, False, True), (True, False, False)],
     [(False, False, False)],
 ]
 
+#: How often the best reply of a group has all three features. The rest of the time it is on topic
+#: but either brushes the user off or is cut off, as the best of a few human replies often is: a
+#: policy that only imitates the best replies inherits their flaws, and a reward model that learnt
+#: the ranking can teach it to avoid them.
+PERFECT_BEST = 0.4
 
-#: How often a group whose best reply is followed by a one-flaw reply has, as that second reply, a
-#: near miss: the best reply itself about another topic. Such pairs differ in the topic alone, so a
-#: reward model must learn that a good answer to another question is not a good answer.
-NEAR_MISS = 0.8
+#: How often a group holds near misses: its best reply itself, about another topic or about none.
+#: Such a pair differs in the topic alone, so a reward model must learn that a good answer to another
+#: question, or to no question in particular, is not a good answer.
+NEAR_MISS = 0.9
 
 
-def _ranked_replies(lang: str, topic: int, count: int, rng: random.Random,
-                    near_miss: random.Random | None = None) -> list[tuple[str, int]]:
-    """``count`` replies of strictly decreasing quality, with their ranks (0 = best)."""
-    if rng.random() < 0.7:
-        # Most prompts have one really good answer among their replies.
-        levels = [0] + sorted(rng.sample(range(1, len(_LEVELS)), count - 1))
-    else:
-        levels = sorted(rng.sample(range(len(_LEVELS)), count))
-    replies = [(make_reply(lang, topic, *rng.choice(_LEVELS[level]), rng), rank) for rank, level in enumerate(levels)]
-    # Drawn from their own generator, so the trees, ranks and other replies stay what they were.
-    if near_miss is not None and levels[:2] == [0, 1] and near_miss.random() < NEAR_MISS:
-        topics = TOPICS[lang]
-        other = topics[(topic + near_miss.randrange(1, len(topics))) % len(topics)]
-        replies[1] = (replies[0][0].replace(topics[topic], other), 1)
-    return replies
+def _ranked_replies(lang: str, topic: int, count: int, rng: random.Random) -> list[tuple[str, int]]:
+    """``count`` replies of decreasing quality, with their ranks (0 = best)."""
+    best = 0 if rng.random() < PERFECT_BEST else 1
+    features = rng.choice(_LEVELS[best])
+    parts = _parts(lang, topic, *features, rng)
+    # Near misses: the best reply about another topic, or about none (a generic sentence), everything
+    # else the same. A group of four or more holds both, the generic one ranked above the other
+    # topic (vague beats wrong); a smaller group one of them.
+    swapped = (features[0], False, features[2])
+    near_miss = next(index for index, level in enumerate(_LEVELS) if swapped in level)
+    lower = range(best + 1, len(_LEVELS))
+    topics = TOPICS[lang]
+    misses: list[_Parts] = []
+    if rng.random() < NEAR_MISS:
+        other = parts.about(topics[(topic + rng.randrange(1, len(topics))) % len(topics)], parts.template)
+        generic = parts.about(None, rng.choice(GENERIC[lang]))
+        misses = [generic, other] if count >= 4 else [generic] if rng.random() < GENERIC_MISS else [other]
+    levels = sorted(rng.sample([level for level in lower if level != near_miss], count - 1 - len(misses)))
+    replies = [parts.render()]
+    for level in levels:
+        if misses and level > near_miss:
+            replies += [miss.render() for miss in misses]
+            misses = []
+        replies.append(make_reply(lang, topic, *rng.choice(_LEVELS[level]), rng))
+    replies += [miss.render() for miss in misses]
+    return [(reply, rank) for rank, reply in enumerate(replies)]
 
 
 @dataclass(frozen=True)
@@ -272,24 +346,18 @@ def feature_pairs(prompt: str, rng: random.Random) -> dict[str, tuple[str, str]]
     if found is None:
         raise ValueError(f"not one of the sample's questions: {prompt!r}")
     lang, index = found
-    topics = TOPICS[lang]
-    other = (index + rng.randrange(1, len(topics))) % len(topics)
-    polite, rude = rng.choice(POLITE[lang]), rng.choice(RUDE[lang])
-    sentences = rng.sample(BODY[lang], 2)
-    closing = rng.choice(CLOSING[lang])
-    base = {"polite": rng.random() < 0.5, "on_topic": rng.random() < 0.5, "proper_ending": rng.random() < 0.5}
-    keep = rng.uniform(0.6, 1.0)
+    features = {"polite": rng.random() < 0.5, "on_topic": rng.random() < 0.5, "proper_ending": rng.random() < 0.5}
+    on = _Parts(rng.choice(POLITE[lang]), rng.choice(BODY[lang]), TOPICS[lang][index], rng.choice(CLOSING[lang]), None)
+    off = on.about(*_other_subject(lang, index, on.template, rng))
+    rude = rng.choice(RUDE[lang])
+    cut = rng.random()
 
-    def reply(features: dict[str, bool]) -> str:
-        subject = topics[index] if features["on_topic"] else topics[other]
-        text = f"{polite if features['polite'] else rude} {' '.join(s.format(t=subject) for s in sentences)} {closing}"
-        if features["proper_ending"]:
-            return text
-        # Cut off somewhere in the body: everything but the closing is there, or most of it.
-        words = text[: -len(closing)].split()
-        return " ".join(words[: max(2, int(len(words) * keep))])
+    def reply(polite: bool, on_topic: bool, proper_ending: bool) -> str:
+        parts = on if on_topic else off
+        return _Parts(parts.opener if polite else rude, parts.template, parts.subject, parts.closing,
+                      None if proper_ending else cut).render()
 
-    return {feature: (reply({**base, feature: True}), reply({**base, feature: False})) for feature in FEATURES}
+    return {feature: (reply(**{**features, feature: True}), reply(**{**features, feature: False})) for feature in FEATURES}
 
 
 def _walk(message: Any) -> Any:
@@ -326,20 +394,23 @@ def _node(ids: _Ids, parent: str | None, role: str, text: str, lang: str, rank: 
     }
 
 
-def make_tree(index: int, rng: random.Random) -> dict[str, Any]:
+def make_tree(index: int, rng: random.Random, asked: dict[str, list[int]]) -> dict[str, Any]:
+    """One tree; ``asked`` counts the prompts per topic of each language so far, so that every topic of
+    every language is asked about about as often (a topic asked once is learnt by heart, not at all)."""
     ids = _Ids(rng)
     lang = rng.choices(list(LANG_WEIGHTS), weights=list(LANG_WEIGHTS.values()))[0]
-    topic = rng.randrange(len(TOPICS[lang]))
+    counts = asked.setdefault(lang, [0] * len(TOPICS[lang]))
+    topic = rng.choice([candidate for candidate, count in enumerate(counts) if count == min(counts)])
+    counts[topic] += 1
     created = f"2023-{1 + index % 12:02d}-{1 + index % 28:02d}T{index % 24:02d}:00:00+00:00"
     prompt_text = rng.choice(PROMPTS[lang]).format(t=TOPICS[lang][topic])
     prompt = _node(ids, None, "prompter", prompt_text, lang, None, created)
-    near_miss = random.Random(f"{index}:near-miss")
-    for text, rank in _ranked_replies(lang, topic, rng.choice((3, 3, 4)), rng, near_miss):
+    for text, rank in _ranked_replies(lang, topic, rng.choice((3, 3, 4)), rng):
         prompt["replies"].append(_node(ids, prompt["message_id"], "assistant", text, lang, rank, created))
     if rng.random() < 0.3:
         best = prompt["replies"][0]
         follow = _node(ids, best["message_id"], "prompter", rng.choice(FOLLOW_UPS[lang]).format(t=TOPICS[lang][topic]), lang, 0, created)
-        for text, rank in _ranked_replies(lang, topic, rng.choice((2, 3)), rng, near_miss):
+        for text, rank in _ranked_replies(lang, topic, rng.choice((2, 3)), rng):
             follow["replies"].append(_node(ids, follow["message_id"], "assistant", text, lang, rank, created))
         best["replies"].append(follow)
     tree_state = "ready_for_export"
@@ -363,7 +434,8 @@ def make_tree(index: int, rng: random.Random) -> dict[str, Any]:
 
 def generate(trees: int = DEFAULT_TREES, seed: int = DEFAULT_SEED) -> list[dict[str, Any]]:
     rng = random.Random(seed)
-    return [make_tree(index, rng) for index in range(trees)]
+    asked: dict[str, list[int]] = {}
+    return [make_tree(index, rng, asked) for index in range(trees)]
 
 
 def write(path: Path, trees: int = DEFAULT_TREES, seed: int = DEFAULT_SEED) -> Path:

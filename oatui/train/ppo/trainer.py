@@ -119,7 +119,7 @@ def run_ppo(context: StageContext) -> None:
     context.log(f"PPO for {config.total_steps} steps: {config.rollout_batch_size} prompts per step on each of "
                 f"{world} process(es), {config.ppo_epochs} epochs of minibatches of {config.mini_batch_size}")
 
-    eval_contexts = list(mix.eval[: config.eval_prompts])
+    eval_contexts = evaluation_contexts(config, mix.eval)
     if config.eval_steps and not eval_contexts:
         context.log("no held-out prompts (val_fraction is 0): the policy is not judged during training")
 
@@ -246,6 +246,20 @@ def run_ppo(context: StageContext) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # The pieces of a step
+
+
+def evaluation_contexts(config: RLConfig, held_out: list[Any]) -> list[Any]:
+    """The prompts ``eval_steps`` judges the policy on: when every prompt comes from the shipped sample,
+    ``eval_prompts`` of the sample's held-out questions (never asked in it, so neither the SFT model nor
+    the policy has trained on them, and the ones ``oatui eval`` uses); otherwise the first
+    ``eval_prompts`` of the prompts held out of training (``val_fraction``)."""
+    from oatui.data.rules import Turn
+    from oatui.data.sample import held_out_prompts
+
+    specs = config.prompts or config.datasets
+    if specs and all(spec.path == "sample" for spec in specs):
+        return [(Turn("prompter", prompt),) for prompt in held_out_prompts(config.eval_prompts)]
+    return list(held_out[: config.eval_prompts])
 
 
 def evaluate_during_training(policy: Any, tokenizer: Any, contexts: list[Any], reward_model: Any, reference: Any,
