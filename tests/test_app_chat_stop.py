@@ -54,7 +54,7 @@ def _chat(workspace: Path, client: type, monkeypatch: pytest.MonkeyPatch, stop: 
         async with app.run_test(size=(120, 40), message_hook=recorder.hook) as pilot:
             pane = app.chat_pane
             await until(lambda: recorder.of(m.ServerChecked), pilot, what="the server check")
-            pane.set_server(SimpleNamespace(grpc_url="127.0.0.1:9", models=("policy",), pid=1,
+            pane.set_server(SimpleNamespace(grpc_url="127.0.0.1:9", models=("policy",), pid=1, served_label=str,
                                             supervisor_pid=None))
             await pilot.press("c")
             await pilot.press(*"hello", "enter")
