@@ -152,12 +152,14 @@ def test_sighup_or_kill_leaves_the_run_and_the_server_running_and_a_new_app_show
         assert first.hang_up(signal.SIGHUP) == -signal.SIGHUP
         assert_all_live_and_whole(workspace, run_id, info.pid)
 
-        # A second app restarts the server with s, s and is killed.
+        # A second app restarts the server with s (asks: y), s and is killed.
         second = PtyApp(workspace, size=(80, 24))
         apps.append(second)
         wait_for(lambda: second.wrote(run_id.encode()), 30, "the run in the second app", second)
         time.sleep(1.0)  # the app has read the server record
         second.press(b"s")
+        wait_for(lambda: second.wrote(b"Stop tritonserver"), 30, "the question before stopping", second)
+        second.press(b"y")
         wait_for(lambda: server.status(ws) is None and second.wrote(b"tritonserver stopped"), 60,
                  "the server to stop", second)
         second.press(b"s")
