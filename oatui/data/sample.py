@@ -176,10 +176,9 @@ class _Parts:
         return _Parts(self.opener, template, subject, self.closing, self.cut)
 
     def render(self) -> str:
-        if self.cut is None:
-            body = self.template if self.subject is None else self.template.format(t=self.subject)
-            return f"{self.opener} {body} {self.closing}"
         sentence = self.template if self.subject is None else self.template.format(t=self.subject)
+        if self.cut is None:
+            return f"{self.opener} {sentence} {self.closing}"
         words = sentence.split()
         # Through the topic, then some but never all of the rest of the sentence.
         head = 0 if self.subject is None else len(self.template.split("{t}")[0].split() + self.subject.split())
