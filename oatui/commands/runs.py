@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         for v in views:
             steps = f"{v.step}/{v.total_steps}" if v.total_steps else "-"
             note = (v.info.error if v.info and v.info.error else v.problem) or ""
+            if not note and v.state == "queued" and v.info and v.info.after:
+                note = f"after {v.info.after}"
             print(f"{v.id:32} {v.stage:5} {v.state:9} {steps:>11} {format_clock(v.elapsed):>8} {format_clock(v.eta):>8}  {note[:80]}")
         return 0
     run_dir = find_run(workspace.runs, args.run_id)

@@ -15,6 +15,9 @@ EXAMPLES = """examples:
   oatui train sft --configs defaults pythia-1.4b --launcher deepspeed --gpus 0,1,2,3
   oatui train sft --configs defaults pythia-12b --launcher deepspeed --hostfile hosts.txt
   oatui train sft --resume sft-20261124-101500-ab12
+  oatui train sft --configs defaults tiny --detach
+  oatui train rm --configs defaults_rm tiny_rm --after sft --detach
+  oatui train rl --configs defaults_rl tiny_rl --after rm --detach
   oatui train sft --list-keys
   oatui train rl --configs defaults_rl tiny_rl --set total_steps=20 --print-config
 """
@@ -49,6 +52,11 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     parser.add_argument("--detach", action="store_true", help="print the run id and return at once")
     parser.add_argument("--resume", metavar="RUN_ID",
                         help="continue a stopped or failed run from its newest complete checkpoint")
+    parser.add_argument("--after", metavar="RUN",
+                        help="queue this run to start when RUN succeeds (a run id, or sft/rm/rl for the "
+                             "newest run of that stage, queued or running ones included); if RUN fails "
+                             "or is stopped, this run ends failed without starting, and so do the runs "
+                             "queued after it. 'latest' models are resolved when the run starts")
     parser.add_argument("--list-keys", action="store_true",
                         help="print every config key of the stage with the default its defaults section "
                              "resolves to, and exit")
@@ -79,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         num_processes=args.num_processes,
         hostfile=args.hostfile,
         resume=args.resume,
+        after=args.after,
     )
     log_start = 0
     if args.resume:

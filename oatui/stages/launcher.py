@@ -37,6 +37,8 @@ class LaunchRequest:
     hostfile: str | None = None
     resume: str | None = None
     """A run id to continue instead of starting a new run."""
+    after: str | None = None
+    """A run id, or a stage name (its newest run), to wait for: this run starts when that one succeeds."""
 
 
 def parse_gpus(gpus: str | None, available: int | None = None) -> list[int]:
@@ -149,14 +151,16 @@ def _hosts(hostfile: str) -> list[str]:
     return hosts
 
 
-def _check_inputs(stage: str, config: StageConfig, workspace: Workspace) -> None:
-    """The cheap checks that must fail before a run directory exists."""
+def _check_inputs(stage: str, config: StageConfig, workspace: Workspace, queued: bool = False) -> None:
+    """The cheap checks that must fail before a run directory exists. A ``queued`` run (``--after``)
+    skips the ``latest`` checks: the run it waits for may be the one that makes that model, and the
+    stage resolves ``latest`` itself when it starts."""
     from oatui.data.datasets import resolve_dataset_path
     from oatui.models.loading import LATEST_SFT, check_model_name
     from oatui.stages.runs import require_latest_final
 
     check_model_name(config.model_name)
-    if config.model_name == LATEST_SFT:
+    if config.model_name == LATEST_SFT and not queued:
         require_latest_final(workspace.root, "sft", "model_name")
     for name in ("sft_model", "rm_model"):
         value = getattr(config, name, None)
@@ -167,7 +171,7 @@ def _check_inputs(stage: str, config: StageConfig, workspace: Workspace) -> None
         # before a run folder exists. A remotely served RM needs no local one (unless it makes the values).
         remote_rm = bool(os.environ.get("TRITON_HOST_RM") or config.triton_host_rm) and config.value_model != "rm"
         for stage_name, value in (("sft", config.sft_model), ("rm", None if remote_rm else config.rm_model)):
-            if value == "latest":
+            if value == "latest" and not queued:
                 require_latest_final(workspace.root, stage_name)
     for spec in config.datasets + list(getattr(config, "prompts", None) or []):
         resolve_dataset_path(spec, workspace.root)
@@ -186,7 +190,10 @@ def prepare(request: LaunchRequest, workspace: Workspace) -> RunDir:
         # The stage starts in its run folder: a relative path would name nothing there.
         request = replace(request, hostfile=str(Path(request.hostfile).absolute()))
     if request.resume:
+        if request.after:
+            raise UserError("--after does not go with --resume; resume the run once the other one has ended")
         return _prepare_resume(request, workspace)
+    parent = resolve_after(request.after, workspace) if request.after else None
     if not request.configs:
         raise UserError(f"--configs: name at least one section, e.g. --configs {_default_sections(request.stage)}")
     config = load_stage_config(request.stage, request.configs, request.overrides, workspace.root)
@@ -197,7 +204,7 @@ def prepare(request: LaunchRequest, workspace: Workspace) -> RunDir:
     if gpus and request.num_processes and request.num_processes != len(gpus):
         raise UserError(f"--num-processes {request.num_processes} does not match --gpus {request.gpus}")
     launcher = choose_launcher(request.launcher, config, gpus, num_processes, request.hostfile)
-    _check_inputs(request.stage, config, workspace)
+    _check_inputs(request.stage, config, workspace, queued=parent is not None)
     run_id = new_run_id(request.stage)
     run_path = workspace.runs / run_id
     info = RunInfo(
@@ -211,8 +218,34 @@ def prepare(request: LaunchRequest, workspace: Workspace) -> RunDir:
         num_processes=num_processes,
         workspace=str(workspace.root),
         hostfile=request.hostfile,
+        after=parent,
     )
     return RunDir.create(workspace.runs, info, to_yaml(config))
+
+
+def resolve_after(after: str, workspace: Workspace) -> str:
+    """``--after``: a run id (or a unique start of one), or ``sft``/``rm``/``rl`` for the newest run of
+    that stage, queued and running ones included. A run that already failed or stopped is refused."""
+    from oatui.stages.runs import find_run, list_runs, refresh
+
+    if after in STAGES:
+        newest = next((v for v in list_runs(workspace.runs) if v.stage == after), None)
+        if newest is None:
+            raise UserError(f"--after {after}: no {after} run in {workspace.runs}")
+        parent = newest.path
+    else:
+        try:
+            parent = find_run(workspace.runs, after).path
+        except UserError as error:
+            raise UserError(f"--after {after}: {error}") from None
+    run = RunDir(parent)
+    try:
+        info = refresh(run)
+    except ValueError as error:
+        raise UserError(f"--after {after}: {error}") from None
+    if info.state in ("failed", "stopped"):
+        raise UserError(f"--after {after}: run {run.id} already {info.state}; nothing to wait for")
+    return run.id
 
 
 def _default_sections(stage: str) -> str:

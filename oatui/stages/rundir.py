@@ -89,6 +89,8 @@ class RunInfo:
     resumes: int = 0
     stop_requested: bool = False
     workspace: str | None = None
+    after: str | None = None
+    """The run this one waits for: it starts when that run succeeds and fails, unstarted, otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

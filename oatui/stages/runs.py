@@ -17,7 +17,8 @@ from oatui.errors import UserError
 from oatui.fsutil import json_objects
 from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, valid_run_id
 
-# A supervisor that has not written "running" this long after the launch is considered lost.
+# A queued run without a recorded supervisor this long after the launch is considered lost. A run
+# queued with --after waits as long as it must: its supervisor is alive, and that is what counts.
 QUEUED_GRACE_S = 60.0
 
 
@@ -154,6 +155,7 @@ class RunView:
             "gpus": info.gpus if info else None,
             "final": str(self.path / "final") if (self.path / "final" / "config.json").exists() else None,
             "path": str(self.path),
+            "after": info.after if info else None,
         }
 
 
@@ -237,9 +239,10 @@ def stop_run(run: RunDir, force: bool = False) -> RunInfo:
     if info.state not in ACTIVE_STATES:
         raise UserError(f"run {run.id} is not running (it {info.state})")
     info = run.update_info(stop_requested=True)
-    if force:
+    if force and info.pid is not None:
         _kill_group(info.pid, info.pid_started, signal.SIGKILL)
         return info
+    # A queued run's supervisor (still waiting for the run it follows) ends it unstarted.
     if process_alive(info.supervisor_pid, info.supervisor_started):
         os.kill(info.supervisor_pid, signal.SIGTERM)  # type: ignore[arg-type]
     else:

@@ -5,6 +5,10 @@ hang-ups, and turns SIGTERM/SIGINT into a stop request for the stage's whole pro
 ranks): the stage saves a checkpoint at its next step boundary and exits with ``EXIT_STOPPED``. A
 stage that does not stop within ``--stop-timeout`` seconds is killed.
 
+A run queued with ``--after`` (``after`` in its ``run.json``) first waits here for that run to end:
+the stage starts only if it succeeded; otherwise this run ends ``failed`` without starting, and the
+runs queued after this one follow in turn. A stop request while waiting ends it ``stopped``.
+
     python -m oatui.stages.supervisor --run-dir WORKSPACE/runs/RUN_ID
 """
 
@@ -78,6 +82,9 @@ def supervise(run: RunDir, stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+    if info.after and not wait_for_parent(run, info.after, stop):
+        return 1
+
     with open(run.log_path, "ab") as log:
         log.write(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(info.argv)}\n".encode())
         log.flush()
@@ -146,6 +153,44 @@ def supervise(run: RunDir, stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> int:
     with open(run.log_path, "ab") as log:
         log.write(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} {state} (exit status {returncode})\n".encode())
     return 0 if state == "succeeded" else (EXIT_BAD_INPUT if returncode == EXIT_BAD_INPUT else 1)
+
+
+PARENT_POLL_S = 1.0
+
+
+def wait_for_parent(run: RunDir, parent_id: str, stop: threading.Event) -> bool:
+    """Wait for run ``parent_id`` to end. True when it succeeded (start the stage); otherwise this run
+    is recorded as ended (``failed``, or ``stopped`` on a stop request) and False comes back."""
+    from oatui.stages.runs import refresh
+
+    parent = RunDir(run.path.parent / parent_id)
+    _log_line(run, f"queued: starts when {parent_id} succeeds")
+    while True:
+        if stop.is_set() or run.read_info().stop_requested:
+            _end_unstarted(run, "stopped", None, "stopped before it started")
+            return False
+        try:
+            state = refresh(parent).state if parent.path.is_dir() else "gone"
+        except ValueError:
+            state = "unreadable"
+        if state == "succeeded":
+            _log_line(run, f"{parent_id} succeeded")
+            return True
+        if state not in ("queued", "running"):
+            reason = f"parent {parent_id} ended {state}; not started"
+            _end_unstarted(run, "failed", reason, reason)
+            return False
+        stop.wait(PARENT_POLL_S)
+
+
+def _end_unstarted(run: RunDir, state: str, error: str | None, message: str) -> None:
+    run.update_info(state=state, error=error, ended=time.time(), exit_code=None)
+    _log_line(run, message)
+
+
+def _log_line(run: RunDir, message: str) -> None:
+    with open(run.log_path, "ab") as log:
+        log.write(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n".encode())
 
 
 def _signal_group(pid: int, signum: int) -> None:
