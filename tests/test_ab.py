@@ -40,6 +40,23 @@ def test_a_choice_is_one_tree_of_two_named_replies_and_one_pair(choice: str, ran
     assert group.pairs == [pair]
 
 
+def test_the_replies_name_the_runs_behind_the_models_when_known_and_win_rates_count_the_names(tmp_path: Path) -> None:
+    feedback = tmp_path / "data" / "feedback.trees.jsonl"
+    tree = append_round(feedback, _round("A", runs=("rl-20261128-104829-06e4", None)))
+    parsed = parse_tree(tree)
+    # The run behind a served model names its answer (a re-exported name would be another model);
+    # a model whose run is unknown keeps its served name.
+    assert [r.model_name for r in parsed.prompt.replies] == ["rl-20261128-104829-06e4", "policy-sft"]
+    assert tree["ab"] == {"A": "policy", "B": "policy-sft", "choice": "A",
+                          "runs": {"A": "rl-20261128-104829-06e4", "B": None}}
+    assert win_tallies(feedback)[("policy", "policy-sft")].wins == {"policy": 1}
+    # An earlier turn written by the same served model is named the same way.
+    context = [("prompter", "Hi"), ("assistant", "Hello!"), ("prompter", "Bread?")]
+    follow_up = round_tree(_round("B", context=context, context_models=[None, "policy", None],
+                                  runs=("rl-20261128-104829-06e4", None)))
+    assert follow_up["prompt"]["replies"][0]["model_name"] == "rl-20261128-104829-06e4"
+
+
 def test_a_tie_is_saved_unranked_so_rm_training_gets_no_group_and_no_pair(tmp_path: Path) -> None:
     feedback = tmp_path / "data" / "feedback.trees.jsonl"
     tree = append_round(feedback, _round("tie"))

@@ -20,11 +20,16 @@ from oatui.serve.repository import export_model
 from oatui.stages.launcher import free_port
 from oatui.workspace import Workspace
 
+from test_app import fake_run
 from test_app_chat import SLOW_SHAPE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MODELS = ("policy-sft", "policy")
+#: The run `policy` is exported from (`policy-sft` comes from a plain folder: its run is unknown).
+POLICY_RUN = "rl-20261128-000000-ab01"
+#: What each served model's answers are named in the trees.
+NAMED = {"policy-sft": "policy-sft", "policy": POLICY_RUN}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     ws = Workspace.open(tmp_path_factory.mktemp("ab") / "ws")
     export_model("policy", build_tiny_model(ws.models / "tiny-a", TINY_SHAPE), ws.triton_repo, name="policy-sft")
     other = {**TINY_SHAPE, "num_hidden_layers": 2}
-    export_model("policy", build_tiny_model(ws.models / "tiny-b", other), ws.triton_repo, name="policy")
+    run = fake_run(ws.root, POLICY_RUN, stage="rl", metrics=[{"step": 7, "total_steps": 7, "time": 1.0}])
+    export_model("policy", build_tiny_model(run / "final", other), ws.triton_repo, name="policy")
     export_model("policy", build_tiny_model(ws.models / "slow-pythia", SLOW_SHAPE), ws.triton_repo, name="slow")
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     info = server.start_detached(ws, server.ServerOptions(repo=str(ws.triton_repo), **ports))
@@ -73,10 +79,13 @@ def test_chat_ab_on_the_command_line_saves_the_choice_and_reveals_the_order(serv
     assert sorted(shown) == sorted(MODELS) and tree["ab"]["choice"] == "B"
     assert f"A was {shown[0]}, B was {shown[1]}: you chose B ({shown[1]})" in out
     replies = tree["prompt"]["replies"]
-    assert [(r["model_name"], r["rank"]) for r in replies] == [(shown[0], 1), (shown[1], 0)]
+    # Each reply names the run behind its model, where the export recorded one.
+    assert [(r["model_name"], r["rank"]) for r in replies] == [(NAMED[shown[0]], 1), (NAMED[shown[1]], 0)]
+    assert tree["ab"]["runs"] == {"A": NAMED[shown[0]] if shown[0] == "policy" else None,
+                                  "B": NAMED[shown[1]] if shown[1] == "policy" else None}
     # Each reply is its model's own answer (same seed, same sampling, asked alone).
-    for reply in replies:
-        assert reply["text"] == _one_answer(url, reply["model_name"], prompt)
+    for reply, model in zip(replies, shown):
+        assert reply["text"] == _one_answer(url, model, prompt)
     tally = pair_tally(ws.feedback_file, *MODELS)
     assert tally.wins.get(shown[1]) == 1 and f"so far: {tally.describe()}" in out
 
@@ -228,9 +237,9 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
     assert len(trees) == before + 2
     for tree, (prompt, texts), models, choice in zip(trees[-2:], shown, expected, ("B", "tie")):
         parsed = parse_tree(tree)
-        assert tree["ab"] == {"A": models[0], "B": models[1], "choice": choice}
+        assert {key: tree["ab"][key] for key in ("A", "B", "choice")} == {"A": models[0], "B": models[1], "choice": choice}
         replies = tree["prompt"]["replies"] if choice == "B" else tree["prompt"]["replies"][0]["replies"][0]["replies"]
-        assert [(r["text"], r["model_name"]) for r in replies] == list(zip(texts, models))
+        assert [(r["text"], r["model_name"]) for r in replies] == list(zip(texts, [NAMED[m] for m in models]))
         if choice == "B":
             assert [r["rank"] for r in replies] == [1, 0] and len(rm_groups(parsed)) == 1
         else:
@@ -238,6 +247,6 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
     # The tie's tree holds the first round, answered by the chosen model, as its context.
     second = trees[-1]["prompt"]
     assert second["text"] == "How do I bake bread?"
-    assert (second["replies"][0]["text"], second["replies"][0]["model_name"]) == (shown[0][1][1], expected[0][1])
+    assert (second["replies"][0]["text"], second["replies"][0]["model_name"]) == (shown[0][1][1], NAMED[expected[0][1]])
     tally = win_tallies(ws.feedback_file)[("policy", "policy-sft")]
     assert tally.rounds == tally_before.rounds + 2 and tally.ties == tally_before.ties + 1

@@ -71,8 +71,9 @@ def served(trained, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, 
 
 
 @pytest.mark.slow
-def test_ranking_three_served_answers_makes_one_group_of_three_pairs(served) -> None:  # noqa: ANN001
+def test_ranking_three_served_answers_makes_one_group_of_three_pairs(served, trained) -> None:  # noqa: ANN001
     workspace, info = served
+    served_run = trained.sft_run
     result = run_oatui("chat", "--rank", "3", "How do I get started with baking bread?", "--url", info.grpc_url,
                        "--max-new-tokens", "24", "--seed", "7", workspace=workspace.root, input_text="2 1 3\n")
     assert result.returncode == 0, result.stderr
@@ -82,7 +83,8 @@ def test_ranking_three_served_answers_makes_one_group_of_three_pairs(served) -> 
     stats = json.loads(run_oatui("data", "stats", "--trees", str(workspace.feedback_file), "--json", check=True).stdout)
     assert (stats["trees"], stats["rm_groups"], stats["rm_pairs"]) == (1, 1, 3)
     tree = json.loads(lines[0])
-    assert tree["origin"] == "oatui" and all(r["model_name"] == "policy" for r in tree["prompt"]["replies"])
+    # The answers name the run the served `policy` was exported from, not the export's name.
+    assert tree["origin"] == "oatui" and all(r["model_name"] == served_run for r in tree["prompt"]["replies"])
 
 
 @pytest.mark.slow

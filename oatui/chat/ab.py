@@ -6,14 +6,16 @@ order revealed. Each choice is one export tree appended to ``WORKSPACE/data/feed
 (the file rank mode writes, under the same lock):
 
 - the two replies, in the order they were shown (A first), each with the ``model_name`` of the
-  model that wrote it;
+  model that wrote it: the training run it was exported from when the server knows it, else the
+  served model's name;
 - a decisive choice ranks the chosen reply 0 and the other 1: one RM group of one pair;
 - a tie leaves both replies unranked (``rank: null``). Ties are not pairs: equal ranks would make
   an RM group with no pair in it (a k-wise loss would average over nothing) and a loader that sorts
   replies by rank, as Open-Assistant's does, would read an arbitrary preference into it. So a tie
   adds no RM group; both replies stay usable messages, as in any ranking;
 - the tree's ``ab`` object records the round itself: ``{"A": model, "B": model, "choice":
-  "A"|"B"|"tie"}``.
+  "A"|"B"|"tie"}``, and ``"runs": {"A": run, "B": run}`` when they are known. Win rates count
+  served names, the ones the person picked.
 
 The win rate of each pair of models is derived from those trees (:func:`win_tallies`): the
 feedback file is the one record, so the tally survives restarts, is shared by every app and
@@ -75,6 +77,8 @@ class ABRound:
     system: str | None = None
     #: Who wrote each turn of the context (None for prompter turns or when unknown).
     context_models: Sequence[str | None] | None = None
+    #: The training run each model was exported from, when the server knows it (A, B).
+    runs: tuple[str | None, str | None] = (None, None)
     created: float = field(default_factory=time.time)
 
     def validate(self) -> None:
@@ -112,18 +116,22 @@ def round_tree(ab_round: ABRound) -> dict[str, Any]:
     for _ in range(len(ab_round.context) - 1):
         node = node["replies"][0]
         path.append(node)
+    # The run behind a served model when it is known (a re-exported name is another model), else its name.
+    named = {model: run for model, run in zip(ab_round.models, ab_round.runs) if run}
     if ab_round.context_models:
         for turn, model in zip(path, ab_round.context_models):
             if turn["role"] == "assistant":
-                turn["model_name"] = model
+                turn["model_name"] = named.get(model, model) if model is not None else None
     replies = path[-1]["replies"]
     for index, reply in enumerate(replies):
-        reply["model_name"] = ab_round.models[index]
+        reply["model_name"] = named.get(ab_round.models[index], ab_round.models[index])
         if ab_round.choice == "tie":
             reply["rank"] = None
         else:
             reply["rank"] = 0 if CHOICES[index] == ab_round.choice else 1
     tree["ab"] = {"A": ab_round.models[0], "B": ab_round.models[1], "choice": ab_round.choice}
+    if any(ab_round.runs):
+        tree["ab"]["runs"] = {"A": ab_round.runs[0], "B": ab_round.runs[1]}
     parse_tree(tree)
     return tree
 

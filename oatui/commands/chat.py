@@ -95,6 +95,18 @@ def default_url(workspace_path: str | None) -> str:
     return info.grpc_url if info is not None else DEFAULT_URL
 
 
+def served_runs(workspace_path: str | None, url: str, models: Sequence[str]) -> dict[str, str | None]:
+    """The training run behind each of ``models``, when ``url`` is this workspace's server and its
+    record knows (the export records it); otherwise none."""
+    from oatui.serve.server import status
+    from oatui.workspace import Workspace
+
+    info = status(Workspace.open(workspace_path))
+    if info is None or info.grpc_url != url:
+        return {}
+    return {model: info.model_source(model).run_id for model in models}
+
+
 def print_stream(pieces: Iterator[str], out: TextIO) -> str:
     """Write pieces as they come; returns the whole answer."""
     answer = []
@@ -208,7 +220,7 @@ def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args
         break
     workspace = Workspace.open(args.workspace)
     ranking = Ranking(context=list(turns), answers=ranked_answers(texts, order, edits, seeds),
-                      model_name=args.model, lang=args.lang, system=args.system)
+                      model_name=getattr(args, "model_run", None) or args.model, lang=args.lang, system=args.system)
     append_ranking(workspace.feedback_file, ranking)
     out.write(f"saved to {workspace.feedback_file}: {len(order.ranked)} ranked, {len(order.rejected)} rejected\n")
     best = order.ranked[0]
@@ -317,8 +329,10 @@ def ab_round(clients: dict[str, Any], turns: Sequence[tuple[str, str]], context_
         out.write(f"skipped: nothing saved ({reveal})\n")
         return None
     workspace = Workspace.open(args.workspace)
+    runs = getattr(args, "model_runs", None) or {}
     ab = ABRound(context=list(turns), models=models, texts=texts, choice=choice, lang=args.lang,
-                 system=args.system, context_models=list(context_models))
+                 system=args.system, context_models=list(context_models),
+                 runs=(runs.get(models[0]), runs.get(models[1])))
     append_round(workspace.feedback_file, ab)
     verdict = "a tie" if ab.winner is None else f"{choice} ({ab.winner})"
     out.write(f"{reveal}: you chose {verdict}; saved to {workspace.feedback_file}\n")
@@ -336,6 +350,7 @@ def run_ab(args: argparse.Namespace, url: str, sampling: dict[str, Any]) -> None
     try:
         for client in clients.values():
             client.eos_token()  # both models are there, before any prompt (else one line, exit 2)
+        args.model_runs = served_runs(args.workspace, url, args.ab)
         tally = pair_tally(Workspace.open(args.workspace).feedback_file, *args.ab)
         print(f"blind A/B of {args.ab[0]} and {args.ab[1]} at {url}"
               + (f"; so far: {tally.describe()}" if tally.rounds else ""), file=sys.stderr)
@@ -402,6 +417,8 @@ def run(args: argparse.Namespace) -> int:
     more_clients = [ChatClient(url, model=args.model, timeout=args.timeout) for _ in range((args.rank or 1) - 1)]
     try:
         if args.rank is not None:
+            # The rankings name the run behind the served model, when the server's record knows it.
+            args.model_run = served_runs(args.workspace, url, [args.model]).get(args.model)
             turns: list[tuple[str, str]] = []
             question = args.prompt
             while True:

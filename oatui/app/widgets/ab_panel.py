@@ -176,9 +176,10 @@ class ABPanel(Vertical, can_focus=True):
     def __init__(self, prompt: str, context: list[tuple[str, str]], context_models: list[str | None],
                  models: tuple[str, str], settings: ChatSettings, url: str, feedback_file: Path,
                  history: Callable[[], ChatHistory], conversation_id: int | None,
-                 parent_id: int | None, **kwargs: Any) -> None:
+                 parent_id: int | None, runs: dict[str, str | None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.prompt = prompt
+        self.runs = runs or {}  # each served model's training run, when the server knows it
         self.context = context
         self.context_models = context_models
         self.models = models  # (A, B): never shown before the choice is saved
@@ -344,7 +345,8 @@ class ABPanel(Vertical, can_focus=True):
         try:
             ab_round = ABRound(context=self.context, models=self.models, texts=(self.texts[0], self.texts[1]),
                                choice=choice, system=self.settings.system or None,
-                               context_models=self.context_models)
+                               context_models=self.context_models,
+                               runs=(self.runs.get(self.models[0]), self.runs.get(self.models[1])))
             append_round(self.feedback_file, ab_round)
             tally = pair_tally(self.feedback_file, *self.models)
         except Exception as error:  # noqa: BLE001 - shown in the panel, never a traceback
@@ -558,10 +560,12 @@ class ABMode:
         written_by = self.ab_turn_models or {}
         context_models = [written_by.get(message_id) if message_id is not None else None
                           for _, _, message_id in pane.turns] + [None]
+        source = getattr(pane.server, "model_source", None)
+        runs = {name: source(name).run_id for name in self.ab_models} if source is not None else {}
         panel = ABPanel(prompt, context, context_models, shown_order(*self.ab_models), pane.settings,
                         pane.server.grpc_url,
                         Workspace(pane.workspace).feedback_file, pane.history, pane.conversation_id,
-                        pane.turns[-1][2] if pane.turns else None, id="ab-panel")
+                        pane.turns[-1][2] if pane.turns else None, runs=runs, id="ab-panel")
         self.ab_panel = panel
         self.ab_reveal = None
         pane.ranking = True  # a round is open: the pane's guards hold as in rank mode
