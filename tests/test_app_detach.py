@@ -40,6 +40,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 OVERRIDES = "max_steps=100000 logging_steps=1 save_steps=100000 eval_steps=100000 val_fraction=0"
 
 
+def _as_from_a_terminal() -> None:
+    """The app starts as a login shell would start it: SIGHUP at its default and not blocked, whatever
+    the test process (which ran other tests first) inherited or set."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class PtyApp:
     """`oatui` in a pseudo-terminal of its own session; what it writes is kept, keys are bytes."""
 
@@ -50,7 +57,7 @@ class PtyApp:
         env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns), "LINES": str(rows)}
         self.process = subprocess.Popen([OATUI, "--workspace", str(workspace), "--replay", str(RECORDING)],
                                         stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
-                                        close_fds=True)
+                                        close_fds=True, preexec_fn=_as_from_a_terminal)
         os.close(slave)
         self.master: int | None = master
         self.output = bytearray()
