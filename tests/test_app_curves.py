@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from oatui.app.app import make_app
 from oatui.app.metrics import RunMetrics, format_tick, smooth, ticks
@@ -40,15 +41,20 @@ def _charts_text(app) -> str:  # noqa: ANN001
     return "\n".join(line[60:] for line in screen_text(app).splitlines())
 
 
+async def _rl_selected(app: Any, pilot: Any) -> tuple[RunCurves, RunList]:
+    """The curves and the runs list, once the app has selected the RL run (the newest)."""
+    curves, table = app.query_one(RunCurves), app.query_one(RunList)
+    await until(lambda: table.selected is not None and table.selected.id == RL, pilot, what="the RL run")
+    return curves, table
+
+
 def test_a_metric_picked_from_the_filtered_list_is_drawn_with_its_smoothing(workspace: Path) -> None:
     _workspace(workspace)
     app = make_app(workspace, replay=RECORDING, refresh=0.2)
 
     async def drive() -> None:
         async with app.run_test(size=SIZE) as pilot:
-            curves = app.query_one(RunCurves)
-            table = app.query_one(RunList)
-            await until(lambda: table.selected is not None and table.selected.id == RL, pilot, what="the RL run")
+            curves, table = await _rl_selected(app, pilot)
             await until(lambda: len(curves.series.get("ppo/kl", RunMetrics("", "").series).steps) == 40
                         if "ppo/kl" in curves.series else False, pilot, what="the RL run's metrics")
             await pilot.press("v")
@@ -98,9 +104,7 @@ def test_a_run_kept_with_m_is_drawn_on_the_same_axes_and_named_in_the_legend(wor
 
     async def drive() -> None:
         async with app.run_test(size=SIZE) as pilot:
-            curves = app.query_one(RunCurves)
-            table = app.query_one(RunList)
-            await until(lambda: table.selected is not None and table.selected.id == RL, pilot, what="the RL run")
+            curves, table = await _rl_selected(app, pilot)
             table.focus()
             await pilot.press("m")  # keep the RL run on the curves
             assert "+ " + RL in [str(table.get_row_at(i)[6]) for i in range(table.row_count)]
