@@ -166,11 +166,12 @@ def export_chats(args: argparse.Namespace) -> int:
 
 def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args: argparse.Namespace,
                  sampling: dict[str, Any], out: TextIO, read: Callable[[str], str] = input,
-                 more_clients: Sequence[Any] = ()) -> str | None:
+                 more_clients: Sequence[Any] = (), model_name: str | None = None) -> str | None:
     """Sample ``count`` answers, ask for their order, append the ranking; returns the best answer.
 
     With ``count - 1`` ``more_clients`` the answers are generated at once (the server decodes them
     together), the first shown as it streams; otherwise one after another through ``client``.
+    The answers' ``model_name`` is ``model_name`` (the run behind the served model), else ``args.model``.
     """
     from oatui.chat.feedback import Ranking, append_ranking
     from oatui.chat.ranking import HELP, parse_order, ranked_answers
@@ -220,7 +221,7 @@ def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args
         break
     workspace = Workspace.open(args.workspace)
     ranking = Ranking(context=list(turns), answers=ranked_answers(texts, order, edits, seeds),
-                      model_name=getattr(args, "model_run", None) or args.model, lang=args.lang, system=args.system)
+                      model_name=model_name or args.model, lang=args.lang, system=args.system)
     append_ranking(workspace.feedback_file, ranking)
     out.write(f"saved to {workspace.feedback_file}: {len(order.ranked)} ranked, {len(order.rejected)} rejected\n")
     best = order.ranked[0]
@@ -297,10 +298,11 @@ def stream_many(clients: Sequence[Any], turns: Sequence[tuple[str, str]], system
 
 def ab_round(clients: dict[str, Any], turns: Sequence[tuple[str, str]], context_models: Sequence[str | None],
              args: argparse.Namespace, sampling: dict[str, Any], out: TextIO,
-             read: Callable[[str], str] = input) -> tuple[str, str] | None:
+             read: Callable[[str], str] = input, runs: dict[str, str | None] | None = None) -> tuple[str, str] | None:
     """One blind round: both answers, the person's choice, the tree appended and the order revealed.
 
-    Returns the answer the conversation goes on from and its model, or None when skipped.
+    Returns the answer the conversation goes on from and its model, or None when skipped. ``runs``:
+    the training run behind each served model, where known, to name its answers.
     """
     from oatui.chat.ab import HELP, ABRound, append_round, pair_tally, parse_choice, shown_order
     from oatui.workspace import Workspace
@@ -329,10 +331,9 @@ def ab_round(clients: dict[str, Any], turns: Sequence[tuple[str, str]], context_
         out.write(f"skipped: nothing saved ({reveal})\n")
         return None
     workspace = Workspace.open(args.workspace)
-    runs = getattr(args, "model_runs", None) or {}
     ab = ABRound(context=list(turns), models=models, texts=texts, choice=choice, lang=args.lang,
                  system=args.system, context_models=list(context_models),
-                 runs=(runs.get(models[0]), runs.get(models[1])))
+                 runs=((runs or {}).get(models[0]), (runs or {}).get(models[1])))
     append_round(workspace.feedback_file, ab)
     verdict = "a tie" if ab.winner is None else f"{choice} ({ab.winner})"
     out.write(f"{reveal}: you chose {verdict}; saved to {workspace.feedback_file}\n")
@@ -350,7 +351,7 @@ def run_ab(args: argparse.Namespace, url: str, sampling: dict[str, Any]) -> None
     try:
         for client in clients.values():
             client.eos_token()  # both models are there, before any prompt (else one line, exit 2)
-        args.model_runs = served_runs(args.workspace, url, args.ab)
+        runs = served_runs(args.workspace, url, args.ab)
         tally = pair_tally(Workspace.open(args.workspace).feedback_file, *args.ab)
         print(f"blind A/B of {args.ab[0]} and {args.ab[1]} at {url}"
               + (f"; so far: {tally.describe()}" if tally.rounds else ""), file=sys.stderr)
@@ -371,7 +372,7 @@ def run_ab(args: argparse.Namespace, url: str, sampling: dict[str, Any]) -> None
                 break
             turns.append(("prompter", question))
             context_models.append(None)
-            kept = ab_round(clients, turns, context_models, args, dict(sampling), sys.stdout)
+            kept = ab_round(clients, turns, context_models, args, dict(sampling), sys.stdout, runs=runs)
             if args.prompt is not None:
                 break
             if kept is None:
@@ -418,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.rank is not None:
             # The rankings name the run behind the served model, when the server's record knows it.
-            args.model_run = served_runs(args.workspace, url, [args.model]).get(args.model)
+            model_run = served_runs(args.workspace, url, [args.model]).get(args.model)
             turns: list[tuple[str, str]] = []
             question = args.prompt
             while True:
@@ -431,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
                     break
                 turns.append(("prompter", question))
                 best = rank_answers(client, turns, args.rank, args, dict(sampling), sys.stdout,
-                                    more_clients=more_clients)
+                                    more_clients=more_clients, model_name=model_run)
                 if args.prompt is not None:
                     break
                 if best is None:
