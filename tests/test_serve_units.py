@@ -484,6 +484,21 @@ def test_config_text_for_each_mode() -> None:
     assert 'name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ]' in ref and 'name: "logprobs"' in ref
 
 
+def test_streaming_models_are_the_decoupled_ones_of_a_repository(tmp_path: Path) -> None:
+    from oatui.serve.repository import config_text, streaming_models, vllm_config_text
+
+    repo = tmp_path / "triton"
+    assert streaming_models(repo) == []  # no repository yet
+    for name, text in [("policy", config_text("policy", "policy", {})), ("rm", config_text("rm", "rm", {})),
+                       ("llm", vllm_config_text("llm", {"eos_token": "</s>"})),
+                       ("commented", config_text("rm", "commented", {}) + "# decoupled: true\n"),
+                       (".hidden", config_text("policy", ".hidden", {}))]:
+        (repo / name).mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text(text)
+    (repo / "no-config").mkdir()
+    assert streaming_models(repo) == ["llm", "policy"]
+
+
 def test_export_errors_are_one_line(tmp_path: Path) -> None:
     workspace = tmp_path / "ws"
     result = run_oatui("export", "--mode", "rm", "--model", str(tmp_path / "missing"), workspace=workspace)

@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oatui.chat.feedback import RankedAnswer, Ranking, ranking_to_tree
+from oatui.chat.feedback import RankedAnswer, Ranking, answers_model_name, append_tree, ranking_to_tree
 from oatui.data.trees import parse_tree
-from oatui.fsutil import append_jsonl_locked, make_private_dir
 
 CHOICES = ("A", "B", "tie")
 HELP = "a: A is better, b: B is better, t: tie, s: skip"
@@ -117,14 +116,14 @@ def round_tree(ab_round: ABRound) -> dict[str, Any]:
         node = node["replies"][0]
         path.append(node)
     # The run behind a served model when it is known (a re-exported name is another model), else its name.
-    named = {model: run for model, run in zip(ab_round.models, ab_round.runs) if run}
+    named = dict(zip(ab_round.models, ab_round.runs))
     if ab_round.context_models:
         for turn, model in zip(path, ab_round.context_models):
             if turn["role"] == "assistant":
-                turn["model_name"] = named.get(model, model) if model is not None else None
+                turn["model_name"] = answers_model_name(model, named.get(model)) if model is not None else None
     replies = path[-1]["replies"]
     for index, reply in enumerate(replies):
-        reply["model_name"] = named.get(ab_round.models[index], ab_round.models[index])
+        reply["model_name"] = answers_model_name(ab_round.models[index], named.get(ab_round.models[index]))
         if ab_round.choice == "tie":
             reply["rank"] = None
         else:
@@ -138,10 +137,7 @@ def round_tree(ab_round: ABRound) -> dict[str, Any]:
 
 def append_round(feedback_file: Path, ab_round: ABRound) -> dict[str, Any]:
     """Append the round's tree as one line (locked, atomic append); returns the tree."""
-    tree = round_tree(ab_round)
-    make_private_dir(feedback_file.parent)
-    append_jsonl_locked(feedback_file, tree)
-    return tree
+    return append_tree(feedback_file, round_tree(ab_round))
 
 
 # -- win rates -------------------------------------------------------------------------------------

@@ -17,10 +17,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oatui.data.trees import parse_tree
 from oatui.fsutil import append_jsonl_locked, make_private_dir
+
+if TYPE_CHECKING:
+    from oatui.chat.ranking import Order
 
 ORIGIN = "oatui"
 
@@ -132,9 +135,33 @@ def ranking_to_tree(ranking: Ranking) -> dict[str, Any]:
     return tree
 
 
-def append_ranking(feedback_file: Path, ranking: Ranking) -> dict[str, Any]:
-    """Append the ranking's tree as one line (locked, atomic append); returns the tree."""
-    tree = ranking_to_tree(ranking)
+def append_tree(feedback_file: Path, tree: dict[str, Any]) -> dict[str, Any]:
+    """Append an export tree as one line (locked, atomic append); returns the tree."""
     make_private_dir(feedback_file.parent)
     append_jsonl_locked(feedback_file, tree)
     return tree
+
+
+def append_ranking(feedback_file: Path, ranking: Ranking) -> dict[str, Any]:
+    """Append the ranking's tree as one line (locked, atomic append); returns the tree."""
+    return append_tree(feedback_file, ranking_to_tree(ranking))
+
+
+def answers_model_name(model: str | None, run: str | None = None) -> str | None:
+    """The ``model_name`` recorded for a served model's answers: the training run it was exported
+    from when that is known (an export's name says little once it has been replaced), else its name."""
+    return run or model
+
+
+def save_ranking(feedback_file: Path, context: Sequence[tuple[str, str]], texts: Sequence[str], order: Order,
+                 edits: dict[int, str] | None = None, seeds: Sequence[int | None] | None = None,
+                 model: str | None = None, run: str | None = None, lang: str = "en",
+                 system: str | None = None) -> dict[str, Any]:
+    """Save the person's ranking of ``texts``, the answers of served ``model`` to ``context`` (``run``:
+    the training run behind it, when known): its export tree, appended to the feedback file.
+    ``order`` and ``edits`` index ``texts``; returns the tree."""
+    from oatui.chat.ranking import ranked_answers
+
+    ranking = Ranking(context=list(context), answers=ranked_answers(texts, order, edits, seeds),
+                      model_name=answers_model_name(model, run), lang=lang, system=system)
+    return append_ranking(feedback_file, ranking)

@@ -173,8 +173,8 @@ def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args
     together), the first shown as it streams; otherwise one after another through ``client``.
     The answers' ``model_name`` is ``model_name`` (the run behind the served model), else ``args.model``.
     """
-    from oatui.chat.feedback import Ranking, append_ranking
-    from oatui.chat.ranking import HELP, parse_order, ranked_answers
+    from oatui.chat.feedback import save_ranking
+    from oatui.chat.ranking import HELP, parse_order
     from oatui.workspace import Workspace
 
     base_seed = sampling.pop("seed", 0)
@@ -220,9 +220,8 @@ def rank_answers(client: Any, turns: Sequence[tuple[str, str]], count: int, args
             continue
         break
     workspace = Workspace.open(args.workspace)
-    ranking = Ranking(context=list(turns), answers=ranked_answers(texts, order, edits, seeds),
-                      model_name=model_name or args.model, lang=args.lang, system=args.system)
-    append_ranking(workspace.feedback_file, ranking)
+    save_ranking(workspace.feedback_file, turns, texts, order, edits=edits, seeds=seeds, model=args.model,
+                 run=model_name, lang=args.lang, system=args.system)
     out.write(f"saved to {workspace.feedback_file}: {len(order.ranked)} ranked, {len(order.rejected)} rejected\n")
     best = order.ranked[0]
     return edits.get(best, texts[best])

@@ -54,6 +54,7 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.5  # vLLM takes 90% of the GPU by default; th
 VERSION = "1"
 COPY_FOLDER = "checkpoint"
 EXPORT_INFO = "oatui_export.json"
+_DECOUPLED = re.compile(r"decoupled\s*:\s*true", re.IGNORECASE)
 NAME_PATTERN = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: "$" would let "name\n" in
 MODEL_SOURCES = Path(__file__).resolve().parent / "triton_models"
 #: A checkpoint folder holds at least one of these when its tokenizer was saved with it.
@@ -304,6 +305,30 @@ def list_models(repo: Path) -> list[str]:
     if not repo.is_dir():
         return []
     return sorted(p.name for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "config.pbtxt").is_file())
+
+
+def is_decoupled(config: str) -> bool:
+    """Whether a ``config.pbtxt`` text declares its model decoupled (streaming). Comments may mention
+    the word; only a real ``decoupled: true`` line counts."""
+    lines = [line.split("#", 1)[0] for line in config.splitlines()]
+    return _DECOUPLED.search("\n".join(lines)) is not None
+
+
+def streaming_models(repo: Path) -> list[str]:
+    """The decoupled (streaming) models of a repository, by name; none when it cannot be read."""
+    found = []
+    try:
+        names = list_models(Path(repo))
+    except OSError:
+        return []
+    for name in names:
+        try:
+            config = (Path(repo) / name / "config.pbtxt").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if is_decoupled(config):
+            found.append(name)
+    return found
 
 
 def _staging_dir(repo: Path, name: str) -> Path:
