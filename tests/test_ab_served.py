@@ -110,6 +110,7 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
 
     from oatui.app.app import make_app
     from oatui.app.widgets.ab_panel import ABModels, ABPanel
+    from oatui.app.widgets.round_panel import RoundPhase
     from oatui.chat import ab
     from oatui.data.rules import rm_groups
 
@@ -152,7 +153,7 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
             async def one_round(prompt: str, key: str) -> ABPanel:
                 finished = len(recorder.of(ABPanel.AnswersFinished))
                 await pilot.press(*prompt, "enter")
-                panel = pane.ab_panel
+                panel = pane.round_panel
                 assert isinstance(panel, ABPanel) and app.focused is panel
                 await until(lambda: len(recorder.of(ABPanel.AnswersFinished)) > finished, pilot, timeout=120,
                             what="both answers")
@@ -176,7 +177,7 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
             models = expected[0]
             status = str(pane.query_one("#chat-status").render())
             assert f"A was {models[0]}, B was {models[1]}: you chose B ({models[1]})" in status
-            assert pane.ab_panel is None and not pane.ranking
+            assert pane.round_panel is None and pane.phase is RoundPhase.IDLE
             assert [(role, text) for role, text, _ in pane.turns][-1] == ("assistant", shown[0][1][1])
             first_tally = pane.ab_tally
             assert first_tally is not None
@@ -228,7 +229,7 @@ def test_blind_ab_in_the_chat_pane_random_order_choice_saved_win_rate_updated(se
             assert recorder.of(ABPanel.AnswersFinished)[-1].state == "cancelled"
             ends = {msg.index: msg.state for msg in recorder.of(ABPanel.AnswerFinished)[ended:]}
             assert ends.get(expected[3].index("slow"), "cancelled") == "cancelled"  # it cannot have finished
-            assert pane.ab_panel is None and not pane.ranking
+            assert pane.round_panel is None and pane.phase is RoundPhase.IDLE
             await pilot.press("ctrl+g")
 
     run(drive())

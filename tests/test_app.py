@@ -576,22 +576,38 @@ def test_the_command_refuses_bad_options_in_one_line(workspace: Path, tmp_path: 
 
 # -- rank mode and the demo, without a server ------------------------------------------------------
 
-def test_rank_panel_orders_rejects_and_confirms_from_the_keyboard() -> None:
+def test_rank_panel_orders_rejects_and_saves_from_the_keyboard(tmp_path: Path) -> None:
+    import threading
+
     from textual import on
     from textual.app import App
+
+    from oatui.app.widgets.round_panel import RoundPhase, RoundRequest
+    from oatui.chat.history import ChatHistory
+
+    prompt = "How do I bake bread?"
+    feedback = tmp_path / "feedback.trees.jsonl"
+    release = threading.Event()
+
+    def history() -> ChatHistory:
+        release.wait(10)  # the save thread waits here (the ranking is written): the round stays saving
+        return ChatHistory(tmp_path / "chats.sqlite")
+
+    request = RoundRequest(prompt=prompt, context=[("prompter", prompt)], settings=m.ChatSettings(),
+                           url="127.0.0.1:9", feedback_file=feedback, history=history)
 
     class PanelApp(App[None]):
         def __init__(self) -> None:
             super().__init__()
-            self.panel = RankPanel("How do I bake bread?", [5, 6, 7])
-            self.confirmed: list[RankPanel.Confirmed] = []
+            self.panel = RankPanel(request, [5, 6, 7])
+            self.closed: list[RankPanel.Closed] = []
 
         def compose(self) -> Any:
             yield self.panel
 
-        @on(RankPanel.Confirmed)
-        def _confirmed(self, message: RankPanel.Confirmed) -> None:
-            self.confirmed.append(message)
+        @on(RankPanel.Closed)
+        def _closed(self, message: RankPanel.Closed) -> None:
+            self.closed.append(message)
 
     app = PanelApp()
 
@@ -602,10 +618,12 @@ def test_rank_panel_orders_rejects_and_confirms_from_the_keyboard() -> None:
             panel.add_text(0, "Flour, water")
             await pilot.press("2")  # still sampling: nothing moves
             assert panel.order == [0, 1, 2] and "still coming" in panel.note
+            assert panel.phase is RoundPhase.GENERATING
             for index, text in enumerate(["Flour, water, salt.", "Buy bread.", "Knead it well."]):
                 panel.finish_answer(index, f"  {text}\n", "complete")
             panel.sampling_finished("complete")
             assert panel.texts == ["Flour, water, salt.", "Buy bread.", "Knead it well."]
+            assert panel.phase is RoundPhase.RANKING
             await pilot.press("3", "1", "2")  # digits name the answers best first
             assert panel.order == [2, 0, 1]
             await pilot.press("2", "1", "3")
@@ -622,14 +640,25 @@ def test_rank_panel_orders_rejects_and_confirms_from_the_keyboard() -> None:
             assert panel.order == [0, 2]
             assert panel.cards[0].border_subtitle == "best" and panel.cards[1].border_subtitle == "✗ rejected"
             await pilot.press("enter")
-            assert len(app.confirmed) == 1 and panel.saving
-            order = app.confirmed[0].order
-            assert (order.ranked, order.rejected) == ((0, 2), (1,))
+            assert panel.phase is RoundPhase.SAVING
             await pilot.press("enter", "escape")  # saving: no second ranking, no skip
             await pilot.pause(0.05)
-            assert len(app.confirmed) == 1
+            assert panel.phase is RoundPhase.SAVING and app.closed == []
+            release.set()
+            await until(lambda: app.closed, pilot, what="the ranking to be saved")
+            saved = app.closed[0].saved
+            assert isinstance(saved, m.RankingSaved) and (saved.ranked, saved.rejected) == ((0, 2), (1,))
+            assert panel.phase is RoundPhase.DONE and len(app.closed) == 1
 
-    run(drive())
+    try:
+        run(drive())
+    finally:
+        release.set()
+    lines = feedback.read_text().splitlines()
+    assert len(lines) == 1
+    replies = json.loads(lines[0])["prompt"]["replies"]
+    assert [(reply["text"], reply["rank"]) for reply in replies] == [
+        ("Flour, water, salt.", 0), ("Knead it well.", 1), ("Buy bread.", None)]
 
 
 def test_q_during_the_demo_asks_before_it_stops_the_demo(workspace: Path) -> None:

@@ -21,6 +21,7 @@ from oatui.app import messages as m
 from oatui.app.app import make_app
 from oatui.app.widgets.forms import ChatOptions, EditAnswer
 from oatui.app.widgets.rank_panel import RankPanel
+from oatui.app.widgets.round_panel import RoundPhase
 from oatui.chat.history import ChatHistory
 from oatui.data.rules import compute_stats, sft_conversations
 from oatui.data.trees import parse_tree
@@ -92,7 +93,7 @@ def test_rank_mode_ranks_three_streamed_answers_into_one_export_tree(served, tra
             assert pane.settings.rank_count == 3 and pane.settings.max_new_tokens == TOKENS
             pane.focus_prompt()
             await pilot.press(*prompt, "enter")
-            panel = pane.rank_panel
+            panel = pane.round_panel
             assert isinstance(panel, RankPanel) and app.focused is panel
             await until(lambda: recorder.of(m.RankSamplingFinished), pilot, timeout=120, what="three answers")
             assert recorder.of(m.RankSamplingFinished)[0].state == "complete"
@@ -118,7 +119,7 @@ def test_rank_mode_ranks_three_streamed_answers_into_one_export_tree(served, tra
             await pilot.pause(0.1)
             status = str(pane.query_one("#chat-status").render())
             assert "saved" in status and "feedback.trees.jsonl" in status
-            assert pane.rank_panel is None and not pane.ranking
+            assert pane.round_panel is None and pane.phase is RoundPhase.IDLE
             # The conversation goes on from the best answer.
             assert [(role, text) for role, text, _ in pane.turns] == [("prompter", prompt), ("assistant", answers[1])]
             await pilot.press("ctrl+r")
@@ -173,7 +174,7 @@ def test_rank_mode_at_80x24_edit_reject_and_esc(served) -> None:  # noqa: ANN001
             await until(lambda: recorder.of(m.RankSamplingFinished), pilot, timeout=30, what="the stop")
             assert recorder.of(m.RankSamplingFinished)[0].state == "cancelled"
             assert recorder.of(m.RankAnswerFinished)[0].state == "cancelled"
-            assert pane.rank_panel is None and not pane.ranking and pane.rank_mode
+            assert pane.round_panel is None and pane.phase is RoundPhase.IDLE and pane.rank_mode
             assert pane.query_one("#chat-prompt").value == prompt
             assert "nothing saved" in str(pane.query_one("#chat-status").render())
 
@@ -182,7 +183,7 @@ def test_rank_mode_at_80x24_edit_reject_and_esc(served) -> None:  # noqa: ANN001
             await until(lambda: len(recorder.of(m.RankSamplingFinished)) == 2, pilot, timeout=120,
                         what="three answers")
             assert recorder.of(m.RankSamplingFinished)[1].state == "complete"
-            panel = pane.rank_panel
+            panel = pane.round_panel
             assert panel is not None and app.focused is panel
             # 80 columns: one answer at a time, under tabs.
             assert panel.has_class("-tabs") and [card.display for card in panel.cards] == [True, False, False]

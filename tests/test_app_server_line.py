@@ -16,6 +16,7 @@ from oatui.app import messages as m
 from oatui.app.app import make_app
 from oatui.app.widgets.dialogs import ConfirmDialog
 from oatui.app.widgets.rank_panel import RankPanel
+from oatui.app.widgets.round_panel import RoundPhase
 from oatui.serve import server
 from oatui.serve.repository import EXPORT_INFO, export_model, read_export_source
 from oatui.stages.launcher import free_port
@@ -143,8 +144,8 @@ def test_rank_mode_from_the_main_screen_at_80x24(served) -> None:  # noqa: ANN00
             assert app.focused is pane.query_one("#chat-prompt")
             pane.settings = replace(pane.settings, max_new_tokens=400, ignore_eos=True)
             await pilot.press(*prompt, "enter")  # the first Enter samples
-            panel = pane.rank_panel
-            assert isinstance(panel, RankPanel) and pane.ranking
+            panel = pane.round_panel
+            assert isinstance(panel, RankPanel) and pane.phase is not RoundPhase.IDLE
             await until(lambda: recorder.of(m.RankSamplingFinished), pilot, timeout=120, what="the answers")
             assert recorder.of(m.RankSamplingFinished)[0].state == "complete"
             await pilot.pause(0.2)

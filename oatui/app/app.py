@@ -253,7 +253,7 @@ class OatuiApp(App[None]):
         self.runs_empty = Static("No runs yet: press 1 (SFT), 2 (RM) or 3 (RL) to launch one.", id="runs-empty")
         self.run_log = RunLog(id="run-log")
         self.run_curves = RunCurves(id="run-curves")
-        self.chat_pane = ChatPane(self.workspace.root, id="chat")
+        self.chat_pane = ChatPane(self.workspace, id="chat")
         self.demo_panel = DemoPanel(id="demo")
         self.server_line = ServerLine(id="server-line")
         self.detail = TabbedContent(id="detail", initial="tab-log")

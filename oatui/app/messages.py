@@ -167,8 +167,9 @@ class AnswerFinished(Message):
         self.error = error
 
 
-class RankPieceReceived(Message):
-    """Pieces of answer ``index`` of a rank round (batched like ``TokenReceived``)."""
+class AnswerPieceReceived(Message):
+    """Pieces of answer ``index`` of a round (several answers streamed at once), batched like
+    ``TokenReceived``."""
 
     def __init__(self, index: int, text: str) -> None:
         super().__init__()
@@ -176,8 +177,8 @@ class RankPieceReceived(Message):
         self.text = text
 
 
-class RankAnswerFinished(Message):
-    """Answer ``index`` of a rank round ended: complete, cancelled or failed (``error``)."""
+class RoundAnswerFinished(Message):
+    """Answer ``index`` of a round ended: complete, cancelled or failed (``error``)."""
 
     def __init__(self, index: int, text: str, state: str, error: str | None = None) -> None:
         super().__init__()
@@ -187,8 +188,8 @@ class RankAnswerFinished(Message):
         self.error = error
 
 
-class RankSamplingFinished(Message):
-    """Every answer of a rank round is in (``complete``), or sampling stopped (Esc) or failed."""
+class RoundAnswersFinished(Message):
+    """Every answer of a round is in (``complete``), or they stopped (Esc: ``cancelled``) or one failed."""
 
     def __init__(self, state: str, error: str | None = None) -> None:
         super().__init__()
@@ -196,30 +197,55 @@ class RankSamplingFinished(Message):
         self.error = error
 
 
-class RankingSaved(Message):
+class RoundSaved(Message):
+    """A round's outcome was appended to the feedback file ``path``; the conversation goes on from the
+    answer it kept."""
+
+    def __init__(self, path: Any, conversation_id: int | None, turns: list[tuple[str, str, int | None]],
+                 history_error: str | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.conversation_id = conversation_id
+        #: The prompter turn and the kept answer, as the chat pane keeps turns (role, text, message id).
+        self.turns = turns
+        self.history_error = history_error
+
+
+class RoundSaveFailed(Message):
+    """A round's outcome could not be written (nothing was appended)."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class RankPieceReceived(AnswerPieceReceived):
+    """Pieces of answer ``index`` of a rank round."""
+
+
+class RankAnswerFinished(RoundAnswerFinished):
+    """Answer ``index`` of a rank round ended."""
+
+
+class RankSamplingFinished(RoundAnswersFinished):
+    """Every answer of a rank round is in (``complete``), or sampling stopped (Esc) or failed."""
+
+
+class RankingSaved(RoundSaved):
     """A ranking was appended to the feedback file; the conversation goes on from the best answer."""
 
     def __init__(self, path: Any, tree_id: str, ranked: tuple[int, ...], rejected: tuple[int, ...],
                  best_text: str, conversation_id: int | None, turns: list[tuple[str, str, int | None]],
                  history_error: str | None = None) -> None:
-        super().__init__()
-        self.path = path
+        super().__init__(path, conversation_id, turns, history_error)
         self.tree_id = tree_id
         self.ranked = ranked
         self.rejected = rejected
         self.best_text = best_text
-        self.conversation_id = conversation_id
-        #: The prompter turn and the best answer, as the chat pane keeps turns (role, text, message id).
-        self.turns = turns
-        self.history_error = history_error
 
 
-class RankingFailed(Message):
+class RankingFailed(RoundSaveFailed):
     """The ranking could not be written (nothing was appended)."""
-
-    def __init__(self, error: str) -> None:
-        super().__init__()
-        self.error = error
 
 
 class ConversationsLoaded(Message):

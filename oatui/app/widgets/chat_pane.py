@@ -6,14 +6,18 @@ coalesces them further, so a fast model never floods the screen. Esc cancels the
 cancels the gRPC call, which makes the server stop generating. Conversations and their messages
 go to ``oatui.chat.history`` (``WORKSPACE/state/chats.sqlite``) from worker threads.
 
-Rank mode (ctrl+r): each prompt gets K answers (seeds S, S+1, ...), streamed at the same time
-into a :class:`RankPanel`, where the person puts them in order, edits one into a better
+Rank mode (ctrl+r): each prompt opens a round, a :class:`RankPanel` that samples K answers (seeds
+S, S+1, ...) at the same time, where the person puts them in order, edits one into a better
 demonstration or rejects some. Enter appends the ranking to ``WORKSPACE/data/feedback.trees.jsonl``
 (``oatui.chat.feedback``, in a thread) and the conversation goes on from the best answer; only that
 answer is kept in the chat history. Esc stops the sampling, or skips a round: nothing is saved.
 
 Blind A/B mode (ctrl+g): each prompt goes to two models at once, their answers shown as A and B in
 a random order revealed after the choice (``oatui.app.widgets.ab_panel``, mixed in as ``ABMode``).
+
+Both kinds of round are a :class:`~oatui.app.widgets.round_panel.RoundPanel` in place of the
+transcript: it runs the round and posts ``Closed`` when it is over; the pane's ``phase`` says where
+the open round stands (``RoundPhase.IDLE`` when there is none).
 
 A failed answer (the server went away mid-answer, say) leaves one line in the status bar until
 the next prompt, with ctrl+t to restart the server.
@@ -23,11 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
-import time
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import on, work
@@ -43,57 +44,27 @@ from oatui.app.messages import (
     ConversationOpened,
     ConversationsLoaded,
     ModelsListed,
-    RankAnswerFinished,
-    RankingFailed,
-    RankingSaved,
-    RankPieceReceived,
-    RankSamplingFinished,
+    RoundAnswersFinished,
     TokenReceived,
 )
-from oatui.app.widgets.ab_panel import ABMode
+from oatui.app.streaming import ANSWER_TIMEOUT, close_quietly, one_line, stream_in_batches
+from oatui.app.widgets.ab_panel import ABMode, ABPanel
 from oatui.app.widgets.rank_panel import RankPanel
+from oatui.app.widgets.round_panel import RoundPanel, RoundPhase, RoundRequest
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from textual.widgets.markdown import MarkdownStream
 
+    from oatui.app.messages import RankingSaved
     from oatui.chat.history import ChatHistory
-    from oatui.chat.ranking import Order
     from oatui.serve.server import ServerInfo
+    from oatui.workspace import Workspace
 
-#: Seconds between two batches of streamed text sent to the screen.
-FLUSH_INTERVAL = 1 / 20
-_DECOUPLED = re.compile(r"decoupled\s*:\s*true", re.IGNORECASE)
-#: Seconds the client waits for each piece of an answer before it gives up on the server.
-ANSWER_TIMEOUT = 60.0
 #: The conversation list shows beside the transcript from this width of the pane (zoomed, or a wide terminal).
 CONVERSATIONS_WIDTH = 100
 PROMPT_HINT = "Ask the policy (Enter sends · Esc stops · ctrl+o options · ctrl+r rank mode)"
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-async def stream_in_batches(client: Any, context: list[tuple[str, str]], settings: ChatSettings,
-                            pieces: list[str], emit: Callable[[str], None], **extra: Any) -> None:
-    """Stream one answer into ``pieces``; ``emit`` gets the new text at most every ``FLUSH_INTERVAL``
-    and whatever is left when the stream ends, however it ends (errors and cancellation propagate)."""
-    pending: list[str] = []
-    last_flush = 0.0
-    try:
-        async for piece in client.stream(turns=context, system=settings.system or None, **extra,
-                                         **settings.sampling()):
-            pieces.append(piece)
-            pending.append(piece)
-            now = time.monotonic()
-            if now - last_flush >= FLUSH_INTERVAL:
-                emit("".join(pending))
-                pending.clear()
-                last_flush = now
-    finally:
-        if pending:
-            emit("".join(pending))
-
 
 STOPPED_MARK = "— stopped"
 
@@ -102,35 +73,6 @@ def stopped_answer(text: str) -> str:
     """An answer stopped with Esc as the pane shows it: marked, so that it does not look finished.
     The mark is only drawn; the history keeps the text and the state ``cancelled``."""
     return f"{text}\n\n*{STOPPED_MARK}*" if text.strip() else f"*{STOPPED_MARK}*"
-
-
-async def close_quietly(client: Any) -> None:
-    """Close a chat client even while the worker is being cancelled."""
-    if client is None:
-        return
-    try:
-        await asyncio.shield(client.close())
-    except BaseException:  # noqa: BLE001 - closing a cancelled channel
-        pass
-
-
-def streaming_models(repo: Path) -> list[str]:
-    """Models of a Triton repository whose config.pbtxt declares them decoupled (streaming)."""
-    found = []
-    try:
-        folders = sorted(path for path in Path(repo).iterdir() if path.is_dir() and not path.name.startswith("."))
-    except OSError:
-        return []
-    for folder in folders:
-        try:
-            text = (folder / "config.pbtxt").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        # Comments may mention the word; only a real "decoupled: true" line counts.
-        lines = [line.split("#", 1)[0] for line in text.splitlines()]
-        if _DECOUPLED.search("\n".join(lines)):
-            found.append(folder.name)
-    return found
 
 
 class ChatPane(ABMode, Vertical):
@@ -147,9 +89,9 @@ class ChatPane(ABMode, Vertical):
         Binding("ctrl+y", "copy_answer", "Copy answer"),
     ]
 
-    def __init__(self, workspace: Path, **kwargs: Any) -> None:
+    def __init__(self, workspace: Workspace, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.workspace = Path(workspace)
+        self.workspace = workspace
         self.settings = ChatSettings()
         self.server: ServerInfo | None = None
         self.server_note: str | None = None
@@ -162,12 +104,9 @@ class ChatPane(ABMode, Vertical):
         #: The last answer's failure (one line), shown until the next prompt or a new server.
         self.failure: str | None = None
         self.rank_mode = False
-        self.ranking = False  # a rank round is open (sampling or waiting for the person)
-        self.rank_panel: RankPanel | None = None
-        self._rank_context: list[tuple[str, str]] = []
-        self._rank_settings = self.settings
-        self._rank_model_name = self.settings.model
-        self._zoomed_for_rank = False
+        #: The open round (rank mode's or blind A/B's), in place of the transcript.
+        self.round_panel: RoundPanel | None = None
+        self._zoomed_for_mode = False  # rank or A/B mode took the screen, and gives it back
         self._history: ChatHistory | None = None
         self._stream: MarkdownStream | None = None
         self._answer_view: Markdown | None = None
@@ -198,9 +137,8 @@ class ChatPane(ABMode, Vertical):
     def history(self) -> ChatHistory:
         if self._history is None:
             from oatui.chat.history import ChatHistory
-            from oatui.workspace import Workspace
 
-            self._history = ChatHistory(Workspace(self.workspace).chat_db)
+            self._history = ChatHistory(self.workspace.chat_db)
         return self._history
 
     @work(thread=True, exclusive=True, group="chat-history")
@@ -227,7 +165,7 @@ class ChatPane(ABMode, Vertical):
 
     @on(OptionList.OptionSelected, "#chat-conversations")
     def _conversation_chosen(self, event: OptionList.OptionSelected) -> None:
-        if self.streaming or self.ranking or event.option.id is None:
+        if self.streaming or self.round_panel is not None or event.option.id is None:
             return
         self.open_conversation(int(event.option.id))
 
@@ -258,7 +196,13 @@ class ChatPane(ABMode, Vertical):
     # -- models and the server ------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="chat-models")
     def list_models(self) -> None:
-        self.post_message(ModelsListed(streaming_models(self.workspace / "triton")))
+        from oatui.serve.repository import streaming_models
+
+        try:
+            models = streaming_models(self.workspace.triton_repo)
+        except OSError:
+            models = []
+        self.post_message(ModelsListed(models))
 
     @on(ModelsListed)
     def _models_listed(self, message: ModelsListed) -> None:
@@ -314,11 +258,7 @@ class ChatPane(ABMode, Vertical):
         prompt = event.value.strip()
         if not prompt:
             return
-        if self.streaming:
-            self._show_status("An answer is still streaming: Esc stops it.")
-            return
-        if self.ranking:
-            self._show_status("Finish the ranking first: Enter saves it, Esc skips it.")
+        if self.busy():
             return
         if self.server is None:
             self._show_status("Server not running: press ctrl+t (or Esc, then s) to start it.")
@@ -438,35 +378,48 @@ class ChatPane(ABMode, Vertical):
                 widget.add_class("-error")
         return widget
 
-    # -- rank mode --------------------------------------------------------------------------------
-    def action_toggle_rank(self) -> None:
-        if self.ranking:
-            self._show_status("Finish the ranking first: Enter saves it, Esc skips it.")
-            return
+    # -- rank mode and the rounds ---------------------------------------------------------------------
+    @property
+    def phase(self) -> RoundPhase:
+        """Where the open round stands; ``RoundPhase.IDLE`` when there is none."""
+        return self.round_panel.phase if self.round_panel is not None else RoundPhase.IDLE
+
+    def busy(self, finish_round: str = "Finish the ranking first: Enter saves it, Esc skips it.") -> bool:
+        """Whether an answer streams or a round is open (the status line says so, and what to do)."""
         if self.streaming:
             self._show_status("An answer is still streaming: Esc stops it.")
+        elif self.round_panel is not None:
+            self._show_status(finish_round)
+        return self.streaming or self.round_panel is not None
+
+    def action_toggle_rank(self) -> None:
+        if self.busy():
             return
         if not self.rank_mode and self.ab_models is not None:
             self.leave_ab_mode()  # one mode at a time
         self.rank_mode = not self.rank_mode
         self.set_class(self.rank_mode, "-rank-mode")
         self._prompt.placeholder = self._placeholder()
-        screen = self.screen
-        if self.rank_mode and screen.maximized is None:
-            # Side by side needs the width: the pane takes the screen (ctrl+r or Esc gives it back).
-            self._zoomed_for_rank = screen.maximize(self, container=False)
-        elif not self.rank_mode and self._zoomed_for_rank and screen.maximized is self:
-            screen.minimize()
-        if not self.rank_mode:
-            self._zoomed_for_rank = False
+        if self.rank_mode:
+            self.take_screen()
+        else:
+            self.give_screen_back()
         self._show_status()
         self._prompt.focus()
 
-    def ranked_model_name(self, model: str) -> str:
-        """The name a ranking records for the answers of ``model``: the run it was exported from, when
-        the server knows it (the export name says little once it has been replaced), else the name."""
-        source = self.server.model_source(model) if self.server is not None else None
-        return source.run_id if source is not None and source.run_id else model
+    def take_screen(self) -> None:
+        """Side by side needs the width: the pane takes the screen, unless something is zoomed already
+        (the mode's key, or Esc, gives it back)."""
+        screen = self.screen
+        if screen.maximized is None:
+            self._zoomed_for_mode = screen.maximize(self, container=False)
+
+    def give_screen_back(self) -> None:
+        """Leaving a mode: the screen goes back as it was, if the mode took it."""
+        screen = self.screen
+        if self._zoomed_for_mode and screen.maximized is self:
+            screen.minimize()
+        self._zoomed_for_mode = False
 
     def _placeholder(self) -> str:
         if self.ab_models is not None:
@@ -476,214 +429,82 @@ class ChatPane(ABMode, Vertical):
                     "(Enter samples · ctrl+r leaves rank mode)")
         return PROMPT_HINT
 
-    async def _start_rank_round(self, prompt: str) -> None:
-        count = self.settings.rank_count
-        base = random.randrange(0, 2**31)
-        seeds = [base + i for i in range(count)]
-        self._rank_context = [(role, text) for role, text, _ in self.turns] + [("prompter", prompt)]
-        self._rank_settings = self.settings
-        self._rank_model_name = self.ranked_model_name(self.settings.model)
-        panel = RankPanel(prompt, seeds, id="rank-panel")
-        self.rank_panel = panel
-        self.ranking = True
+    def round_request(self, prompt: str, models: Iterable[str]) -> RoundRequest:
+        """What a round on ``prompt`` takes from the pane; ``models``: those it asks (the training run
+        behind each is looked up, where the server knows it)."""
+        server = self.server
+        assert server is not None
+        source = getattr(server, "model_source", None)
+        runs = {name: source(name).run_id for name in models} if source is not None else {}
+        return RoundRequest(prompt=prompt, context=[(role, text) for role, text, _ in self.turns] + [("prompter", prompt)],
+                            settings=self.settings, url=server.grpc_url, feedback_file=self.workspace.feedback_file,
+                            history=self.history, conversation_id=self.conversation_id,
+                            parent_id=self.turns[-1][2] if self.turns else None, runs=runs)
+
+    async def open_round(self, panel: RoundPanel) -> None:
+        """Show the round's panel in place of the transcript, and start its answers."""
+        self.round_panel = panel
         self.add_class("-ranking")
         self.add_class("-streaming")
         await self._body.mount(panel)
+        panel.generate()
         panel.focus()
         self._show_status()
-        self.sample_answers(list(self._rank_context), self.settings, self.server.grpc_url, seeds)  # type: ignore[union-attr]
 
-    @work(exclusive=True, group="chat-rank")
-    async def sample_answers(self, context: list[tuple[str, str]], settings: ChatSettings, url: str,
-                             seeds: list[int]) -> None:
-        """Stream one answer per seed, all at once (one client each: the server decodes them together);
-        whatever way it ends, one ``RankSamplingFinished`` is posted. An answer that fails stops the others."""
-        state, error = "complete", None
-        clients: list[Any] = []
-        try:
-            from oatui.serve.client import AsyncChatClient, RemoteError, ServerUnavailable
+    async def _start_rank_round(self, prompt: str) -> None:
+        base = random.randrange(0, 2**31)
+        seeds = [base + i for i in range(self.settings.rank_count)]
+        await self.open_round(RankPanel(self.round_request(prompt, [self.settings.model]), seeds, id="rank-panel"))
 
-            async def sample(index: int, seed: int) -> None:
-                client = AsyncChatClient(url, model=settings.model, timeout=ANSWER_TIMEOUT, retries=2)
-                clients.append(client)
-                pieces: list[str] = []
-                answer_state, answer_error = "complete", None
-                try:
-                    def emit(text: str) -> None:
-                        self.post_message(RankPieceReceived(index, text))
-
-                    await stream_in_batches(client, context, settings, pieces, emit, seed=seed)
-                except (ServerUnavailable, RemoteError, ValueError) as failure:
-                    answer_state, answer_error = "error", str(failure)
-                    raise
-                except asyncio.CancelledError:
-                    answer_state = "cancelled"
-                    raise
-                finally:
-                    self.post_message(RankAnswerFinished(index, "".join(pieces), answer_state, answer_error))
-
-            tasks = [asyncio.create_task(sample(index, seed)) for index, seed in enumerate(seeds)]
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        except asyncio.CancelledError:
-            state = "cancelled"
-            raise
-        except (ServerUnavailable, RemoteError, ValueError) as failure:
-            state, error = "error", str(failure)
-        except Exception as failure:  # noqa: BLE001 - shown in the pane, never a traceback
-            state, error = "error", f"{type(failure).__name__}: {failure}"
-        finally:
-            self.post_message(RankSamplingFinished(state, error))
-            for client in clients:
-                await close_quietly(client)
-
-    @on(RankPieceReceived)
-    def _rank_piece(self, message: RankPieceReceived) -> None:
-        if self.rank_panel is not None and self.rank_panel.is_attached:
-            self.rank_panel.add_text(message.index, message.text)
-
-    @on(RankAnswerFinished)
-    def _rank_answer_finished(self, message: RankAnswerFinished) -> None:
-        if self.rank_panel is not None and self.rank_panel.is_attached:
-            self.rank_panel.finish_answer(message.index, message.text, message.state)
-
-    @on(RankSamplingFinished)
-    async def _rank_sampling_finished(self, message: RankSamplingFinished) -> None:
-        self.remove_class("-streaming")
-        panel = self.rank_panel
-        if message.state == "complete" and panel is not None:
-            panel.sampling_finished("complete")
+    @on(RoundAnswersFinished)
+    def _round_answers_finished(self, message: RoundAnswersFinished) -> None:
+        # The round's panel took it first (its phase says what comes next).
+        self.set_class(self.phase is RoundPhase.GENERATING, "-streaming")
+        if message.state == "complete":
             self._show_status()
-            return
-        prompt = panel.prompt if panel is not None else ""
-        if message.state == "error":
-            self.failure = one_line(message.error or "sampling failed")
-            await self._end_rank_round(prompt)
-        else:
-            await self._end_rank_round(prompt, "Sampling stopped: nothing saved.")
 
-    async def _end_rank_round(self, restore_prompt: str | None = None, notice: str | None = None) -> None:
-        """Close the round's panel; the prompt goes back into the input when nothing was saved."""
-        self.ranking = False
+    @on(RoundPanel.Closed)
+    async def _round_closed(self, message: RoundPanel.Closed) -> None:
+        """Close the round's panel: the conversation goes on from the answer it kept, or the prompt
+        goes back into the input when nothing was saved."""
+        message.stop()
+        panel, self.round_panel = self.round_panel, None
         self.remove_class("-ranking")
         self.remove_class("-streaming")
-        panel, self.rank_panel = self.rank_panel, None
         if panel is not None and panel.is_attached:
             await panel.remove()
-        if restore_prompt and not self._prompt.value:
-            self._prompt.value = restore_prompt
-        self._show_status(notice)
-        self._prompt.focus()
-
-    @on(RankPanel.StopRequested)
-    def _rank_stop(self, event: RankPanel.StopRequested) -> None:
-        event.stop()
-        self.workers.cancel_group(self, "chat-rank")
-
-    @on(RankPanel.Skipped)
-    async def _rank_skipped(self, event: RankPanel.Skipped) -> None:
-        event.stop()
-        prompt = self.rank_panel.prompt if self.rank_panel is not None else None
-        await self._end_rank_round(prompt, "Skipped: nothing saved.")
-
-    @on(RankPanel.EditRequested)
-    def _rank_edit(self, event: RankPanel.EditRequested) -> None:
-        from oatui.app.widgets.forms import EditAnswer
-
-        event.stop()
-        panel = self.rank_panel
-
-        def edited(text: str | None) -> None:
-            if panel is not None and panel.is_attached:
-                if text is not None:
-                    panel.set_edit(event.index, text)
-                panel.focus()
-
-        self.app.push_screen(EditAnswer(event.index + 1, event.text), edited)
-
-    @on(RankPanel.Confirmed)
-    def _rank_confirmed(self, event: RankPanel.Confirmed) -> None:
-        event.stop()
-        panel = self.rank_panel
-        if panel is None:
+        saved = message.saved
+        if saved is None:
+            if message.failure:
+                self.failure = one_line(message.failure)
+            if message.prompt and not self._prompt.value:
+                self._prompt.value = message.prompt
+            self._show_status(message.notice)
+            self._prompt.focus()
             return
-        parent = self.turns[-1][2] if self.turns else None
-        self.save_ranking(list(self._rank_context), list(panel.texts), event.order, event.edits, list(panel.seeds),
-                          self._rank_settings, self.conversation_id, parent, self._rank_model_name)
-
-    @work(thread=True, exclusive=True, group="chat-rank-save")
-    def save_ranking(self, context: list[tuple[str, str]], texts: list[str], order: Order, edits: dict[int, str],
-                     seeds: list[int], settings: ChatSettings, conversation_id: int | None,
-                     parent: int | None, model_name: str) -> None:
-        """Append the ranking to the feedback file (its answers' ``model_name``: ``model_name``), then keep
-        the prompt and the best answer in the history."""
-        from oatui.chat.feedback import Ranking, append_ranking
-        from oatui.chat.ranking import ranked_answers
-        from oatui.workspace import Workspace
-
-        feedback = Workspace(self.workspace).feedback_file
-        try:
-            ranking = Ranking(context=context, answers=ranked_answers(texts, order, edits, seeds),
-                              model_name=model_name, system=settings.system or None)
-            tree = append_ranking(feedback, ranking)
-        except (ValueError, OSError) as error:
-            self.post_message(RankingFailed(f"not saved: {one_line(str(error))}"))
-            return
-        except Exception as error:  # noqa: BLE001 - shown in the panel, never a traceback
-            self.post_message(RankingFailed(f"not saved: {type(error).__name__}: {one_line(str(error))}"))
-            return
-        prompt = context[-1][1]
-        best = order.ranked[0]
-        best_text = edits.get(best, texts[best])
-        turns: list[tuple[str, str, int | None]] = [("prompter", prompt, None), ("assistant", best_text, None)]
-        history_error = None
-        try:
-            history = self.history()
-            if conversation_id is None:
-                conversation_id = history.new_conversation(prompt, model=settings.model, system=settings.system or None,
-                                                           params=settings.sampling()).id
-            asked = history.add_message(conversation_id, "prompter", prompt, parent_id=parent)
-            answer = history.add_message(
-                conversation_id, "assistant", best_text, parent_id=asked.id,
-                model=None if best in edits else settings.model,
-                params={**settings.sampling(), "seed": seeds[best]})
-            turns = [("prompter", prompt, asked.id), ("assistant", best_text, answer.id)]
-        except Exception as error:  # noqa: BLE001 - the ranking is saved; the store's problem is shown
-            history_error = one_line(str(error))
-        self.post_message(RankingSaved(feedback, tree["message_tree_id"], order.ranked, order.rejected, best_text,
-                                       conversation_id, turns, history_error))
-
-    @on(RankingFailed)
-    def _ranking_failed(self, message: RankingFailed) -> None:
-        if self.rank_panel is not None and self.rank_panel.is_attached:
-            self.rank_panel.saving_failed(message.error)
-
-    @on(RankingSaved)
-    async def _ranking_saved(self, message: RankingSaved) -> None:
-        self.conversation_id = message.conversation_id
-        self.turns.extend(message.turns)
-        await self._end_rank_round()
+        self.conversation_id = saved.conversation_id
+        self.turns.extend(saved.turns)
         transcript = self._transcript
-        await transcript.mount_all([self._message_widget(role, text, "complete") for role, text, _ in message.turns])
+        await transcript.mount_all([self._message_widget(role, text, "complete") for role, text, _ in saved.turns])
         transcript.scroll_end(animate=False)
+        if isinstance(saved, ABPanel.RoundSaved):
+            self.ab_round_saved(saved)
+        else:
+            self._ranking_saved(saved)  # type: ignore[arg-type]
+        self._prompt.focus()
+        self.load_conversations(self.conversation_id)
+
+    def _ranking_saved(self, message: RankingSaved) -> None:
         order = " › ".join(str(index + 1) for index in message.ranked)
         rejected = f", {len(message.rejected)} rejected" if message.rejected else ""
         note = f"Saved the ranking ({order}{rejected}) to {message.path}"
         if message.history_error:
             note += f"; chat history: {message.history_error}"
-        self._show_saved(note)
-        self.notify(note, timeout=6)
-        self.load_conversations(self.conversation_id)
-
-    def _show_saved(self, note: str) -> None:
         text = Text()
         text.append("✓ saved ", style="bold green")
         text.append(note.removeprefix("Saved "))
         self._status.update(text)
+        self.notify(note, timeout=6)
 
     # -- keys -----------------------------------------------------------------------------------
     def action_cancel(self) -> None:
@@ -691,20 +512,19 @@ class ChatPane(ABMode, Vertical):
             self.stop_requested = True
             self.workers.cancel_group(self, "chat")
             return
-        if self.ranking and self.ab_cancel():
-            return
-        if self.ranking and self.rank_panel is not None:
-            if self.rank_panel.sampling:
-                self.rank_panel.action_stop()
+        panel = self.round_panel
+        if panel is not None:  # Esc outside the round's panel: stop the answers, else back to the panel
+            if panel.phase is RoundPhase.GENERATING:
+                panel.action_stop()
             else:
-                self.rank_panel.focus()
+                panel.focus()
             return
         if self.screen.maximized is not None:
             self.screen.minimize()
         self._transcript.focus()
 
     async def action_new_conversation(self) -> None:
-        if self.streaming or self.ranking:
+        if self.streaming or self.round_panel is not None:
             return
         self.conversation_id = None
         self.turns = []

@@ -1,22 +1,33 @@
-"""Rank mode's panel: K answers to one prompt, streamed in, put in order from the keyboard.
+"""Rank mode's round: K answers to one prompt, streamed in, put in order from the keyboard, saved.
 
 The answers stand side by side when each gets about ``CARD_WIDTH`` columns, else one at a time
 under a row of tabs (80 columns). Cards keep their sampled order (answer 1, 2, ...); the order
-line and each card's subtitle say where it ranks. The panel holds the person's choices (order,
-rejections, edits) and posts ``Confirmed`` or ``Skipped``; the chat pane samples the answers and
-writes the ranking.
+line and each card's subtitle say where it ranks. The panel holds the round (a
+:class:`~oatui.app.widgets.round_panel.RoundPanel`): it samples the answers (seeds S, S+1, ...),
+takes the person's choices (order, rejections, edits), writes the ranking
+(``oatui.chat.feedback.save_ranking``, in a thread) and keeps the best answer in the chat history.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
+from textual.containers import Horizontal
 from textual.widgets import Static, Tab, Tabs
 
+from oatui.app.messages import (
+    RankAnswerFinished,
+    RankingFailed,
+    RankingSaved,
+    RankPieceReceived,
+    RankSamplingFinished,
+)
+from oatui.app.streaming import error_line
+from oatui.app.widgets.round_panel import ROUND_KEYS, SAVE_GROUP, AnswerCard, RoundPanel, RoundPhase, RoundRequest
 from oatui.chat.ranking import Order
 
 #: Columns an answer needs to stand beside the others.
@@ -24,22 +35,7 @@ CARD_WIDTH = 30
 ORDINALS = ("best", "2nd", "3rd", "4th", "5th", "6th", "7th", "8th", "9th")
 
 
-class AnswerCard(VerticalScroll):
-    """One sampled answer; its border says its number, its place and its state."""
-
-    def __init__(self, index: int, seed: int, **kwargs: object) -> None:
-        super().__init__(classes="rank-card -waiting", **kwargs)  # type: ignore[arg-type]
-        self.index = index
-        self.seed = seed
-        self.can_focus = False
-        self.body = Static("", classes="rank-card-body", markup=False)
-        self.border_title = f"{index + 1}"
-
-    def compose(self) -> ComposeResult:
-        yield self.body
-
-
-class RankPanel(Vertical, can_focus=True):
+class RankPanel(RoundPanel):
     """K answers to one prompt; the keys put them in order, edit or reject one, save or skip."""
 
     # Short descriptions: at 80 columns the footer holds them all.
@@ -51,52 +47,30 @@ class RankPanel(Vertical, can_focus=True):
         *[Binding(str(n), f"place({n})", "Order", key_display="1…9", show=n == 1) for n in range(1, 10)],
         Binding("x", "reject", "Reject"),
         Binding("e", "edit", "Edit"),
-        Binding("enter", "confirm", "Save"),
-        Binding("escape", "stop", "Stop/skip"),
-        Binding("pageup", "scroll_answer(-1)", "Scroll answer up", show=False),
-        Binding("pagedown", "scroll_answer(1)", "Scroll answer down", show=False),
+        *ROUND_KEYS,
+        Binding("pageup", "scroll_answers(-1)", "Scroll answer up", show=False),
+        Binding("pagedown", "scroll_answers(1)", "Scroll answer down", show=False),
     ]
 
-    class Confirmed(Message):
-        """The person's ranking: ``order`` of answer indices (best first), ``edits`` by index."""
+    PieceReceived = RankPieceReceived
+    AnswerFinished = RankAnswerFinished
+    AnswersFinished = RankSamplingFinished
+    ID_PREFIX = "rank"
+    STOPPED_NOTICE = "Sampling stopped: nothing saved."
+    FAILED_NOTICE = "sampling failed"
 
-        def __init__(self, order: Order, edits: dict[int, str]) -> None:
-            super().__init__()
-            self.order = order
-            self.edits = edits
-
-    class Skipped(Message):
-        """Esc once every answer was in: nothing is saved."""
-
-    class StopRequested(Message):
-        """Esc while the answers stream: the chat pane stops the sampling."""
-
-    class EditRequested(Message):
-        def __init__(self, index: int, text: str) -> None:
-            super().__init__()
-            self.index = index
-            self.text = text
-
-    def __init__(self, prompt: str, seeds: list[int], **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.prompt = prompt
+    def __init__(self, request: RoundRequest, seeds: list[int], **kwargs: Any) -> None:
+        super().__init__(request, len(seeds), **kwargs)
         self.seeds = list(seeds)
-        self.count = len(seeds)
-        self.texts = [""] * self.count
-        self.states = ["waiting"] * self.count
         self.order: list[int] = list(range(self.count))
         self.rejected: list[int] = []
         self.edits: dict[int, str] = {}
         self.selected = 0
-        self.sampling = True
-        self.saving = False
-        self.note = ""
         self._typed = 0
-        self._header = Static("", id="rank-header")
         self._order_line = Static("", id="rank-order")
         self._tabs = Tabs(*[Tab(f"{i + 1}", id=f"rank-tab-{i}") for i in range(self.count)], id="rank-tabs")
         self._tabs.can_focus = False
-        self.cards = [AnswerCard(i, seed) for i, seed in enumerate(self.seeds)]
+        self.cards = [AnswerCard(i, f"{i + 1}") for i in range(self.count)]
 
     def compose(self) -> ComposeResult:
         yield self._header
@@ -105,40 +79,22 @@ class RankPanel(Vertical, can_focus=True):
         with Horizontal(id="rank-answers"):
             yield from self.cards
 
-    def on_mount(self) -> None:
-        self._refresh_all()
-
     def on_resize(self) -> None:
         side_by_side = self.size.width >= CARD_WIDTH * self.count + 2
         self.set_class(side_by_side, "-side-by-side")
         self.set_class(not side_by_side, "-tabs")
 
-    # -- what the chat pane feeds in --------------------------------------------------------------
-    def add_text(self, index: int, text: str) -> None:
-        if self.states[index] == "waiting":
-            self.states[index] = "streaming"
-            self._refresh_card(index)
-            if self.has_class("-tabs") and self.states[self.selected] != "streaming":
-                self.action_select_index(index)  # follow a stream, but do not jump between them
-        self.texts[index] += text
+    # -- the answers ------------------------------------------------------------------------------
+    def streams(self) -> list[tuple[str, int]]:
+        return [(self.request.settings.model, seed) for seed in self.seeds]
+
+    def stream_started(self, index: int) -> None:
+        if self.has_class("-tabs") and self.states[self.selected] != "streaming":
+            self.action_select_index(index)  # follow a stream, but do not jump between them
         # The card stays where it is (at the start, unless scrolled): an answer is ranked from its start.
-        self.cards[index].body.update(self.texts[index])
 
-    def finish_answer(self, index: int, text: str, state: str) -> None:
-        self.texts[index] = text.strip() if state == "complete" else text
-        self.states[index] = state
-        self.cards[index].body.update(self.texts[index])
-        self._refresh_card(index)
-
-    def sampling_finished(self, state: str) -> None:
-        self.sampling = False
-        self.note = "" if state == "complete" else state
+    def answers_in(self) -> None:
         self.selected = 0  # the tabs followed the stream; ranking starts at the first answer
-        self._refresh_all()
-
-    def set_note(self, note: str) -> None:
-        self.note = note
-        self._show_header()
 
     # -- the person's choices ---------------------------------------------------------------------
     def current_order(self) -> Order:
@@ -164,12 +120,6 @@ class RankPanel(Vertical, can_focus=True):
             index = int(event.tab.id.rsplit("-", 1)[1])
             if index != self.selected:
                 self.action_select_index(index)
-
-    def _ready(self) -> bool:
-        if self.sampling:
-            self.set_note("the answers are still coming (Esc stops)")
-            return False
-        return not self.saving
 
     def action_place(self, number: int) -> None:
         """Digits name the answers best first: 2 1 3 puts answer 2 first, 1 second, 3 third."""
@@ -226,10 +176,20 @@ class RankPanel(Vertical, can_focus=True):
         self._refresh_all()
 
     def action_edit(self) -> None:
+        """Rewrite the selected answer into a better demonstration (in a dialog)."""
+        from oatui.app.widgets.forms import EditAnswer
+
         if not self._ready():
             return
         index = self.selected
-        self.post_message(self.EditRequested(index, self.edits.get(index, self.texts[index])))
+
+        def edited(text: str | None) -> None:
+            if self.is_attached:
+                if text is not None:
+                    self.set_edit(index, text)
+                self.focus()
+
+        self.app.push_screen(EditAnswer(index + 1, self.edits.get(index, self.texts[index])), edited)
 
     def set_edit(self, index: int, text: str) -> None:
         """The person's rewrite of answer ``index`` (the model's own text when unchanged or empty)."""
@@ -241,32 +201,33 @@ class RankPanel(Vertical, can_focus=True):
         self.cards[index].body.update(self.edits.get(index, self.texts[index]))
         self._refresh_all()
 
-    def action_confirm(self) -> None:
-        if not self._ready():
+    def scrolled_cards(self) -> list[AnswerCard]:
+        return [self.cards[self.selected]]
+
+    # -- saving -----------------------------------------------------------------------------------
+    def start_saving(self) -> None:
+        self.write_ranking(self.current_order(), dict(self.edits), list(self.texts))
+
+    @work(thread=True, exclusive=True, group=SAVE_GROUP)
+    def write_ranking(self, order: Order, edits: dict[int, str], texts: list[str]) -> None:
+        """Append the ranking to the feedback file, then keep the prompt and the best answer in the
+        chat history."""
+        from oatui.chat.feedback import save_ranking
+
+        request = self.request
+        model = request.settings.model
+        try:
+            tree = save_ranking(request.feedback_file, request.context, texts, order, edits=edits, seeds=self.seeds,
+                                model=model, run=request.runs.get(model), system=request.settings.system or None)
+        except Exception as error:  # noqa: BLE001 - shown in the panel, never a traceback
+            self.post_message(RankingFailed(f"not saved: {error_line(error)}"))
             return
-        self.saving = True
-        self.set_note("saving…")
-        self.post_message(self.Confirmed(self.current_order(), dict(self.edits)))
-
-    def saving_failed(self, error: str) -> None:
-        self.saving = False
-        self.set_note(error)
-
-    def action_stop(self) -> None:
-        if self.saving:
-            return
-        if self.sampling:
-            self.set_note("stopping…")
-            self.post_message(self.StopRequested())
-        else:
-            self.post_message(self.Skipped())
-
-    def action_scroll_answer(self, direction: int) -> None:
-        card = self.cards[self.selected]
-        if direction < 0:
-            card.scroll_page_up(animate=False)
-        else:
-            card.scroll_page_down(animate=False)
+        best = order.ranked[0]
+        best_text = edits.get(best, texts[best])
+        conversation_id, turns, history_error = self.keep(best_text, None if best in edits else model,
+                                                          self.seeds[best], conversation_model=model)
+        self.post_message(RankingSaved(request.feedback_file, tree["message_tree_id"], order.ranked, order.rejected,
+                                       best_text, conversation_id, turns, history_error))
 
     # -- drawing ----------------------------------------------------------------------------------
     def place_label(self, index: int) -> str:
@@ -274,39 +235,23 @@ class RankPanel(Vertical, can_focus=True):
             return "✗ rejected"
         return ORDINALS[self.order.index(index)] if self.order.index(index) < len(ORDINALS) else "?"
 
-    def _show_header(self) -> None:
-        text = Text()
-        if self.sampling:
+    def header_title(self) -> str:
+        if self.phase is RoundPhase.GENERATING:
             streaming = [i for i, state in enumerate(self.states) if state != "waiting"]
             current = streaming[-1] + 1 if streaming else 1
-            text.append(f"Sampling answer {current} of {self.count}… ", style="bold")
-            text.append("Esc stops. ", style="dim")
-        else:
-            text.append(f"Rank {self.count} answers: ", style="bold")
-        if self.note:
-            text.append(self.note, style="bold yellow")
-        else:
-            text.append(self.prompt)
-        self._header.update(text)
+            return f"Sampling answer {current} of {self.count}… "
+        return f"Rank {self.count} answers: "
 
-    def _refresh_card(self, index: int) -> None:
+    def complete_subtitle(self, index: int) -> str:
+        subtitle = self.place_label(index)
+        return subtitle + " · edited" if index in self.edits else subtitle
+
+    def style_card(self, index: int) -> None:
         card = self.cards[index]
-        state = self.states[index]
-        card.set_class(state == "waiting", "-waiting")
         card.set_class(index in self.rejected, "-rejected")
         card.set_class(index in self.edits, "-edited")
-        card.border_title = f"{index + 1}"
-        if state in ("waiting", "streaming"):
-            card.border_subtitle = state + ("…" if state == "streaming" else "")
-        elif state != "complete":
-            card.border_subtitle = "stopped" if state == "cancelled" else "failed"
-        else:
-            subtitle = self.place_label(index)
-            if index in self.edits:
-                subtitle += " · edited"
-            card.border_subtitle = subtitle
         label = f"{index + 1}"
-        if state == "complete":
+        if self.states[index] == "complete":
             label += " ✗" if index in self.rejected else f" #{self.order.index(index) + 1}"
             if index in self.edits:
                 label += "✎"
@@ -314,8 +259,7 @@ class RankPanel(Vertical, can_focus=True):
         if tab:
             tab.first(Tab).label = label
 
-    def _refresh_all(self) -> None:
-        self._show_header()
+    def draw_line(self) -> None:
         line = Text()
         line.append("Best first: ", style="dim")
         for position, index in enumerate(self.order):
@@ -327,9 +271,10 @@ class RankPanel(Vertical, can_focus=True):
         if self.rejected:
             line.append("  rejected: ", style="dim")
             line.append(" ".join(str(index + 1) for index in self.rejected), style="bold red")
-        if self._typed and not self.sampling:
+        if self._typed and self.phase is not RoundPhase.GENERATING:
             line.append(f"  (the next digit places #{self._typed + 1})", style="dim")
         self._order_line.update(line)
-        for index in range(self.count):
-            self._refresh_card(index)
+
+    def _refresh_all(self) -> None:
+        super()._refresh_all()
         self.action_select_index(self.selected)
