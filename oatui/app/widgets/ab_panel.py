@@ -268,9 +268,7 @@ class ABMode:
         self.ab_reveal = None
         pane.add_class("-ab-mode")
         pane.take_screen()
-        pane._prompt.placeholder = pane._placeholder()
-        pane._show_status()
-        pane._prompt.focus()
+        pane.mode_changed()
         self.load_ab_tally()
 
     def leave_ab_mode(self) -> None:
@@ -279,9 +277,7 @@ class ABMode:
         self.ab_reveal = None
         pane.remove_class("-ab-mode")
         pane.give_screen_back()
-        pane._prompt.placeholder = pane._placeholder()
-        pane._show_status()
-        pane._prompt.focus()
+        pane.mode_changed()
 
     @work(thread=True, exclusive=True, group="ab-tally")
     def load_ab_tally(self) -> None:

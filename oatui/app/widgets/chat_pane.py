@@ -399,11 +399,15 @@ class ChatPane(ABMode, Vertical):
             self.leave_ab_mode()  # one mode at a time
         self.rank_mode = not self.rank_mode
         self.set_class(self.rank_mode, "-rank-mode")
-        self._prompt.placeholder = self._placeholder()
         if self.rank_mode:
             self.take_screen()
         else:
             self.give_screen_back()
+        self.mode_changed()
+
+    def mode_changed(self) -> None:
+        """Rank or A/B mode came or went: the prompt's hint and the status line say so; the prompt has the keys."""
+        self._prompt.placeholder = self._placeholder()
         self._show_status()
         self._prompt.focus()
 
