@@ -19,14 +19,8 @@ import time
 
 from oatui.errors import UserError
 from oatui.fsutil import atomic_write_json
-from oatui.serve.server import (
-    ERROR_FILE,
-    ServerOptions,
-    StartCancelled,
-    TritonServer,
-    clear_server_file,
-    write_server_file,
-)
+from oatui.serve.record import ERROR_FILE, ServerOptions, clear_server_file, write_server_file
+from oatui.serve.server import StartCancelled, TritonServer
 from oatui.workspace import Workspace
 
 

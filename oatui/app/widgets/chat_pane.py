@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
     from oatui.chat.history import ChatHistory
     from oatui.chat.ranking import Order
-    from oatui.serve.server import ServerInfo
+    from oatui.serve.record import ServerInfo
 
 #: Seconds between two batches of streamed text sent to the screen.
 FLUSH_INTERVAL = 1 / 20
