@@ -9,7 +9,7 @@ identify. Nor is init ever one of ours, nor this process itself.
 
 :func:`signal_process` and :func:`signal_group` signal such a recorded process (or the process group
 it leads); :func:`signal_child_group` signals the group of a child this process started itself in a
-new session and still holds. psutil is imported inside the functions: the app and the command
+new session and still holds; :func:`stop_on_signals` is how a detached supervisor hears a stop. psutil is imported inside the functions: the app and the command
 line import this module through ``stages/`` and ``serve/``.
 """
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,3 +107,17 @@ def kill_processes(processes: Sequence[Any]) -> None:
         with contextlib.suppress(Exception):
             if process.is_running():
                 process.kill()
+
+
+def stop_on_signals() -> threading.Event:
+    """For a detached supervisor (of a run or of the server): an event that SIGTERM and SIGINT set,
+    with SIGHUP ignored, so that a closed terminal or a dropped SSH session never ends it."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return stop

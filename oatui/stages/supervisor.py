@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from oatui.procutil import create_time, signal_child_group
+from oatui.procutil import create_time, signal_child_group, stop_on_signals
 from oatui.stages.rundir import EXIT_BAD_INPUT, EXIT_STOPPED, RunDir
 
 DEFAULT_STOP_TIMEOUT = 900.0
@@ -72,14 +72,7 @@ def supervise(run: RunDir, stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> int:
 
     os.umask(0o077)
     info = run.read_info()
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = stop_on_signals()
 
     if info.after and not wait_for_parent(run, info.after, stop):
         return 1
