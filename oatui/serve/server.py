@@ -71,7 +71,8 @@ class StartCancelled(Exception):
     """A stop was asked for while the server was starting (it has been stopped)."""
 
 
-
+# ---------------------------------------------------------------------------------------------
+# One server process
 
 
 def check_repository(repo: Path, models: Sequence[str]) -> list[str]:
@@ -293,8 +294,10 @@ def serve_foreground(
 def status(workspace: Workspace) -> ServerInfo | None:
     """The detached server of this workspace, or None; a stale record (all dead) is cleaned up.
 
-    A pid recorded without its start time counts as dead (:func:`oatui.procutil.process_alive`);
-    every record oatui writes has them, unless the process had already gone when it was written.
+    A pid recorded without its start time counts as dead (:func:`oatui.procutil.process_alive`),
+    so its record is treated as stale and nothing is signalled. Every record oatui writes has the
+    start times, unless the process had already gone when it was written; a record written before
+    ``server.json`` kept them is stale here, and its server, if it still runs, is for the user to stop.
     """
     info = read_server_file(workspace)
     if info is None:
