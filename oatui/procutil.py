@@ -9,8 +9,9 @@ identify. Nor is init ever one of ours, nor this process itself.
 
 :func:`signal_process` and :func:`signal_group` signal such a recorded process (or the process group
 it leads); :func:`signal_child_group` signals the group of a child this process started itself in a
-new session and still holds; :func:`stop_on_signals` is how a detached supervisor hears a stop. psutil is imported inside the functions: the app and the command
-line import this module through ``stages/`` and ``serve/``.
+new session and still holds; :func:`stop_on_signals` is how a detached supervisor hears a stop.
+psutil is imported inside the functions: the app and the command line import this module through
+``stages/`` and ``serve/``.
 """
 
 from __future__ import annotations
