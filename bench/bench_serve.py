@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     from oatui.serve.client import ChatClient
     from oatui.serve.generation import SamplingParams, context_limit, stream_text
     from oatui.serve.repository import export_model
-    from oatui.serve.server import ServerOptions, TritonServer
+    from oatui.netutil import free_ports
+    from oatui.serve.record import ServerOptions
+    from oatui.serve.server import TritonServer
     from oatui.serve.triton_models.common import cpu_threads
     from oatui.workspace import Workspace
 
@@ -224,15 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrency:
             export_model("policy", model_path, workspace.triton_repo, name="policy_serial", max_batch=1,
                          cpu_threads=threads, device=args.device)
-        import socket
-
-        ports = []
-        for _ in range(3):
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                ports.append(sock.getsockname()[1])
-        options = ServerOptions(repo=str(workspace.triton_repo), http_port=ports[0], grpc_port=ports[1],
-                                metrics_port=ports[2], server_bin=args.server_bin)
+        http, grpc, metrics = free_ports(3)
+        options = ServerOptions(repo=str(workspace.triton_repo), http_port=http, grpc_port=grpc,
+                                metrics_port=metrics, server_bin=args.server_bin)
         server = TritonServer(workspace, options)
         started = time.perf_counter()
         server.start()

@@ -29,7 +29,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -198,19 +197,6 @@ class MemorySampler:
 # Running one step
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def resolve_executable(word: str) -> str:
     """``.venv/bin/X`` from the repository root, or X beside this interpreter when there is no .venv."""
     if word.startswith(".venv/bin/"):
@@ -287,6 +273,8 @@ class Runner:
         self.gpu_index = "0"
         self.sampler: MemorySampler | None = None
         self.background: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+        from oatui.netutil import free_ports
+
         http, grpc, metrics = free_ports(3)
         self.variables = {"OUT": str(out), "HTTP": str(http), "GRPC": str(grpc), "METRICS": str(metrics)}
 

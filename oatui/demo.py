@@ -10,7 +10,6 @@ the app runs this in a thread.
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -58,12 +57,6 @@ class DemoOptions:
 
 class PhaseFailed(Exception):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Demo:
@@ -183,13 +176,16 @@ class Demo:
         return ", ".join(result.name for result in exported) + f" in {repo}"
 
     def phase_serve(self) -> str:
-        from oatui.serve.server import ServerOptions, start_detached, status
+        from oatui.netutil import free_ports
+        from oatui.serve.record import ServerOptions
+        from oatui.serve.server import start_detached, status
 
         running = status(self.workspace)
         if running is not None:
             raise PhaseFailed(f"a server already runs for this workspace (gRPC {running.grpc_url}); stop it first")
-        options = ServerOptions(repo=str(self.workspace.triton_repo), http_port=_free_port(), grpc_port=_free_port(),
-                                metrics_port=_free_port(), models=("policy", "policy-sft", "rm"))
+        http, grpc, metrics = free_ports(3)
+        options = ServerOptions(repo=str(self.workspace.triton_repo), http_port=http, grpc_port=grpc,
+                                metrics_port=metrics, models=("policy", "policy-sft", "rm"))
         self.server = start_detached(self.workspace, options)
         return f"tritonserver ready on {self.server.grpc_url} (gRPC), pid {self.server.pid}"
 

@@ -15,9 +15,10 @@ import pytest
 from helpers import run_oatui
 from oatui.chat.ab import pair_tally, win_tallies
 from oatui.data.trees import parse_tree
+from oatui.netutil import free_ports
 from oatui.serve import server
+from oatui.serve.record import ServerOptions
 from oatui.serve.repository import export_model
-from oatui.stages.launcher import free_port
 from oatui.workspace import Workspace
 
 from test_app import fake_run
@@ -43,8 +44,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     run = fake_run(ws.root, POLICY_RUN, stage="rl", metrics=[{"step": 7, "total_steps": 7, "time": 1.0}])
     export_model("policy", build_tiny_model(run / "final", other), ws.triton_repo, name="policy")
     export_model("policy", build_tiny_model(ws.models / "slow-pythia", SLOW_SHAPE), ws.triton_repo, name="slow")
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    info = server.start_detached(ws, server.ServerOptions(repo=str(ws.triton_repo), **ports))
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3)))
+    info = server.start_detached(ws, ServerOptions(repo=str(ws.triton_repo), **ports))
     yield ws, ports, info.grpc_url
     server.stop(ws)
 

@@ -15,9 +15,10 @@ from oatui.app import messages as m
 from oatui.app.app import make_app
 from oatui.app.widgets.forms import ChatOptions
 from oatui.chat.history import ChatHistory
+from oatui.netutil import free_ports
 from oatui.serve import server
+from oatui.serve.record import ServerOptions
 from oatui.serve.repository import export_model
-from oatui.stages.launcher import free_port
 from oatui.workspace import Workspace
 
 from test_app import RECORDING, Recorder, run, until
@@ -38,8 +39,8 @@ def test_chat_streams_the_served_policy_and_esc_cancels_the_second_answer(traine
     export_model("policy", trained.sft_model, ws.triton_repo)
     slow = build_tiny_model(ws.models / "slow-pythia", SLOW_SHAPE)
     export_model("policy", slow, ws.triton_repo, name="slow")
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    info = server.start_detached(ws, server.ServerOptions(repo=str(ws.triton_repo), **ports))
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3)))
+    info = server.start_detached(ws, ServerOptions(repo=str(ws.triton_repo), **ports))
     app = make_app(workspace, replay=RECORDING, refresh=0.5, server_options=ports)
     recorder = Recorder(app)
     try:

@@ -13,8 +13,9 @@ import pytest
 from oatui.app import messages as m
 from oatui.app.app import make_app
 from oatui.app.widgets.forms import LaunchForm
+from oatui.procutil import process_alive
 from oatui.stages.rundir import RunDir
-from oatui.stages.runs import process_alive, wait_for_end
+from oatui.stages.runs import wait_for_end
 
 from test_app import RECORDING, Recorder, run, until
 

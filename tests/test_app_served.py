@@ -25,9 +25,10 @@ from oatui.app.widgets.round_panel import RoundPhase
 from oatui.chat.history import ChatHistory
 from oatui.data.rules import compute_stats, sft_conversations
 from oatui.data.trees import parse_tree
+from oatui.netutil import free_ports
 from oatui.serve import server
+from oatui.serve.record import ServerOptions
 from oatui.serve.repository import export_model
-from oatui.stages.launcher import free_port
 from oatui.workspace import Workspace
 
 from test_app import RECORDING, Recorder, live_run, run, screen_text, sleeper, until  # noqa: F401 - a fixture
@@ -47,8 +48,8 @@ def served(trained, tmp_path_factory: pytest.TempPathFactory) -> Any:  # noqa: A
     ws = Workspace.open(tmp_path_factory.mktemp("served") / "ws")
     export_model("policy", trained.sft_model, ws.triton_repo)
     export_model("policy", build_tiny_model(ws.models / "slow-pythia", SLOW_SHAPE), ws.triton_repo, name="slow")
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    server.start_detached(ws, server.ServerOptions(repo=str(ws.triton_repo), **ports))
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3)))
+    server.start_detached(ws, ServerOptions(repo=str(ws.triton_repo), **ports))
     yield ws, ports
     server.stop(ws)
 

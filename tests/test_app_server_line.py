@@ -17,9 +17,10 @@ from oatui.app.app import make_app
 from oatui.app.widgets.dialogs import ConfirmDialog
 from oatui.app.widgets.rank_panel import RankPanel
 from oatui.app.widgets.round_panel import RoundPhase
+from oatui.netutil import free_ports
 from oatui.serve import server
+from oatui.serve.record import ServerOptions
 from oatui.serve.repository import EXPORT_INFO, export_model, read_export_source
-from oatui.stages.launcher import free_port
 from oatui.workspace import Workspace
 
 from test_app import RECORDING, Recorder, fake_run, run, screen_text, sft_metrics, until
@@ -39,8 +40,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
     run_path = fake_run(ws.root, RUN_ID, metrics=sft_metrics(STEPS))
     build_tiny_model(run_path / "final", TINY_SHAPE)
     export_model("policy", run_path / "final", ws.triton_repo)
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
-    server.start_detached(ws, server.ServerOptions(repo=str(ws.triton_repo), **ports))
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3)))
+    server.start_detached(ws, ServerOptions(repo=str(ws.triton_repo), **ports))
     yield ws, ports
     server.stop(ws)
 

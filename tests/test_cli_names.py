@@ -10,7 +10,7 @@ from pathlib import Path
 from helpers import run_oatui
 from oatui.commands.serve import status_table
 from oatui.data.sample import SAMPLE_FILE
-from oatui.serve.server import ServerInfo
+from oatui.serve.record import ServerInfo
 
 
 def test_data_stats_takes_feedback_as_a_name(workspace: Path) -> None:

@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import OATUI, free_ports
+from helpers import OATUI
 from oatui.cli import main
+from oatui.netutil import free_ports
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -422,23 +423,26 @@ def _request(url: str, method: str = "GET", body: bytes | None = None, key: str 
 
 def test_an_exposed_server_answers_only_health_metadata_and_inference_without_the_key(tmp_path: Path) -> None:
     """tritonserver on 0.0.0.0 with oatui's command line: every other API group is refused (403)."""
-    from oatui.serve import server as triton
+    from oatui.serve.binary import find_server, prepare_bundled_backends, server_argv, server_environment
+    from oatui.serve.ports import ADMIN_HEADER, GRPC_HEADER_PREFIX
+    from oatui.serve.readiness import wait_ready
+    from oatui.serve.record import ServerOptions
     from oatui.workspace import Workspace
 
     workspace = Workspace.open(tmp_path / "ws")
     repo = tmp_path / "repo"
     repo.mkdir()
     http, grpc, metrics = free_ports(3)
-    options = triton.ServerOptions(repo=str(repo), http_port=http, grpc_port=grpc, metrics_port=metrics,
-                                   address="0.0.0.0")
-    command = triton.find_server(None)
-    backends = triton.prepare_bundled_backends(workspace) if command.bundled else None
-    argv = triton.server_argv(command, options, backends, "k3y-for-tests")
-    process = subprocess.Popen(argv, env=triton.server_environment(command.bundled, None), stdout=subprocess.DEVNULL,
+    options = ServerOptions(repo=str(repo), http_port=http, grpc_port=grpc, metrics_port=metrics,
+                            address="0.0.0.0")
+    command = find_server(None)
+    backends = prepare_bundled_backends(workspace) if command.bundled else None
+    argv = server_argv(command, options, backends, "k3y-for-tests")
+    process = subprocess.Popen(argv, env=server_environment(command.bundled, None), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{http}"
-        assert triton.wait_ready(base, (), 60, lambda: process.poll() is None)
+        assert wait_ready(base, (), 60, lambda: process.poll() is None)
         open_apis = [("GET", "/v2/health/ready", None), ("GET", "/v2", None)]
         for method, path, body in open_apis:
             assert _request(base + path, method, body) == 200, path
@@ -465,7 +469,7 @@ def test_an_exposed_server_answers_only_health_metadata_and_inference_without_th
             client.get_log_settings()
         with pytest.raises(InferenceServerException):
             client.get_model_repository_index()
-        header = {f"{triton.GRPC_HEADER_PREFIX}{triton.ADMIN_HEADER}": "k3y-for-tests"}
+        header = {f"{GRPC_HEADER_PREFIX}{ADMIN_HEADER}": "k3y-for-tests"}
         assert client.get_model_repository_index(headers=header) is not None
         client.close()
         # oatui's clients: without the key a model's config is refused and the chat client falls back

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,8 @@ from oatui.chat.exporting import export_history
 from oatui.chat.ranking import parse_order, ranked_answers
 from oatui.data.rules import compute_stats, sft_conversations
 from oatui.data.trees import load_trees
+from oatui.netutil import free_ports
 from oatui.workspace import Workspace
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_orderings_are_read_or_refused_with_a_reason() -> None:
@@ -60,12 +54,14 @@ def test_chat_history_exports_as_trees(tmp_path: Path) -> None:
 def served(trained, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
     """A fresh workspace whose detached tritonserver serves the tiny SFT policy."""
     from oatui.serve.repository import export_model
-    from oatui.serve.server import ServerOptions, start_detached, stop
+    from oatui.serve.record import ServerOptions
+    from oatui.serve.server import start_detached, stop
 
     workspace = Workspace.open(tmp_path_factory.mktemp("loop") / "ws")
     export_model("policy", trained.sft_model, workspace.triton_repo, name="policy")
-    info = start_detached(workspace, ServerOptions(repo=str(workspace.triton_repo), http_port=_free_port(),
-                                                   grpc_port=_free_port(), metrics_port=_free_port(), models=("policy",)))
+    http, grpc, metrics = free_ports(3)
+    info = start_detached(workspace, ServerOptions(repo=str(workspace.triton_repo), http_port=http,
+                                                   grpc_port=grpc, metrics_port=metrics, models=("policy",)))
     yield workspace, info
     stop(workspace)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_ports, ppo_steps, run_oatui
+from helpers import ppo_steps, run_oatui
+from oatui.netutil import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,8 @@ SMALL = ["--set", "rollout_batch_size=4", "--set", "mini_batch_size=2", "--set",
 @pytest.fixture(scope="module")
 def served(trained, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001
     """A tritonserver with the trained RM (``rm``) and the SFT model as reference (``ref``); yields its gRPC url."""
-    from oatui.serve.server import ServerOptions, TritonServer
+    from oatui.serve.record import ServerOptions
+    from oatui.serve.server import TritonServer
     from oatui.workspace import Workspace
 
     repo = tmp_path_factory.mktemp("rl-serve") / "repo"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 
 from oatui.data.rules import Turn
+from oatui.netutil import free_port
 from oatui.train.ppo.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from oatui.train.ppo.losses import entropy_from_logits, gather_logprobs, masked_mean, policy_loss, value_loss
 from oatui.train.ppo.rollout import PromptSchedule, left_pad, response_mask_at_eos
@@ -221,12 +221,6 @@ def test_global_whitening_equals_the_kernels_on_one_process():
         global_masked_whiten(advantages, one_token)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 WHITEN_ON_RANK = """
 import sys, torch, torch.distributed as dist
 from oatui.train.ppo.stats import RunningMoments, global_mean_std, global_masked_whiten
@@ -254,7 +248,7 @@ def test_global_whitening_over_two_ranks_equals_one_process_with_the_whole_batch
     mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 4 + [0] * 2, [1] * 5 + [0]])
     scores = torch.randn(10)
     torch.save({"advantages": advantages, "mask": mask, "scores": scores}, tmp_path / "in.pt")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     processes = [
         subprocess.Popen([sys.executable, "-c", WHITEN_ON_RANK, str(rank), str(tmp_path / "in.pt"), str(tmp_path / f"{rank}.pt")],
                          env=dict(env, RANK=str(rank)))

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import OATUI, free_ports, run_oatui
+from helpers import OATUI, run_oatui
+from oatui.netutil import free_ports
 from oatui.serve.client import (
     AsyncChatClient,
     ChatClient,
@@ -32,7 +33,8 @@ from oatui.serve.client import (
     ServerUnavailable,
     TritonAddress,
 )
-from oatui.serve.server import ServerOptions, TritonServer
+from oatui.serve.record import ServerOptions
+from oatui.serve.server import TritonServer
 from oatui.workspace import Workspace
 
 pytestmark = pytest.mark.slow

@@ -12,24 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import OATUI, free_ports, run_oatui
+from helpers import OATUI, run_oatui
 from oatui.errors import UserError
+from oatui.netutil import free_ports
 from oatui.serve.client import AddressError, TritonAddress, classify, RemoteError, ServerUnavailable
 from oatui.serve.generation import SamplingParams
-from oatui.serve.server import (
-    ServerCommand,
-    ServerOptions,
-    check_port_free,
-    connect_host,
-    is_loopback,
-    log_excerpt,
-    redact,
-    resolve_admin_key,
-    repository_view,
-    server_argv,
-    server_environment,
-    wait_ready,
-)
+from oatui.serve.binary import ServerCommand, redact, repository_view, server_argv, server_environment
+from oatui.serve.ports import check_port_free, connect_host, is_loopback, resolve_admin_key
+from oatui.serve.readiness import log_excerpt, wait_ready
+from oatui.serve.record import ServerOptions
 from oatui.workspace import Workspace
 
 
@@ -518,7 +509,7 @@ def test_export_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_the_run_behind_an_export_is_read_from_its_record_or_its_checkpoint_path(tmp_path: Path) -> None:
     from oatui.serve.repository import EXPORT_INFO, ExportSource, read_export_source, source_run
-    from oatui.serve.server import ServerInfo
+    from oatui.serve.record import ServerInfo
     from oatui.stages.rundir import RunDir, RunInfo
 
     info = RunInfo(id="rl-20261124-093000-5e1f", stage="rl", state="succeeded", created=1.0e9, configs=["tiny_rl"])

@@ -692,6 +692,7 @@ class OatuiApp(App[None]):
     @work(thread=True, exclusive=True, group="server")
     def toggle_server(self, start: bool, restart: bool = False) -> None:
         from oatui.serve import server
+        from oatui.serve.record import ServerOptions
 
         try:
             if not start:
@@ -706,7 +707,7 @@ class OatuiApp(App[None]):
 
                 if not list_models(repo):
                     raise UserError(f"no models in {repo}: select a finished run and press e to export one")
-                options = server.ServerOptions(repo=str(repo), **self.server_options)
+                options = ServerOptions(repo=str(repo), **self.server_options)
                 if not any(name in self.server_options for name in PORT_FIELDS):
                     options = _free_ports_if_taken(options)
                 info = server.start_detached(self.workspace, options)
@@ -957,13 +958,14 @@ class OatuiApp(App[None]):
 
 def _free_ports_if_taken(options: Any) -> Any:
     """The default ports, or free loopback ports when one of them is taken (another server, say)."""
-    from oatui.serve.server import check_ports
-    from oatui.stages.launcher import free_port
+    from oatui.netutil import free_ports
+    from oatui.serve.ports import check_ports
 
     try:
         check_ports(options)
     except UserError:
-        return replace(options, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+        http, grpc, metrics = free_ports(3)
+        return replace(options, http_port=http, grpc_port=grpc, metrics_port=metrics)
     return options
 
 

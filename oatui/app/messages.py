@@ -14,7 +14,7 @@ from oatui.app.owners import Ownership
 from oatui.monitor import MonitorSnapshot
 
 if TYPE_CHECKING:
-    from oatui.serve.server import ServerInfo
+    from oatui.serve.record import ServerInfo
     from oatui.stages.runs import RunView
 
 

@@ -88,7 +88,7 @@ def default_url(workspace_path: str | None) -> str:
         import os
 
         from oatui.serve.client import ADMIN_KEY_ENV
-        from oatui.serve.server import read_admin_key
+        from oatui.serve.ports import read_admin_key
 
         with contextlib.suppress(OSError):
             os.environ.setdefault(ADMIN_KEY_ENV, read_admin_key(info.admin_key_file))

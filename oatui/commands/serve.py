@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from oatui.serve.server import ServerInfo, ServerOptions
+    from oatui.serve.record import ServerInfo, ServerOptions
     from oatui.workspace import Workspace
 
 DESCRIPTION = """\
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 def _options(args: argparse.Namespace, workspace: "Workspace") -> "ServerOptions":
     from oatui.errors import UserError
     from oatui.fsutil import expand_user
-    from oatui.serve.server import ServerOptions
+    from oatui.serve.record import ServerOptions
 
     repo = expand_user(args.repo).absolute() if args.repo else workspace.triton_repo
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else ()
@@ -96,7 +96,7 @@ def status_table(info: "ServerInfo", now: float | None = None) -> str:
     import time
 
     from oatui.monitor.text import format_duration
-    from oatui.serve.server import is_loopback
+    from oatui.serve.ports import is_loopback
 
     now = time.time() if now is None else now
     uptime = now - info.started
@@ -121,6 +121,7 @@ def status_table(info: "ServerInfo", now: float | None = None) -> str:
 def run(args: argparse.Namespace) -> int:
     from oatui.errors import UserError
     from oatui.serve import server
+    from oatui.serve.ports import ADMIN_HEADER, GRPC_HEADER_PREFIX, is_loopback
     from oatui.workspace import Workspace
 
     if args.json and not args.status:
@@ -141,13 +142,13 @@ def run(args: argparse.Namespace) -> int:
 
     def announce_key(key_file: str | None) -> None:
         # Said once the options have passed their checks: an error stays the only line.
-        if not server.is_loopback(options.address):
+        if not is_loopback(options.address):
             print(f"oatui serve: listening on {options.address}: reachable from other machines; the admin key "
                   "is on tritonserver's command line, visible to this machine's users (an SSH tunnel to "
                   "127.0.0.1 avoids both)", file=sys.stderr)
         if key_file:
-            print(f"admin key for every API but health, metadata and inference (header '{server.ADMIN_HEADER}', "
-                  f"gRPC '{server.GRPC_HEADER_PREFIX}{server.ADMIN_HEADER}'): stored in {key_file}", file=sys.stderr)
+            print(f"admin key for every API but health, metadata and inference (header '{ADMIN_HEADER}', "
+                  f"gRPC '{GRPC_HEADER_PREFIX}{ADMIN_HEADER}'): stored in {key_file}", file=sys.stderr)
 
     if args.detach:
         info = server.start_detached(workspace, options, admin_key=args.admin_key)

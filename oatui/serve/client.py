@@ -115,7 +115,7 @@ def _checked_url(url: str) -> str:
 
 def _is_local(url: str) -> bool:
     """Whether ``host:port`` names this machine's loopback."""
-    from oatui.serve.server import is_loopback
+    from oatui.serve.ports import is_loopback
 
     return is_loopback(url.rpartition(":")[0].strip("[]"))
 

@@ -12,34 +12,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
 
 from oatui.errors import UserError
 from oatui.fsutil import atomic_write_json
-from oatui.serve.server import (
-    ERROR_FILE,
-    ServerOptions,
-    StartCancelled,
-    TritonServer,
-    clear_server_file,
-    write_server_file,
-)
+from oatui.procutil import stop_on_signals
+from oatui.serve.record import ERROR_FILE, ServerOptions, clear_server_file, write_server_file
+from oatui.serve.server import StartCancelled, TritonServer
 from oatui.workspace import Workspace
 
 
 def supervise(workspace: Workspace, options: ServerOptions) -> int:
     os.umask(0o077)
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = stop_on_signals()
     me = os.getpid()
     try:
         server = TritonServer(workspace, options)

@@ -11,7 +11,6 @@ Argv lists only, never a shell string: a config value cannot run anything.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -20,6 +19,8 @@ from pathlib import Path
 from oatui.config import STAGES, RLConfig, StageConfig, deepspeed_config_path, from_yaml_file, load_stage_config, to_yaml
 from oatui.errors import UserError
 from oatui.fsutil import UnreadableFile, iter_text_lines
+from oatui.netutil import free_port
+from oatui.procutil import create_time
 from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, new_run_id, pickled_files, valid_run_id
 from oatui.workspace import Workspace
 
@@ -73,12 +74,6 @@ def gpu_count() -> int:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - no library, no driver: no GPUs
         return 0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def choose_launcher(requested: str, config: StageConfig, gpus: list[int], num_processes: int, hostfile: str | None) -> str:
@@ -312,8 +307,6 @@ def _prepare_resume(request: LaunchRequest, workspace: Workspace) -> RunDir:
 
 def spawn_supervisor(run: RunDir) -> int:
     """Start the run's supervisor in a new session, detached from this terminal; returns its pid."""
-    import psutil
-
     with open(run.path / "supervisor.log", "ab") as log:
         process = subprocess.Popen(  # noqa: S603 - a fixed argv, no shell
             [sys.executable, "-m", "oatui.stages.supervisor", "--run-dir", str(run.path)],
@@ -324,11 +317,7 @@ def spawn_supervisor(run: RunDir) -> int:
             cwd=run.path,
             close_fds=True,
         )
-    try:
-        started = psutil.Process(process.pid).create_time()
-    except psutil.Error:
-        started = None
-    run.update_info(supervisor_pid=process.pid, supervisor_started=started)
+    run.update_info(supervisor_pid=process.pid, supervisor_started=create_time(process.pid))
     return process.pid
 
 

@@ -6,7 +6,6 @@ without recording a result (``kill -9``, a reboot) is found here and marked ``fa
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -15,32 +14,12 @@ from typing import Any
 
 from oatui.errors import UserError
 from oatui.fsutil import json_objects
+from oatui.procutil import process_alive, signal_group, signal_process
 from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, valid_run_id
 
 # A queued run without a recorded supervisor this long after the launch is considered lost. A run
 # queued with --after waits as long as it must: its supervisor is alive, and that is what counts.
 QUEUED_GRACE_S = 60.0
-
-
-def process_alive(pid: int | None, started: float | None) -> bool:
-    """True when ``pid`` runs and is the same process (same start time) as the one recorded.
-
-    Without a recorded start time a pid proves nothing (it may have been reused), so it is not
-    alive: oatui never signals a process it cannot identify.
-    """
-    if not pid or pid <= 1 or started is None or pid == os.getpid():
-        return False
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if abs(process.create_time() - started) > 1.0:
-            return False  # the pid was reused by another process
-        return True
-    except psutil.Error:
-        return False
 
 
 def refresh(run: RunDir, info: RunInfo | None = None) -> RunInfo:
@@ -239,26 +218,14 @@ def stop_run(run: RunDir, force: bool = False) -> RunInfo:
     if info.state not in ACTIVE_STATES:
         raise UserError(f"run {run.id} is not running (it {info.state})")
     info = run.update_info(stop_requested=True)
+    # The stage leads its own process group (its supervisor starts it in a new session).
     if force and info.pid is not None:
-        _kill_group(info.pid, info.pid_started, signal.SIGKILL)
+        signal_group(info.pid, info.pid_started, signal.SIGKILL)
         return info
     # A queued run's supervisor (still waiting for the run it follows) ends it unstarted.
-    if process_alive(info.supervisor_pid, info.supervisor_started):
-        os.kill(info.supervisor_pid, signal.SIGTERM)  # type: ignore[arg-type]
-    else:
-        _kill_group(info.pid, info.pid_started, signal.SIGTERM)
+    if not signal_process(info.supervisor_pid, info.supervisor_started, signal.SIGTERM):
+        signal_group(info.pid, info.pid_started, signal.SIGTERM)
     return info
-
-
-def _kill_group(pid: int | None, started: float | None, signum: int) -> None:
-    if not (pid and process_alive(pid, started)):
-        return
-    try:
-        # The stage leads its own process group (its supervisor starts it in a new session).
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def wait_for_end(run: RunDir, timeout: float | None = None, poll: float = 0.5) -> RunInfo:

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from oatui.procutil import create_time, signal_child_group, stop_on_signals
 from oatui.stages.rundir import EXIT_BAD_INPUT, EXIT_STOPPED, RunDir
 
 DEFAULT_STOP_TIMEOUT = 900.0
@@ -67,20 +68,11 @@ def _last_log_line(run: RunDir) -> str | None:
 
 
 def supervise(run: RunDir, stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> int:
-    import psutil
-
     from oatui.stages.launcher import stage_environment
 
     os.umask(0o077)
     info = run.read_info()
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = stop_on_signals()
 
     if info.after and not wait_for_parent(run, info.after, stop):
         return 1
@@ -103,14 +95,10 @@ def supervise(run: RunDir, stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> int:
             run.update_info(state="failed", error=f"cannot start {info.argv[0]}: {error}", ended=time.time(),
                             exit_code=None)
             return 1
-    try:
-        pid_started = psutil.Process(process.pid).create_time()
-    except psutil.Error:
-        pid_started = None
     run.update_info(
         state="running",
         pid=process.pid,
-        pid_started=pid_started,
+        pid_started=create_time(process.pid),
         supervisor_pid=os.getpid(),
         started=info.started or time.time(),
     )
@@ -125,15 +113,15 @@ def supervise(run: RunDir, stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> int:
         if stop.is_set() and stop_sent_at is None:
             stop_sent_at = time.time()
             run.update_info(stop_requested=True)
-            _signal_group(process.pid, signal.SIGTERM)
+            signal_child_group(process.pid, signal.SIGTERM)
         if stop_sent_at is not None and time.time() - stop_sent_at > stop_timeout:
-            _signal_group(process.pid, signal.SIGKILL)
+            signal_child_group(process.pid, signal.SIGKILL)
             stop_sent_at = float("inf")  # sent; wait for the exit
 
     # Ranks or helpers the launcher left behind must not outlive the run.
-    _signal_group(process.pid, signal.SIGTERM)
+    signal_child_group(process.pid, signal.SIGTERM)
     time.sleep(0.2)
-    _signal_group(process.pid, signal.SIGKILL)
+    signal_child_group(process.pid, signal.SIGKILL)
 
     current = run.read_info()
     state = outcome(returncode, current.stop_requested or stop.is_set(), (run.final / "config.json").exists())
@@ -191,13 +179,6 @@ def _end_unstarted(run: RunDir, state: str, error: str | None, message: str) -> 
 def _log_line(run: RunDir, message: str) -> None:
     with open(run.log_path, "ab") as log:
         log.write(f"[oatui] {time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n".encode())
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:

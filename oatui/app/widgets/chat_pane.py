@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
     from oatui.app.messages import RankingSaved
     from oatui.chat.history import ChatHistory
-    from oatui.serve.server import ServerInfo
+    from oatui.serve.record import ServerInfo
     from oatui.workspace import Workspace
 
 #: The conversation list shows beside the transcript from this width of the pane (zoomed, or a wide terminal).

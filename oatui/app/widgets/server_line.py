@@ -12,7 +12,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 if TYPE_CHECKING:
-    from oatui.serve.server import ServerInfo
+    from oatui.serve.record import ServerInfo
 
 
 def server_text(info: ServerInfo | None, busy: str | None = None, checked: bool = True) -> Text:
