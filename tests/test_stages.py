@@ -69,8 +69,13 @@ def test_tiny_rm_ranks_held_out_groups(trained) -> None:  # noqa: ANN001
     # Chance is 0.5. The held-out pairs include near misses, which differ in the topic alone: the
     # tiny reward model ends between 0.76 and 0.90 over runs.
     assert accuracy and accuracy[-1] >= 0.7, accuracy
+    # tiny_rm's K-wise loss: whole groups, each reply scored once, and the share of held-out groups
+    # whose best reply scores highest.
+    top1 = [m["rm/top1_accuracy"] for m in metrics if "rm/top1_accuracy" in m]
+    assert top1 and top1[-1] > 0.5, top1
     data = next(m for m in metrics if "data/train_pairs" in m)
     assert data["data/train_pairs"] > 1000 and data["data/eval_pairs"] > 50
+    assert data["data/train_groups"] > 400 and data["data/train_replies"] < data["data/train_pairs"] * 2
     info = json.loads((run / "run.json").read_text())
     print(f"tiny RM: {info['ended'] - info['started']:.1f} s, held-out accuracy {accuracy[-1]:.3f}")
 
