@@ -469,6 +469,17 @@ def test_missing_values_are_none_and_derived_ones_follow(h100):
     )
 
 
+def test_an_empty_host_and_a_failed_sample_know_nothing_but_why() -> None:
+    empty = HostSnapshot.empty()
+    assert empty == HostSnapshot(None, (), None, None, None, None, None, None, None, None, None)
+    assert all(value in (None, []) for value in empty.to_dict().values())
+    failed = MonitorSnapshot.failed("OSError: gone", now=12.5)
+    assert failed == MonitorSnapshot(12.5, empty, (), None, None, "GPU sampling failed: OSError: gone")
+    assert MonitorSnapshot.from_dict(failed.to_dict()) == failed  # a recording can hold it
+    before = time.time()
+    assert before <= MonitorSnapshot.failed("x").time <= time.time()
+
+
 # --- replay -------------------------------------------------------------------------------------
 
 

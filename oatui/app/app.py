@@ -346,7 +346,7 @@ class OatuiApp(App[None]):
                 owners = EMPTY
             self.post_message(m.GpuSampled(snapshot, owners))
         except Exception as error:  # noqa: BLE001 - a sampler failure is one line in the panel
-            self.post_message(m.GpuSampled(_empty_snapshot(f"{type(error).__name__}: {error}"), EMPTY))
+            self.post_message(m.GpuSampled(MonitorSnapshot.failed(f"{type(error).__name__}: {error}"), EMPTY))
 
     @on(Worker.StateChanged)
     def _poll_ended(self, event: Worker.StateChanged) -> None:
@@ -971,15 +971,6 @@ def _free_ports_if_taken(options: Any) -> Any:
 
 def _server_key(info: Any) -> tuple[Any, ...] | None:
     return None if info is None else (info.pid, info.grpc_url, tuple(info.models))
-
-
-def _empty_snapshot(reason: str) -> MonitorSnapshot:
-    import time
-
-    from oatui.monitor import HostSnapshot
-
-    host = HostSnapshot(None, (), None, None, None, None, None, None, None, None, None)
-    return MonitorSnapshot(time.time(), host, (), None, None, f"GPU sampling failed: {reason}")
 
 
 def make_app(
