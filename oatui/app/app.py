@@ -53,6 +53,7 @@ from oatui.app.widgets.runs_panel import RunList
 from oatui.app.widgets.server_line import ServerLine
 from oatui.errors import UserError
 from oatui.monitor import History, MonitorSnapshot, SnapshotSource, make_source
+from oatui.stages.runs import ended_since
 from oatui.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 #: Below this width the panels stack instead of standing side by side.
 NARROW_WIDTH = 100
 EXPORT_MODES = {"sft": "policy", "rl": "policy", "rm": "rm"}
-ACTIVE = ("queued", "running")
 MAIN_SCREEN_ACTIONS = {
     "launch", "stop_run", "export", "toggle_server", "restart_server", "focus_chat", "focus_gpus", "focus_runs",
     "show_log", "show_curves", "show_demo", "zoom", "unzoom", "help", "new_conversation", "chat_options",
@@ -416,14 +416,11 @@ class OatuiApp(App[None]):
         table.show(message.runs)
         self.runs_empty.display = not message.runs
         table.display = bool(message.runs)
-        active = []
-        for run in message.runs:
-            previous = self._states.get(run.id)
-            if previous in ACTIVE and run.state not in ACTIVE:
-                self.post_message(m.RunFinished(run.id, run.state))
-            self._states[run.id] = run.state
-            if run.info is not None and run.state in ACTIVE:
-                active.append(ActiveRun(run.id, run.info.pid, run.info.supervisor_pid, run.info.gpus))
+        for run in ended_since(self._states, message.runs):
+            self.post_message(m.RunFinished(run.id, run.state))
+        self._states.update((run.id, run.state) for run in message.runs)
+        active = [ActiveRun(run.id, run.info.pid, run.info.supervisor_pid, run.info.gpus)
+                  for run in message.runs if run.info is not None and run.active]
         if self.server_info is not None:
             active.append(ActiveRun("tritonserver", self.server_info.pid, self.server_info.supervisor_pid, None))
         self._active_runs = tuple(active)
@@ -542,7 +539,7 @@ class OatuiApp(App[None]):
 
     def _confirm_stop(self, run: Any) -> None:
         """Ask, then stop ``run`` (a RunView): the runs list's x and the GPU process table's x."""
-        if run.state not in ACTIVE:
+        if not run.active:
             self.notify(f"Run {run.id} is not running (it {run.state}).", severity="warning")
             return
 
