@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +67,6 @@ MAIN_SCREEN_ACTIONS = {
     "copy_answer", "toggle_rank", "toggle_ab", "demo", "stop_demo", "quit", "pick_metrics", "smoothing",
     "compare_run",
 }
-PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 
 KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Anywhere", (
@@ -689,7 +687,6 @@ class OatuiApp(App[None]):
     @work(thread=True, exclusive=True, group="server")
     def toggle_server(self, start: bool, restart: bool = False) -> None:
         from oatui.serve import server
-        from oatui.serve.record import ServerOptions
 
         try:
             if not start:
@@ -699,14 +696,10 @@ class OatuiApp(App[None]):
             if restart:
                 server.stop(self.workspace)
             if server.status(self.workspace) is None:
-                repo = self.workspace.triton_repo
-                from oatui.serve.repository import list_models
-
-                if not list_models(repo):
-                    raise UserError(f"no models in {repo}: select a finished run and press e to export one")
-                options = ServerOptions(repo=str(repo), **self.server_options)
-                if not any(name in self.server_options for name in PORT_FIELDS):
-                    options = _free_ports_if_taken(options)
+                try:
+                    options = server.repository_options(self.workspace.triton_repo, self.server_options)
+                except server.NothingToServe as error:
+                    raise UserError(f"{error}: select a finished run and press e to export one") from None
                 info = server.start_detached(self.workspace, options)
             else:
                 info = server.status(self.workspace)
@@ -951,19 +944,6 @@ class OatuiApp(App[None]):
     def action_help(self) -> None:
         self.push_screen(HelpDialog(KEYS, "Runs and the server are detached: they keep going after q, "
                                           "and the app shows them again when reopened."))
-
-
-def _free_ports_if_taken(options: Any) -> Any:
-    """The default ports, or free loopback ports when one of them is taken (another server, say)."""
-    from oatui.netutil import free_ports
-    from oatui.serve.ports import check_ports
-
-    try:
-        check_ports(options)
-    except UserError:
-        http, grpc, metrics = free_ports(3)
-        return replace(options, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    return options
 
 
 def _server_key(info: Any) -> tuple[Any, ...] | None:
