@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -52,11 +52,12 @@ from oatui.app.widgets.runs_panel import RunList
 from oatui.app.widgets.server_line import ServerLine
 from oatui.errors import UserError
 from oatui.monitor import History, MonitorSnapshot, SnapshotSource, make_source
-from oatui.stages.runs import ended_since
+from oatui.stages.runs import RunView, ended_since
 from oatui.workspace import Workspace
 
 if TYPE_CHECKING:
-    from oatui.demo import DemoOptions
+    from oatui.demo import DemoEvent, DemoOptions, PhaseResult
+    from oatui.serve.record import ServerInfo
 
 #: Below this width the panels stack instead of standing side by side.
 NARROW_WIDTH = 100
@@ -218,8 +219,8 @@ class OatuiApp(App[None]):
         self.history = History()
         self.snapshot: MonitorSnapshot | None = None
         self.owners: Ownership = EMPTY
-        self.runs: list[Any] = []
-        self.server_info: Any = None
+        self.runs: list[RunView] = []
+        self.server_info: ServerInfo | None = None
         self.server_busy = False
         self.sub_title = str(workspace.root)
         #: The recording the GPU and host panels replay (its file name), or None for this machine.
@@ -288,7 +289,7 @@ class OatuiApp(App[None]):
         self.set_interval(self.refresh_interval, self.poll, name="poll")
         self.run_list.focus()
 
-    def on_resize(self, event: Any) -> None:
+    def on_resize(self, event: events.Resize) -> None:
         self._apply_width(event.size.width)
 
     def _apply_width(self, width: int) -> None:
@@ -433,8 +434,8 @@ class OatuiApp(App[None]):
     def _run_highlighted(self) -> None:
         self._follow(self.run_list.selected)
 
-    def _follow(self, run: Any) -> None:
-        """Follow the log and metrics of ``run`` (a RunView or None) when it is not followed yet."""
+    def _follow(self, run: RunView | None) -> None:
+        """Follow the log and metrics of ``run`` (None: no run) when it is not followed yet."""
         key = None if run is None else (run.id, run.stage)
         if key == self._selected:
             return
@@ -453,8 +454,8 @@ class OatuiApp(App[None]):
         self._show_curve_runs(run)
         self._read_runs_soon()
 
-    def _show_curve_runs(self, selected: Any) -> None:
-        """Draw ``selected`` (a RunView or None) with the compared runs; a run drawn already keeps its
+    def _show_curve_runs(self, selected: RunView | None) -> None:
+        """Draw ``selected`` (None: no run) with the compared runs; a run drawn already keeps its
         follower and its points. Compared runs are drawn only beside a selected one."""
         if selected is None:
             self._metrics_followers = {}
@@ -525,7 +526,7 @@ class OatuiApp(App[None]):
         elif tries > 0:
             self.set_timer(0.2, lambda: self._select_after_refresh(run_id, tries - 1, focus))
 
-    def selected_run(self) -> Any:
+    def selected_run(self) -> RunView | None:
         return self.run_list.selected
 
     def action_stop_run(self) -> None:
@@ -535,8 +536,8 @@ class OatuiApp(App[None]):
             return
         self._confirm_stop(run)
 
-    def _confirm_stop(self, run: Any) -> None:
-        """Ask, then stop ``run`` (a RunView): the runs list's x and the GPU process table's x."""
+    def _confirm_stop(self, run: RunView) -> None:
+        """Ask, then stop ``run``: the runs list's x and the GPU process table's x."""
         if not run.active:
             self.notify(f"Run {run.id} is not running (it {run.state}).", severity="warning")
             return
@@ -907,14 +908,14 @@ class OatuiApp(App[None]):
     def run_demo(self, options: DemoOptions | None, stop_server_first: bool) -> None:
         from oatui.demo import Demo, DemoOptions, format_summary
 
-        results: list[Any] = []
+        results: list[PhaseResult] = []
         try:
             if stop_server_first:
                 from oatui.serve.server import stop
 
                 stop(self.workspace)
 
-            def report(event: Any) -> None:
+            def report(event: DemoEvent) -> None:
                 self.post_message(m.DemoReported(event))
 
             demo = Demo(self.workspace, report, options or DemoOptions(), should_stop=self._demo_stop.is_set)
@@ -946,7 +947,7 @@ class OatuiApp(App[None]):
                                           "and the app shows them again when reopened."))
 
 
-def _server_key(info: Any) -> tuple[Any, ...] | None:
+def _server_key(info: ServerInfo | None) -> tuple[int, str, tuple[str, ...]] | None:
     return None if info is None else (info.pid, info.grpc_url, tuple(info.models))
 
 
