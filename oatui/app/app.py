@@ -38,7 +38,6 @@ from textual.worker import Worker, WorkerState
 from oatui.app import messages as m
 from oatui.app.commands import OatuiCommands
 from oatui.app.follow import FileFollower, MetricsFollower
-from oatui.app.owners import EMPTY, ActiveRun, OwnerFinder, Ownership
 from oatui.app.widgets.chat_pane import ChatPane
 from oatui.app.widgets.curves import RunCurves
 from oatui.app.widgets.demo_panel import DemoPanel
@@ -52,6 +51,7 @@ from oatui.app.widgets.runs_panel import RunList
 from oatui.app.widgets.server_line import ServerLine
 from oatui.errors import UserError
 from oatui.monitor import History, MonitorSnapshot, SnapshotSource, make_source
+from oatui.monitor.owners import EMPTY, ActiveRun, OwnerFinder, Ownership
 from oatui.stages.runs import RunView, ended_since
 from oatui.workspace import Workspace
 
