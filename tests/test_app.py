@@ -299,6 +299,29 @@ def test_stop_asks_first_cancel_keeps_the_run_and_confirm_stops_it(workspace: Pa
     run(drive())
 
 
+def test_a_run_that_ends_while_the_app_watches_is_announced_once(workspace: Path, sleeper: Any) -> None:
+    live_run(workspace, "sft-live", sleeper, metrics=sft_metrics(3))
+    fake_run(workspace, "sft-done", state="succeeded")
+    app = make_app(workspace, replay=RECORDING, refresh=0.2)
+    recorder = Recorder(app)
+
+    async def drive() -> None:
+        async with app.run_test(size=SIZE, message_hook=recorder.hook) as pilot:
+            table = app.query_one(RunList)
+            await until(lambda: table.row_count == 2, pilot, what="the runs")
+            await pilot.pause(0.5)
+            assert not recorder.of(m.RunFinished)  # a run that ended before the app saw it is not news
+            sleeper.kill()
+            sleeper.wait()
+            await until(lambda: recorder.of(m.RunFinished), pilot, what="the end of the run")
+            await pilot.pause(0.5)
+
+    run(drive())
+    finished = recorder.of(m.RunFinished)
+    assert [(message.run_id, message.state) for message in finished] == [("sft-live", "failed")]
+    assert ("Run sft-live failed.", "warning") in recorder.notes
+
+
 def test_stop_export_without_a_suitable_run_say_why(workspace: Path) -> None:
     fake_run(workspace, "rm-no-final", stage="rm")
     app = make_app(workspace, replay=RECORDING, refresh=5)

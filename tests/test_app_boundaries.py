@@ -39,8 +39,8 @@ def test_the_app_and_the_cli_import_none_of_the_training_stack() -> None:
 
 def test_the_layers_below_the_app_do_not_import_textual() -> None:
     loaded = _loaded_after(
-        "import oatui.monitor, oatui.stages.runs, oatui.stages.launcher, oatui.serve.server, oatui.chat.history\n"
-        "import oatui.app.follow, oatui.app.owners, oatui.app.choices\n"
+        "import oatui.monitor, oatui.monitor.owners, oatui.stages.runs, oatui.stages.launcher, oatui.serve.server\n"
+        "import oatui.chat.history, oatui.app.follow, oatui.app.choices\n"
     )
     assert "textual" not in loaded
 

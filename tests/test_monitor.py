@@ -40,6 +40,7 @@ from oatui.monitor import (
 )
 from oatui.monitor.host import HostSampler, cpu_percent_between
 from oatui.monitor.nvml import NO_DRIVER, NvmlSession
+from oatui.monitor.owners import EMPTY, ActiveRun, OwnerFinder
 from oatui.monitor.processes import ProcessLookup
 from oatui.monitor.text import format_bytes, format_duration, format_rate_kb, format_snapshot
 from oatui.monitor.visible import VisibleDevice
@@ -469,6 +470,17 @@ def test_missing_values_are_none_and_derived_ones_follow(h100):
     )
 
 
+def test_an_empty_host_and_a_failed_sample_know_nothing_but_why() -> None:
+    empty = HostSnapshot.empty()
+    assert empty == HostSnapshot(None, (), None, None, None, None, None, None, None, None, None)
+    assert all(value in (None, []) for value in empty.to_dict().values())
+    failed = MonitorSnapshot.failed("OSError: gone", now=12.5)
+    assert failed == MonitorSnapshot(12.5, empty, (), None, None, "GPU sampling failed: OSError: gone")
+    assert MonitorSnapshot.from_dict(failed.to_dict()) == failed  # a recording can hold it
+    before = time.time()
+    assert before <= MonitorSnapshot.failed("x").time <= time.time()
+
+
 # --- replay -------------------------------------------------------------------------------------
 
 
@@ -779,6 +791,40 @@ def test_visible_devices_by_index_uuid_and_mig(h100):
 )
 def test_invalid_visible_devices(h100, value, expected):
     assert visible_physical_indices(value, h100[0].gpus) == expected
+
+
+# --- which runs own which GPUs --------------------------------------------------------------------
+
+
+def test_gpu_processes_belong_to_runs_by_pid_ancestry_or_run_dir_and_idle_runs_to_their_gpus(h100, tmp_path):
+    runs_dir = tmp_path / "runs"
+    (runs_dir / "rm-dir").mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        placed = {
+            0: (GpuProcess(48211, None, "python", None),),  # a run's own stage process
+            1: (GpuProcess(child.pid, None, "python", None),),  # a child of a run's supervisor (this test)
+            2: (GpuProcess(4_000_001, None, f"python -m oatui.train.rm --run-dir {runs_dir / 'rm-dir'}", None),),
+            3: (GpuProcess(1, None, "init", None),),  # nobody's
+        }
+        gpus = tuple(replace(gpu, processes=placed.get(gpu.index, ())) for gpu in h100[0].gpus)
+        snapshot = replace(h100[0], gpus=gpus)
+        runs = [
+            ActiveRun("rl-a", 48211, None, None),
+            ActiveRun("sft-b", None, os.getpid(), None),
+            ActiveRun("sft-pinned", None, None, "5"),  # no process seen: its CUDA_VISIBLE_DEVICES
+            ActiveRun("idle", None, None, None),  # none: every GPU, which says nothing
+        ]
+        finder = OwnerFinder(runs_dir)
+        owners = finder.find(snapshot, runs)
+        assert owners.processes == {48211: "rl-a", child.pid: "sft-b", 4_000_001: "rm-dir"}
+        assert owners.gpus == {0: ("rl-a",), 1: ("sft-b",), 2: ("rm-dir",), 5: ("sft-pinned",)}
+        assert finder.find(snapshot, runs) == owners  # the remembered ancestry answers the same
+        assert finder.find(replace(snapshot, gpus=()), []) is EMPTY
+        assert OwnerFinder(tmp_path / "elsewhere").find(snapshot, runs[2:]).processes == {}
+    finally:
+        child.kill()
+        child.wait()
 
 
 # --- history, host and process helpers ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""How a run ends when a stop arrives: before ``final/`` it is ``stopped``, after it ``succeeded``.
+"""How a run ends when a stop arrives: before ``final/`` it is ``stopped``, after it ``succeeded``;
+which runs ended since they were last seen.
 
 The stage is a stand-in process under the real supervisor, so the test needs no model.
 """
@@ -14,7 +15,7 @@ import pytest
 
 from oatui.stages.launcher import spawn_supervisor
 from oatui.stages.rundir import EXIT_STOPPED, RunDir, RunInfo, new_run_id
-from oatui.stages.runs import latest_final, stop_run, wait_for_end
+from oatui.stages.runs import RunView, ended_since, latest_final, stop_run, wait_for_end
 from oatui.stages.supervisor import outcome
 
 # Writes final/ (as save_final does: a complete folder under its own name), says so, then lingers
@@ -43,6 +44,24 @@ STAGE_BEFORE_FINAL = "import time\nprint('training', flush=True)\ntime.sleep(120
 ])
 def test_outcome(returncode: int, stop_requested: bool, has_final: bool, state: str) -> None:
     assert outcome(returncode, stop_requested, has_final) == state
+
+
+def _view(run_id: str, state: str | None) -> RunView:
+    info = None if state is None else RunInfo(id=run_id, stage="sft", state=state)
+    return RunView(run_id, Path("/runs") / run_id, info, problem=None if info else "run.json: broken")
+
+
+def test_the_runs_that_ended_since_they_were_last_seen() -> None:
+    seen = {"a": "running", "b": "queued", "c": "running", "d": "succeeded", "e": "running", "f": "queued"}
+    runs = [_view("f", "running"), _view("e", None), _view("d", "succeeded"), _view("c", "running"),
+            _view("b", "stopped"), _view("a", "failed"), _view("new", "succeeded")]
+    # Ended: was queued or running, now is not (a run.json that broke counts); in the order listed.
+    assert [(run.id, run.state) for run in ended_since(seen, runs)] == [("e", "broken"), ("b", "stopped"),
+                                                                        ("a", "failed")]
+    # Still going, ended before, or never seen active: not reported.
+    assert ended_since({}, runs) == []
+    assert ended_since(seen, []) == []
+    assert [run.active for run in runs] == [True, False, False, True, False, False, False]
 
 
 def _start(workspace: Path, script: str) -> RunDir:

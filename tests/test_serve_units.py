@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,19 @@ from oatui.netutil import free_ports
 from oatui.serve.client import AddressError, TritonAddress, classify, RemoteError, ServerUnavailable
 from oatui.serve.generation import SamplingParams
 from oatui.serve.binary import ServerCommand, redact, repository_view, server_argv, server_environment
-from oatui.serve.ports import check_port_free, connect_host, is_loopback, resolve_admin_key
+from oatui.serve.ports import (
+    DEFAULT_HTTP_PORT,
+    PORT_FIELDS,
+    check_port_free,
+    check_ports,
+    connect_host,
+    free_ports_if_taken,
+    is_loopback,
+    resolve_admin_key,
+)
 from oatui.serve.readiness import log_excerpt, wait_ready
 from oatui.serve.record import ServerOptions
+from oatui.serve.server import NothingToServe, repository_options
 from oatui.workspace import Workspace
 
 
@@ -256,6 +268,59 @@ def test_addresses_and_ports(tmp_path: Path) -> None:
         with pytest.raises(UserError, match=f"--grpc-port {port}: port in use"):
             check_port_free("127.0.0.1", port, "--grpc-port")
     check_port_free("127.0.0.1", port, "--grpc-port")  # free again
+
+
+def _listening(port: int = 0) -> socket.socket | None:
+    """A socket listening on loopback ``port`` (0: any), or None when that port cannot be had."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+def test_ports_stay_unless_one_is_taken() -> None:
+    http, grpc, metrics = free_ports(3)
+    options = ServerOptions(repo="r", http_port=http, grpc_port=grpc, metrics_port=metrics, ready_timeout=5.0)
+    assert free_ports_if_taken(options) == options
+    busy = _listening()
+    assert busy is not None
+    with busy:
+        taken = ServerOptions(repo="r", http_port=busy.getsockname()[1], grpc_port=grpc, metrics_port=metrics,
+                              ready_timeout=5.0)
+        moved = free_ports_if_taken(taken)
+        ports = [getattr(moved, name) for name in PORT_FIELDS]
+        assert busy.getsockname()[1] not in ports and len(set(ports)) == 3
+        assert replace(moved, http_port=0, grpc_port=0, metrics_port=0) == replace(
+            taken, http_port=0, grpc_port=0, metrics_port=0)
+        check_ports(moved)  # all three free
+
+
+def test_repository_options_need_a_model_and_find_free_ports_only_when_none_are_given(tmp_path: Path) -> None:
+    repo = tmp_path / "triton"
+    with pytest.raises(NothingToServe, match=f"^no models in {repo}$"):
+        repository_options(repo, {})  # no folder
+    (repo / "policy" / "1").mkdir(parents=True)
+    with pytest.raises(NothingToServe) as error:
+        repository_options(repo, {})  # a folder without config.pbtxt is no model
+    assert isinstance(error.value, UserError) and error.value.repo == repo
+    (repo / "policy" / "config.pbtxt").write_text('name: "policy"\n')
+    # The default HTTP port taken (by this test, or by someone else already): free ports instead.
+    busy = _listening(DEFAULT_HTTP_PORT)
+    try:
+        options = repository_options(repo, {"ready_timeout": 7.0})
+        assert options.repo == str(repo) and options.ready_timeout == 7.0 and options.models == ()
+        assert options.http_port != DEFAULT_HTTP_PORT
+        check_ports(options)
+        # Ports given are kept as they are, taken or not (the server's start says so).
+        given = repository_options(repo, {"http_port": DEFAULT_HTTP_PORT, "grpc_port": 1, "metrics_port": 2})
+        assert (given.http_port, given.grpc_port, given.metrics_port) == (DEFAULT_HTTP_PORT, 1, 2)
+    finally:
+        if busy is not None:
+            busy.close()
 
 
 def test_admin_key_is_made_once_and_kept_private(tmp_path: Path) -> None:

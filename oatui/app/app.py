@@ -22,11 +22,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -39,7 +38,6 @@ from textual.worker import Worker, WorkerState
 from oatui.app import messages as m
 from oatui.app.commands import OatuiCommands
 from oatui.app.follow import FileFollower, MetricsFollower
-from oatui.app.owners import EMPTY, ActiveRun, OwnerFinder, Ownership
 from oatui.app.widgets.chat_pane import ChatPane
 from oatui.app.widgets.curves import RunCurves
 from oatui.app.widgets.demo_panel import DemoPanel
@@ -53,22 +51,23 @@ from oatui.app.widgets.runs_panel import RunList
 from oatui.app.widgets.server_line import ServerLine
 from oatui.errors import UserError
 from oatui.monitor import History, MonitorSnapshot, SnapshotSource, make_source
+from oatui.monitor.owners import EMPTY, ActiveRun, OwnerFinder, Ownership
+from oatui.stages.runs import RunView, ended_since
 from oatui.workspace import Workspace
 
 if TYPE_CHECKING:
-    from oatui.demo import DemoOptions
+    from oatui.demo import DemoEvent, DemoOptions, PhaseResult
+    from oatui.serve.record import ServerInfo
 
 #: Below this width the panels stack instead of standing side by side.
 NARROW_WIDTH = 100
 EXPORT_MODES = {"sft": "policy", "rl": "policy", "rm": "rm"}
-ACTIVE = ("queued", "running")
 MAIN_SCREEN_ACTIONS = {
     "launch", "stop_run", "export", "toggle_server", "restart_server", "focus_chat", "focus_gpus", "focus_runs",
     "show_log", "show_curves", "show_demo", "zoom", "unzoom", "help", "new_conversation", "chat_options",
     "copy_answer", "toggle_rank", "toggle_ab", "demo", "stop_demo", "quit", "pick_metrics", "smoothing",
     "compare_run",
 }
-PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 
 KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Anywhere", (
@@ -220,8 +219,8 @@ class OatuiApp(App[None]):
         self.history = History()
         self.snapshot: MonitorSnapshot | None = None
         self.owners: Ownership = EMPTY
-        self.runs: list[Any] = []
-        self.server_info: Any = None
+        self.runs: list[RunView] = []
+        self.server_info: ServerInfo | None = None
         self.server_busy = False
         self.sub_title = str(workspace.root)
         #: The recording the GPU and host panels replay (its file name), or None for this machine.
@@ -290,7 +289,7 @@ class OatuiApp(App[None]):
         self.set_interval(self.refresh_interval, self.poll, name="poll")
         self.run_list.focus()
 
-    def on_resize(self, event: Any) -> None:
+    def on_resize(self, event: events.Resize) -> None:
         self._apply_width(event.size.width)
 
     def _apply_width(self, width: int) -> None:
@@ -346,7 +345,7 @@ class OatuiApp(App[None]):
                 owners = EMPTY
             self.post_message(m.GpuSampled(snapshot, owners))
         except Exception as error:  # noqa: BLE001 - a sampler failure is one line in the panel
-            self.post_message(m.GpuSampled(_empty_snapshot(f"{type(error).__name__}: {error}"), EMPTY))
+            self.post_message(m.GpuSampled(MonitorSnapshot.failed(f"{type(error).__name__}: {error}"), EMPTY))
 
     @on(Worker.StateChanged)
     def _poll_ended(self, event: Worker.StateChanged) -> None:
@@ -416,14 +415,11 @@ class OatuiApp(App[None]):
         table.show(message.runs)
         self.runs_empty.display = not message.runs
         table.display = bool(message.runs)
-        active = []
-        for run in message.runs:
-            previous = self._states.get(run.id)
-            if previous in ACTIVE and run.state not in ACTIVE:
-                self.post_message(m.RunFinished(run.id, run.state))
-            self._states[run.id] = run.state
-            if run.info is not None and run.state in ACTIVE:
-                active.append(ActiveRun(run.id, run.info.pid, run.info.supervisor_pid, run.info.gpus))
+        for run in ended_since(self._states, message.runs):
+            self.post_message(m.RunFinished(run.id, run.state))
+        self._states.update((run.id, run.state) for run in message.runs)
+        active = [ActiveRun(run.id, run.info.pid, run.info.supervisor_pid, run.info.gpus)
+                  for run in message.runs if run.info is not None and run.active]
         if self.server_info is not None:
             active.append(ActiveRun("tritonserver", self.server_info.pid, self.server_info.supervisor_pid, None))
         self._active_runs = tuple(active)
@@ -438,8 +434,8 @@ class OatuiApp(App[None]):
     def _run_highlighted(self) -> None:
         self._follow(self.run_list.selected)
 
-    def _follow(self, run: Any) -> None:
-        """Follow the log and metrics of ``run`` (a RunView or None) when it is not followed yet."""
+    def _follow(self, run: RunView | None) -> None:
+        """Follow the log and metrics of ``run`` (None: no run) when it is not followed yet."""
         key = None if run is None else (run.id, run.stage)
         if key == self._selected:
             return
@@ -458,8 +454,8 @@ class OatuiApp(App[None]):
         self._show_curve_runs(run)
         self._read_runs_soon()
 
-    def _show_curve_runs(self, selected: Any) -> None:
-        """Draw ``selected`` (a RunView or None) with the compared runs; a run drawn already keeps its
+    def _show_curve_runs(self, selected: RunView | None) -> None:
+        """Draw ``selected`` (None: no run) with the compared runs; a run drawn already keeps its
         follower and its points. Compared runs are drawn only beside a selected one."""
         if selected is None:
             self._metrics_followers = {}
@@ -530,7 +526,7 @@ class OatuiApp(App[None]):
         elif tries > 0:
             self.set_timer(0.2, lambda: self._select_after_refresh(run_id, tries - 1, focus))
 
-    def selected_run(self) -> Any:
+    def selected_run(self) -> RunView | None:
         return self.run_list.selected
 
     def action_stop_run(self) -> None:
@@ -540,9 +536,9 @@ class OatuiApp(App[None]):
             return
         self._confirm_stop(run)
 
-    def _confirm_stop(self, run: Any) -> None:
-        """Ask, then stop ``run`` (a RunView): the runs list's x and the GPU process table's x."""
-        if run.state not in ACTIVE:
+    def _confirm_stop(self, run: RunView) -> None:
+        """Ask, then stop ``run``: the runs list's x and the GPU process table's x."""
+        if not run.active:
             self.notify(f"Run {run.id} is not running (it {run.state}).", severity="warning")
             return
 
@@ -692,7 +688,6 @@ class OatuiApp(App[None]):
     @work(thread=True, exclusive=True, group="server")
     def toggle_server(self, start: bool, restart: bool = False) -> None:
         from oatui.serve import server
-        from oatui.serve.record import ServerOptions
 
         try:
             if not start:
@@ -702,14 +697,10 @@ class OatuiApp(App[None]):
             if restart:
                 server.stop(self.workspace)
             if server.status(self.workspace) is None:
-                repo = self.workspace.triton_repo
-                from oatui.serve.repository import list_models
-
-                if not list_models(repo):
-                    raise UserError(f"no models in {repo}: select a finished run and press e to export one")
-                options = ServerOptions(repo=str(repo), **self.server_options)
-                if not any(name in self.server_options for name in PORT_FIELDS):
-                    options = _free_ports_if_taken(options)
+                try:
+                    options = server.repository_options(self.workspace.triton_repo, self.server_options)
+                except server.NothingToServe as error:
+                    raise UserError(f"{error}: select a finished run and press e to export one") from None
                 info = server.start_detached(self.workspace, options)
             else:
                 info = server.status(self.workspace)
@@ -917,14 +908,14 @@ class OatuiApp(App[None]):
     def run_demo(self, options: DemoOptions | None, stop_server_first: bool) -> None:
         from oatui.demo import Demo, DemoOptions, format_summary
 
-        results: list[Any] = []
+        results: list[PhaseResult] = []
         try:
             if stop_server_first:
                 from oatui.serve.server import stop
 
                 stop(self.workspace)
 
-            def report(event: Any) -> None:
+            def report(event: DemoEvent) -> None:
                 self.post_message(m.DemoReported(event))
 
             demo = Demo(self.workspace, report, options or DemoOptions(), should_stop=self._demo_stop.is_set)
@@ -956,30 +947,8 @@ class OatuiApp(App[None]):
                                           "and the app shows them again when reopened."))
 
 
-def _free_ports_if_taken(options: Any) -> Any:
-    """The default ports, or free loopback ports when one of them is taken (another server, say)."""
-    from oatui.netutil import free_ports
-    from oatui.serve.ports import check_ports
-
-    try:
-        check_ports(options)
-    except UserError:
-        http, grpc, metrics = free_ports(3)
-        return replace(options, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    return options
-
-
-def _server_key(info: Any) -> tuple[Any, ...] | None:
+def _server_key(info: ServerInfo | None) -> tuple[int, str, tuple[str, ...]] | None:
     return None if info is None else (info.pid, info.grpc_url, tuple(info.models))
-
-
-def _empty_snapshot(reason: str) -> MonitorSnapshot:
-    import time
-
-    from oatui.monitor import HostSnapshot
-
-    host = HostSnapshot(None, (), None, None, None, None, None, None, None, None, None)
-    return MonitorSnapshot(time.time(), host, (), None, None, f"GPU sampling failed: {reason}")
 
 
 def make_app(

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from textual.message import Message
 
-from oatui.app.owners import Ownership
 from oatui.monitor import MonitorSnapshot
+from oatui.monitor.owners import Ownership
 
 if TYPE_CHECKING:
     from oatui.serve.record import ServerInfo

@@ -7,6 +7,7 @@ snapshots (``snapshot.py``), and the app and ``oatui gpus`` only draw snapshots.
 - ``MonitorSnapshot.to_dict()`` per line is the recording format (``oatui gpus --json --watch``).
 - ``History`` keeps the last values per GPU and metric for sparklines.
 - ``visible_physical_indices`` maps ``CUDA_VISIBLE_DEVICES`` onto physical GPUs.
+- ``owners.OwnerFinder`` tells which GPU processes and GPUs belong to the workspace's runs.
 """
 
 from oatui.monitor.history import GPU_METRICS, HOST_METRICS, History

@@ -12,6 +12,7 @@ in the UI.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -213,6 +214,11 @@ class HostSnapshot:
     disk_total: int | None
     uptime: float | None
 
+    @classmethod
+    def empty(cls) -> HostSnapshot:
+        """A host of which nothing is known: every value None, no CPUs."""
+        return cls(None, (), None, None, None, None, None, None, None, None, None)
+
     @property
     def cpu_percent_mean(self) -> float | None:
         if not self.cpu_percent:
@@ -280,6 +286,13 @@ class MonitorSnapshot:
     cuda_version: str | None
     #: None, or one plain sentence saying why GPU metrics are missing.
     notice: str | None
+
+    @classmethod
+    def failed(cls, reason: str, now: float | None = None) -> MonitorSnapshot:
+        """The snapshot of a sample that raised ``reason``: no GPUs, nothing known of the host, and a
+        notice that says sampling failed and why. ``now`` defaults to the current time."""
+        return cls(time.time() if now is None else now, HostSnapshot.empty(), (), None, None,
+                   f"GPU sampling failed: {reason}")
 
     def gpu(self, index: int) -> GpuSnapshot | None:
         """The GPU with this physical index, or None."""

@@ -13,10 +13,12 @@ import os
 import secrets
 import socket
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 from oatui.errors import UserError
 from oatui.fsutil import FILE_MODE, atomic_write_text, locked
+from oatui.netutil import free_ports
 from oatui.workspace import Workspace
 
 if typing.TYPE_CHECKING:
@@ -26,6 +28,8 @@ DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
+#: The ``ServerOptions`` fields that name ports.
+PORT_FIELDS = ("http_port", "grpc_port", "metrics_port")
 ADMIN_KEY_FILE = "triton-admin-key"
 ADMIN_HEADER = "admin-key"
 #: tritonserver prefixes the header of a restricted gRPC protocol with this.
@@ -80,6 +84,17 @@ def check_ports(options: ServerOptions) -> None:
         seen[port] = option
     for option, port in named:
         check_port_free(options.address, port, option)
+
+
+def free_ports_if_taken(options: ServerOptions) -> ServerOptions:
+    """``options``, or the same with free loopback ports when one of its ports is taken (another
+    server, say)."""
+    try:
+        check_ports(options)
+    except UserError:
+        http, grpc, metrics = free_ports(3)
+        return replace(options, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    return options
 
 
 def admin_key_path(workspace: Workspace) -> Path:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,14 @@ from oatui.serve.binary import (
     server_argv,
     server_environment,
 )
-from oatui.serve.ports import check_ports, connect_host, read_admin_key, resolve_admin_key
+from oatui.serve.ports import (
+    PORT_FIELDS,
+    check_ports,
+    connect_host,
+    free_ports_if_taken,
+    read_admin_key,
+    resolve_admin_key,
+)
 from oatui.serve.readiness import log_excerpt, new_log_path, wait_ready
 from oatui.serve.record import (
     ERROR_FILE,
@@ -88,6 +95,28 @@ def check_repository(repo: Path, models: Sequence[str]) -> list[str]:
         if name not in available:
             raise UserError(f"--models {name}: no model {name!r} in {repo} (it has {', '.join(available)})")
     return list(models) or available
+
+
+class NothingToServe(UserError):
+    """A model repository that holds no model."""
+
+    def __init__(self, repo: Path) -> None:
+        super().__init__(f"no models in {repo}")
+        self.repo = repo
+
+
+def repository_options(repo: Path, fields: Mapping[str, Any]) -> ServerOptions:
+    """Options to serve every model of ``repo``, with ``fields`` (other ``ServerOptions`` fields) as
+    given. Without a port among ``fields``: the default ports, or free loopback ports when one of
+    those is taken. A repository without models is :class:`NothingToServe`."""
+    from oatui.serve.repository import list_models
+
+    if not list_models(repo):
+        raise NothingToServe(repo)
+    options = ServerOptions(repo=str(repo), **fields)
+    if not any(name in fields for name in PORT_FIELDS):
+        options = free_ports_if_taken(options)
+    return options
 
 
 def check_gpus(gpus: str | None) -> None:

@@ -1,4 +1,4 @@
-"""Reading runs back: listing, liveness, progress and ETA, stopping.
+"""Reading runs back: listing, liveness, progress and ETA, which runs ended since last seen, stopping.
 
 Used by ``oatui runs`` and by the app; plain Python, no torch. A run whose supervisor died
 without recording a result (``kill -9``, a reboot) is found here and marked ``failed``.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,11 @@ class RunView:
     @property
     def state(self) -> str:
         return self.info.state if self.info else "broken"
+
+    @property
+    def active(self) -> bool:
+        """Queued or running: not ended yet."""
+        return self.state in ACTIVE_STATES
 
     @property
     def step(self) -> int:
@@ -174,6 +180,13 @@ def list_runs(runs_dir: Path) -> list[RunView]:
             views.append(view(RunDir(child)))
     views.sort(key=lambda v: (v.info.created if v.info else 0.0, v.id), reverse=True)
     return views
+
+
+def ended_since(seen: Mapping[str, str], runs: Iterable[RunView]) -> list[RunView]:
+    """The runs of ``runs`` that were queued or running when last seen and no longer are (succeeded,
+    failed, stopped, or broken), in the order of ``runs``. ``seen`` maps run ids to the state each run
+    was last seen in; a run missing from it was never seen active, so it has not ended since."""
+    return [run for run in runs if seen.get(run.id) in ACTIVE_STATES and not run.active]
 
 
 def find_run(runs_dir: Path, run_id: str) -> RunDir:

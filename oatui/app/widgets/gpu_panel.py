@@ -21,8 +21,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Sparkline, Static
 
-from oatui.app.owners import Ownership
 from oatui.monitor import GpuProcess, GpuSnapshot, History, MonitorSnapshot
+from oatui.monitor.owners import Ownership
 from oatui.monitor.text import NA, format_bytes, format_percent, format_rate_kb, format_used_total, printable
 
 #: Samples drawn in each sparkline (the newest ones).

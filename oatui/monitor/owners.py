@@ -9,7 +9,7 @@ A run's GPUs are the GPUs its processes are on; a run with no process seen on an
 the GPUs its ``CUDA_VISIBLE_DEVICES`` names (read from the stage process, else the run's ``gpus``),
 when that variable is set: an unset one means "every GPU", which says nothing about use.
 
-Plain Python (psutil, no textual); called from the app's GPU sampling worker.
+Plain Python (psutil); the app's GPU sampling worker asks it after each snapshot.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import psutil
 
-from oatui.monitor import MonitorSnapshot, visible_physical_indices
+from oatui.monitor.snapshot import MonitorSnapshot
+from oatui.monitor.visible import visible_physical_indices
 
 
 @dataclass(frozen=True)
