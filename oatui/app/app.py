@@ -696,14 +696,13 @@ class OatuiApp(App[None]):
                 return
             if restart:
                 server.stop(self.workspace)
-            if server.status(self.workspace) is None:
+            info = server.status(self.workspace)
+            if info is None:
                 try:
                     options = server.repository_options(self.workspace.triton_repo, self.server_options)
                 except server.NothingToServe as error:
                     raise UserError(f"{error}: select a finished run and press e to export one") from None
                 info = server.start_detached(self.workspace, options)
-            else:
-                info = server.status(self.workspace)
             self.post_message(m.ServerStarted(info))
         except UserError as error:
             self.post_message(m.ServerFailed(str(error)))
