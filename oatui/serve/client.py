@@ -839,6 +839,13 @@ class ChatClient:
         if pump is not None:
             pump.cancel()
 
+    async def _shutdown(self) -> None:
+        """On the loop: close the core, then let what gRPC still does for its cancelled calls end."""
+        await self._core.close()
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=1.0)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -849,7 +856,7 @@ class ChatClient:
         if loop is None or thread is None:
             return
         try:
-            asyncio.run_coroutine_threadsafe(self._core.close(), loop).result(timeout=self.timeout)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=self.timeout)
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
