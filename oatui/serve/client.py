@@ -1,11 +1,15 @@
 """Clients of the served models, on tritonclient gRPC: scores, reference log-probs, streamed chat.
 
 Every call has a timeout; connection errors (server not up yet, restarting) are retried a few
-times with backoff, nothing else is. Two errors reach callers:
+times with backoff, nothing else is: one :class:`RetryPolicy` for every client (and, with its own
+attempts and backoff, for the RL stage's scoring). Two errors reach callers:
 
-- :class:`ServerUnavailable`: no server at the address, the model is not there or not ready, the
-  connection broke, or no answer came within the timeout;
+- :class:`ServerUnavailable`: no server at the address (:class:`ServerUnreachable`), the model is
+  not there or not ready, the connection broke, or no answer came within the timeout;
 - :class:`RemoteError`: the server answered with an error (bad input, model failure).
+
+Streamed chat has one core, :class:`AsyncChatClient` (on grpc.aio); :class:`ChatClient` is the
+same client for blocking code, running it on an event loop of its own thread.
 
 The UI imports this module, so it imports neither torch nor transformers; tritonclient itself is
 imported when a client is made.
