@@ -822,10 +822,10 @@ class ChatClient:
                 item = pieces.get()  # the core bounds the wait for each piece
                 if item is _CANCELLED:
                     return
-                if item is _END or isinstance(item, Exception):
-                    ended = True
-                    if item is _END:
-                        return
+                ended = item is _END or isinstance(item, Exception)
+                if item is _END:
+                    return
+                if ended:
                     raise item
                 yield item
         finally:
