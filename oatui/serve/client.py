@@ -1,11 +1,15 @@
 """Clients of the served models, on tritonclient gRPC: scores, reference log-probs, streamed chat.
 
 Every call has a timeout; connection errors (server not up yet, restarting) are retried a few
-times with backoff, nothing else is. Two errors reach callers:
+times with backoff, nothing else is: one :class:`RetryPolicy` for every client (and, with its own
+attempts and backoff, for the RL stage's scoring). Two errors reach callers:
 
-- :class:`ServerUnavailable`: no server at the address, the model is not there or not ready, the
-  connection broke, or no answer came within the timeout;
+- :class:`ServerUnavailable`: no server at the address (:class:`ServerUnreachable`), the model is
+  not there or not ready, the connection broke, or no answer came within the timeout;
 - :class:`RemoteError`: the server answered with an error (bad input, model failure).
+
+Streamed chat has one core, :class:`AsyncChatClient` (on grpc.aio); :class:`ChatClient` is the
+same client for blocking code, running it on an event loop of its own thread.
 
 The UI imports this module, so it imports neither torch nor transformers; tritonclient itself is
 imported when a client is made.
@@ -14,6 +18,7 @@ imported when a client is made.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -21,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,6 +43,10 @@ T = TypeVar("T")
 
 class ServerUnavailable(Exception):
     """The server or the model is not there, the connection broke, or no answer came in time."""
+
+
+class ServerUnreachable(ServerUnavailable):
+    """No server answers at the address (not up yet, restarting, gone): what clients retry."""
 
 
 class RemoteError(Exception):
@@ -173,10 +182,6 @@ def _message(error: BaseException) -> str:
     return " ".join(str(text or error).split())
 
 
-def _is_connection_error(error: BaseException) -> bool:
-    return _status_name(error) == "UNAVAILABLE" and not _is_restricted(error)
-
-
 def _is_restricted(error: BaseException) -> bool:
     """tritonserver refused an API restricted to its admin key (gRPC says UNAVAILABLE, HTTP 403)."""
     return "is restricted" in _message(error) or "restricted header" in _message(error)
@@ -206,7 +211,7 @@ def classify(error: BaseException, where: str, timeout: float | None = None) -> 
     if _is_restricted(error):
         return RestrictedAPI(f"{where}: the server restricts this API to its admin key (${ADMIN_KEY_ENV}): {text}")
     if status == "UNAVAILABLE":
-        return ServerUnavailable(f"{where}: server unavailable ({text})")
+        return ServerUnreachable(f"{where}: server unavailable ({text})")
     if status == "DEADLINE_EXCEEDED":
         return ServerUnavailable(f"{where}: no answer within {timeout:g} s" if timeout else f"{where}: timed out")
     if status in ("NOT_FOUND",) or "unknown model" in text or "is not ready" in text or "is not found" in text:
@@ -216,22 +221,72 @@ def classify(error: BaseException, where: str, timeout: float | None = None) -> 
     return RemoteError(f"{where}: {text}")
 
 
-def _backoff(attempt: int) -> float:
-    return min(RETRY_BACKOFF * (2**attempt), RETRY_BACKOFF_MAX)
-
-
-def _with_retries(call: Callable[[], T], where: str, timeout: float, retries: int) -> T:
+def _failure(error: BaseException, where: str, timeout: float | None = None) -> Exception | None:
+    """What a caller gets for ``error``: oatui's own client errors as they are, a tritonclient or gRPC
+    error classified; None for anything else (raised as it is)."""
+    if isinstance(error, (ServerUnavailable, RemoteError)):
+        return error
+    import grpc
     from tritonclient.utils import InferenceServerException
 
-    for attempt in range(retries + 1):
-        try:
-            return call()
-        except InferenceServerException as error:
-            if _is_connection_error(error) and attempt < retries:
-                time.sleep(_backoff(attempt))
-                continue
-            raise classify(error, where, timeout) from None
-    raise AssertionError("unreachable")
+    if isinstance(error, (InferenceServerException, grpc.RpcError)):
+        return classify(error, where, timeout)
+    return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a call to a server is tried again, for every client here and the RL stage's scoring.
+
+    ``attempts`` tries in all; before try n+1 it waits ``first``·2ⁿ s, at most ``cap`` s. Only a
+    failure (as :func:`classify` names it) of a ``retry_on`` type is tried again: by default a
+    server that does not answer at all (not up yet, restarting). Anything the server answered
+    (bad input, a failing model, a restricted API) is never retried.
+    """
+
+    attempts: int = 4
+    first: float = RETRY_BACKOFF
+    cap: float = RETRY_BACKOFF_MAX
+    retry_on: tuple[type[Exception], ...] = (ServerUnreachable,)
+
+    @classmethod
+    def retries(cls, retries: int) -> "RetryPolicy":
+        """The default policy with ``retries`` tries after the first (the clients' ``retries``)."""
+        return cls(attempts=int(retries) + 1)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after try ``attempt`` (0: the first) failed."""
+        return min(self.first * 2**attempt, self.cap)
+
+    def after(self, error: BaseException, attempt: int, where: str, timeout: float | None = None) -> float:
+        """Seconds to wait before trying again after ``error`` ended try ``attempt`` (from 0); raises
+        what the caller gets instead when there is no other try."""
+        failure = _failure(error, where, timeout)
+        if failure is None:
+            raise error
+        if attempt + 1 < self.attempts and isinstance(failure, self.retry_on):
+            return self.backoff(attempt)
+        raise failure from None
+
+    def call(self, call: Callable[[], T], where: str, timeout: float | None = None,
+             sleep: Callable[[float], None] = time.sleep) -> T:
+        """``call()`` under this policy; ``where`` (``host:port/model``) and ``timeout`` name the
+        server in the error."""
+        for attempt in itertools.count():
+            try:
+                return call()
+            except Exception as error:  # noqa: BLE001 - after() raises what is not retried
+                sleep(self.after(error, attempt, where, timeout))
+        raise AssertionError("unreachable")
+
+    async def call_async(self, call: Callable[[], Awaitable[T]], where: str, timeout: float | None = None) -> T:
+        """:meth:`call` for a coroutine function, waiting with ``asyncio.sleep``."""
+        for attempt in itertools.count():
+            try:
+                return await call()
+            except Exception as error:  # noqa: BLE001 - after() raises what is not retried
+                await asyncio.sleep(self.after(error, attempt, where, timeout))
+        raise AssertionError("unreachable")
 
 
 class _UnaryClient:
@@ -250,6 +305,7 @@ class _UnaryClient:
         self.address = _as_address(address, default_model)
         self.timeout = float(timeout)
         self.retries = int(retries)
+        self.retry = RetryPolicy.retries(self.retries)
         self._grpc = grpcclient
         self._client = grpcclient.InferenceServerClient(
             self.address.url, channel_args=_triton_channel_args(self.address.url))
@@ -257,7 +313,7 @@ class _UnaryClient:
         self._interface_checked = False
 
     def _call(self, call: Callable[[], T]) -> T:
-        return _with_retries(call, str(self.address), self.timeout, self.retries)
+        return self.retry.call(call, str(self.address), self.timeout)
 
     def max_batch_size(self) -> int:
         """The model's ``max_batch_size`` (0: no batch dimension), asked once."""
@@ -453,6 +509,36 @@ def _llm_request(inputs: list[tuple[str, str]], parameters: dict[str, Any],
     return llm_inputs, {k: v for k, v in parameters.items() if k == STREAM_INTERVAL_KEY}
 
 
+def _infer_inputs(inputs: list[tuple[str, Any]]) -> list[Any]:
+    """One-element tritonclient inputs: BOOL for a bool, BYTES (UTF-8) for a text."""
+    import tritonclient.grpc as grpcclient
+
+    tensors = []
+    for name, value in inputs:
+        if isinstance(value, bool):
+            tensor = grpcclient.InferInput(name, [1], "BOOL")
+            tensor.set_data_from_numpy(np.array([value], dtype=bool))
+        else:
+            tensor = grpcclient.InferInput(name, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
+        tensors.append(tensor)
+    return tensors
+
+
+def _stream_request(model: str, inputs: list[tuple[str, Any]], parameters: dict[str, Any]) -> Any:
+    """The streaming request, built as tritonclient's own ``async_stream_infer`` builds it: with
+    ``enable_empty_final_response``, so that every answer ends with a response flagged final
+    (tritonclient.grpc.aio's ``stream_infer`` cannot ask for it: ``triton_`` parameters are reserved)."""
+    from tritonclient.grpc._utils import _get_inference_request
+
+    request = _get_inference_request(
+        model_name=model, inputs=_infer_inputs(inputs), model_version="", request_id=f"chat-{next(_request_ids)}",
+        outputs=None, sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None,
+        parameters=parameters or None)
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
 def _final(result: Any) -> bool:
     parameters = result.get_response().parameters
     return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
@@ -468,31 +554,34 @@ def _piece(result: Any) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-_CANCELLED = object()
+def _broken_mid_answer(error: Exception, where: str, timeout: float) -> Exception:
+    """What the caller gets for ``error`` once pieces of the answer came: never another try."""
+    failure = _failure(error, where, timeout) or error
+    if failure is not error and isinstance(failure, ServerUnavailable):
+        return ServerUnavailable(f"{where}: the connection broke mid-answer ({_message(error)})")
+    return failure
 
 
-class ChatClient:
-    """Streamed answers from a served ``policy`` model, as a blocking iterator of text pieces.
+class AsyncChatClient:
+    """Streamed answers from a served ``policy`` model, as an async iterator of text pieces; the
+    streaming core that :class:`ChatClient` runs on a thread of its own.
 
-    ``stream(...)`` yields pieces as they arrive; leaving the loop early (or ``close()`` on the
-    iterator, or ``cancel()`` from another thread) cancels the request on the server. ``timeout``
-    bounds the wait for each piece. One answer at a time per client; the gRPC stream stays open
-    between answers (opening one costs milliseconds), and a cancellation closes it.
+    ``async for piece in client.stream(prompt="hi"): ...``; cancelling the task that iterates,
+    closing the iterator, or ``await client.cancel()`` cancels the request on the server, and with
+    it the gRPC stream it travels on. ``timeout`` bounds the wait for each piece. The stream of an
+    answer that ended stays open for the next answer (opening one costs milliseconds); answers
+    streamed at once each have a stream of their own.
     """
 
     def __init__(self, url: str, model: str = "policy", timeout: float = 30.0, retries: int = 3) -> None:
-        import tritonclient.grpc as grpcclient
-
         self.url = _checked_url(url)
         self.model = model
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self._grpc = grpcclient
-        self._client: Any = grpcclient.InferenceServerClient(url, channel_args=_triton_channel_args(url))
-        self._lock = threading.Lock()
-        self._active: queue.Queue[Any] | None = None  # where the answer in progress goes
-        self._request_id: str | None = None
-        self._stream_state = "closed"  # closed | open | broken (a stream error: restart before use)
+        self.retry = RetryPolicy.retries(self.retries)
+        self._client: Any = None  # tritonclient.grpc.aio's client, made on the event loop that uses it
+        self._idle: Any = None  # the open stream of the last answer that ended, for the next one
+        self._calls: set[Any] = set()  # the streams of the answers in progress
         self._eos: str | None = None
         self._llm = False  # the model takes Triton's LLM conventions only
 
@@ -500,22 +589,30 @@ class ChatClient:
     def where(self) -> str:
         return f"{self.url}/{self.model}"
 
-    def eos_token(self) -> str:
+    def _triton(self) -> Any:
+        if self._client is None:
+            from tritonclient.grpc.aio import InferenceServerClient
+
+            self._client = InferenceServerClient(self.url, channel_args=_triton_channel_args(self.url))
+        return self._client
+
+    async def eos_token(self) -> str:
         """The model's EOS token (from its config), for building the chat format from turns."""
         if self._eos is None:
+            client = self._triton()
             try:
-                config = _with_retries(
-                    lambda: self._open_client().get_model_config(self.model, as_json=True, client_timeout=self.timeout,
-                                                                 headers=admin_headers()),
-                    self.where, self.timeout, self.retries)
+                config = await self.retry.call_async(
+                    lambda: client.get_model_config(self.model, as_json=True, client_timeout=self.timeout,
+                                                    headers=admin_headers()),
+                    self.where, self.timeout)
             except RestrictedAPI:
                 config = {}  # an exposed server without the key: the Pythia/GPT-NeoX EOS below
             parameters = config.get("config", config).get("parameters", {})
             self._eos = parameters.get("eos_token", {}).get("string_value") or "<|endoftext|>"
         return self._eos
 
-    def stream(self, text: str | None = None, *, prompt: str | None = None, turns: Sequence[Any] | None = None,
-               system: str | None = None, **sampling: Any) -> Iterator[str]:
+    async def stream(self, text: str | None = None, *, prompt: str | None = None, turns: Sequence[Any] | None = None,
+                     system: str | None = None, **sampling: Any) -> AsyncIterator[str]:
         """Pieces of the answer to ``text`` (chat format ending with ``<|assistant|>``), ``prompt``
         (one plain message) or ``turns`` (``(role, text)`` pairs or objects with ``.role``/``.text``).
 
@@ -523,268 +620,20 @@ class ChatClient:
         stream_interval_ms.
         """
         parameters = _sampling_parameters(sampling)
-        inputs = _chat_inputs(text, prompt, turns, system, self.eos_token)
-        return self._stream_either(inputs, parameters)
-
-    def _stream_either(self, inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> Iterator[str]:
-        """oatui's inputs, or Triton's LLM conventions for a model that takes only those (found out
-        from its first refusal, then kept for this client)."""
-        if not self._llm:
-            received = False
-            try:
-                with contextlib.closing(self._stream(inputs, parameters)) as pieces:
-                    for piece in pieces:
-                        received = True
-                        yield piece
-                return
-            except RemoteError as error:
-                if received or not _is_foreign_model(str(error)):
-                    raise
-                self._llm = True
-        with contextlib.closing(self._stream(*_llm_request(inputs, parameters, self.eos_token))) as pieces:
-            yield from pieces
-
-    def _open_client(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("this ChatClient is closed")
-        return self._client
-
-    def _tensors(self, inputs: list[tuple[str, Any]]) -> list[Any]:
-        tensors = []
-        for name, value in inputs:
-            if isinstance(value, bool):
-                tensor = self._grpc.InferInput(name, [1], "BOOL")
-                tensor.set_data_from_numpy(np.array([value], dtype=bool))
-            else:
-                tensor = self._grpc.InferInput(name, [1], "BYTES")
-                tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
-            tensors.append(tensor)
-        return tensors
-
-    def _dispatch(self, result: Any, error: Any) -> None:
-        """The stream's callback (tritonclient's thread): hand the response to the answer in progress."""
-        with self._lock:
-            target, request_id = self._active, self._request_id
-            if error is not None and _status_name(error):
-                # A gRPC status (not a model's error message): the stream itself has failed.
-                self._stream_state = "broken"
-        if result is not None and result.get_response().id not in ("", request_id):
-            return  # a late piece of an earlier, cancelled answer
-        if target is not None:
-            target.put((result, error))
-
-    def _close_stream(self, cancel: bool) -> None:
-        with self._lock:
-            self._stream_state = "closed"
-        with contextlib.suppress(Exception):  # the stream is gone either way
-            self._open_client().stop_stream(cancel_requests=cancel)
-
-    def _send(self, responses: "queue.Queue[Any]", inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> None:
-        """Send the request on the (re)opened stream; every outcome arrives in ``responses``."""
-        from tritonclient.utils import InferenceServerException
-
-        client = self._open_client()
-        with self._lock:
-            state = self._stream_state
-        if state == "broken":
-            self._close_stream(cancel=True)
-            state = "closed"
-        request_id = f"chat-{next(_request_ids)}"
-        with self._lock:
-            self._request_id = request_id
-        try:
-            if state == "closed":
-                client.start_stream(callback=self._dispatch)
-                with self._lock:
-                    self._stream_state = "open"
-            client.async_stream_infer(
-                self.model,
-                self._tensors(inputs),
-                request_id=request_id,
-                parameters=parameters or None,
-                enable_empty_final_response=True,
-            )
-        except InferenceServerException as error:
-            # The stream failed at once (connection refused...): its callback carries the reason.
-            with self._lock:
-                self._stream_state = "broken"
-            try:
-                item = responses.get(timeout=1.0)
-            except queue.Empty:
-                item = (None, error)
-            responses.put(item)
-
-    def _stream(self, inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> Iterator[str]:
-        responses: queue.Queue[Any] = queue.Queue()
-        with self._lock:
-            if self._active is not None:
-                raise RuntimeError("this ChatClient is already streaming; use one client per concurrent stream")
-            self._active = responses
-        finished = False
-        received = False
-        attempt = 0
-        try:
-            self._send(responses, inputs, parameters)
-            while True:
-                try:
-                    item = responses.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise ServerUnavailable(f"{self.where}: no answer for {self.timeout:g} s") from None
-                if item is _CANCELLED:
-                    return
-                result, error = item
-                if error is not None:
-                    if not received and _is_connection_error(error) and attempt < self.retries:
-                        # Nothing was generated yet: start over once the server is back.
-                        self._close_stream(cancel=True)
-                        time.sleep(_backoff(attempt))
-                        while not responses.empty():  # whatever the dead stream still said
-                            responses.get_nowait()
-                        attempt += 1
-                        self._send(responses, inputs, parameters)
-                        continue
-                    failure = classify(error, self.where, self.timeout)
-                    if received and isinstance(failure, ServerUnavailable):
-                        failure = ServerUnavailable(f"{self.where}: the connection broke mid-answer ({_message(error)})")
-                    raise failure
-                piece = _piece(result)
-                if piece:
-                    received = True
-                    yield piece
-                if _final(result):
-                    finished = True
-                    return
-        finally:
-            with self._lock:
-                self._active = None
-            if not finished:
-                # Cancelling one request means cancelling the stream it travels on.
-                self._close_stream(cancel=True)
-
-    def cancel(self) -> None:
-        """Cancel the answer in progress (from any thread); its iterator ends without error."""
-        with self._lock:
-            active = self._active
-        if active is not None:
-            active.put(_CANCELLED)
-            self._close_stream(cancel=True)
-
-    def close(self) -> None:
-        if self._client is None:
-            return
-        self.cancel()
-        self._close_stream(cancel=True)
-        self._client.close()
-        # Dropped now, while grpc is still importable (its own __del__ fails at interpreter exit).
-        self._client = None
-
-    def __enter__(self) -> "ChatClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncChatClient:
-    """The asyncio form of :class:`ChatClient` (tritonclient.grpc.aio's protocol stubs).
-
-    ``async for piece in client.stream(prompt="hi"): ...``; cancelling the task that iterates,
-    closing the iterator, or ``await client.cancel()`` cancels the request on the server.
-    """
-
-    def __init__(self, url: str, model: str = "policy", timeout: float = 30.0, retries: int = 3) -> None:
-        self.url = _checked_url(url)
-        self.model = model
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self._channel: Any = None
-        self._stub: Any = None
-        self._calls: set[Any] = set()
-        self._eos: str | None = None
-        self._llm = False  # the model takes Triton's LLM conventions only
-
-    @property
-    def where(self) -> str:
-        return f"{self.url}/{self.model}"
-
-    def _ensure_channel(self) -> Any:
-        if self._stub is None:
-            import grpc
-            from tritonclient.grpc import service_pb2_grpc
-
-            self._channel = grpc.aio.insecure_channel(self.url, options=[_NO_PROXY] if _is_local(self.url) else None)
-            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        return self._stub
-
-    async def _unary(self, make_call: Callable[[], Any]) -> Any:
-        import grpc
-
-        for attempt in range(self.retries + 1):
-            try:
-                return await make_call()
-            except grpc.aio.AioRpcError as error:
-                if _is_connection_error(error) and attempt < self.retries:
-                    await asyncio.sleep(_backoff(attempt))
-                    continue
-                raise classify(error, self.where, self.timeout) from None
-        raise AssertionError("unreachable")
-
-    async def eos_token(self) -> str:
-        if self._eos is None:
-            from tritonclient.grpc import service_pb2
-
-            stub = self._ensure_channel()
-            headers = admin_headers()
-            try:
-                response = await self._unary(lambda: stub.ModelConfig(
-                    service_pb2.ModelConfigRequest(name=self.model), timeout=self.timeout,
-                    metadata=tuple(headers.items()) if headers else None))
-                parameter = response.config.parameters.get("eos_token")
-            except RestrictedAPI:
-                parameter = None  # an exposed server without the key: the Pythia/GPT-NeoX EOS below
-            self._eos = (parameter.string_value if parameter is not None else "") or "<|endoftext|>"
-        return self._eos
-
-    def _request(self, inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> Any:
-        from tritonclient.grpc import service_pb2
-        from tritonclient.utils import serialize_byte_tensor
-
-        request = service_pb2.ModelInferRequest(model_name=self.model, id=f"chat-{next(_request_ids)}")
-        for name, value in inputs:
-            tensor = request.inputs.add()
-            tensor.name = name
-            tensor.shape.extend([1])
-            if isinstance(value, bool):
-                tensor.datatype = "BOOL"
-                request.raw_input_contents.append(np.array([value], dtype=bool).tobytes())
-            else:
-                tensor.datatype = "BYTES"
-                request.raw_input_contents.append(
-                    serialize_byte_tensor(np.array([value.encode("utf-8")], dtype=np.object_)).item())
-        for key, value in parameters.items():
-            if isinstance(value, bool):
-                request.parameters[key].bool_param = value
-            elif isinstance(value, int):
-                request.parameters[key].int64_param = value
-            elif isinstance(value, float):
-                request.parameters[key].double_param = value
-            else:
-                request.parameters[key].string_param = str(value)
-        # The server then ends every stream with an empty response flagged final.
-        request.parameters["triton_enable_empty_final_response"].bool_param = True
-        return request
-
-    async def stream(self, text: str | None = None, *, prompt: str | None = None, turns: Sequence[Any] | None = None,
-                     system: str | None = None, **sampling: Any) -> AsyncIterator[str]:
-        """Pieces of the answer, as :meth:`ChatClient.stream` (oatui's inputs, or Triton's LLM
-        conventions for a model that takes only those)."""
-        parameters = _sampling_parameters(sampling)
-        eos = await self.eos_token() if turns is not None or self._llm else ""
+        eos = await self.eos_token() if turns is not None else ""
         inputs = _chat_inputs(text, prompt, turns, system, lambda: eos)
+        async with contextlib.aclosing(self.answer(inputs, parameters)) as pieces:
+            async for piece in pieces:
+                yield piece
+
+    async def answer(self, inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> AsyncIterator[str]:
+        """Pieces of the answer to checked inputs and parameters: oatui's inputs, or Triton's LLM
+        conventions for a model that takes only those (found out from its first refusal, then kept
+        for this client)."""
         if not self._llm:
             received = False
             try:
-                async with contextlib.aclosing(self._stream(self._request(inputs, parameters))) as pieces:
+                async with contextlib.aclosing(self._pieces(inputs, parameters)) as pieces:
                     async for piece in pieces:
                         received = True
                         yield piece
@@ -793,22 +642,44 @@ class AsyncChatClient:
                 if received or not _is_foreign_model(str(error)):
                     raise
                 self._llm = True
-                eos = await self.eos_token()
-        async with contextlib.aclosing(self._stream(self._request(*_llm_request(inputs, parameters, lambda: eos)))) as pieces:
+        eos = await self.eos_token()
+        async with contextlib.aclosing(self._pieces(*_llm_request(inputs, parameters, lambda: eos))) as pieces:
             async for piece in pieces:
                 yield piece
 
-    async def _stream(self, request: Any) -> AsyncIterator[str]:
+    def _stream(self) -> Any:
+        """An open gRPC stream for a request: the one the last answer left, else a new one."""
+        call, self._idle = self._idle, None
+        if call is None or call.done():
+            # The stub of tritonclient.grpc.aio's client: its own stream_infer cannot ask for the
+            # empty final response (see _stream_request).
+            call = self._triton()._client_stub.ModelStreamInfer()
+        self._calls.add(call)
+        return call
+
+    def _release(self, call: Any, finished: bool) -> None:
+        """Keep the stream of an answer that ended for the next one; cancel any other (cancelling a
+        request means cancelling the stream it travels on)."""
+        self._calls.discard(call)
+        if finished and self._idle is None:
+            self._idle = call
+        else:
+            call.cancel()
+
+    async def _pieces(self, inputs: list[tuple[str, Any]], parameters: dict[str, Any]) -> AsyncIterator[str]:
+        """The pieces of one request. Until the first piece, a failure that :attr:`retry` retries
+        starts the request over on a new stream; after it, any failure is an error."""
         import grpc
         from tritonclient.grpc import InferResult
+        from tritonclient.utils import InferenceServerException
 
-        stub = self._ensure_channel()
+        request = _stream_request(self.model, inputs, parameters)
         received = False
-        for attempt in range(self.retries + 1):
-            call = stub.ModelStreamInfer(iter([request]))
-            self._calls.add(call)
+        for attempt in itertools.count():
+            call = self._stream()
             finished = False
             try:
+                await call.write(request)
                 while True:
                     try:
                         # asyncio.timeout, not wait_for: wait_for may swallow a cancellation on 3.11.
@@ -821,8 +692,10 @@ class AsyncChatClient:
                             raise ServerUnavailable(f"{self.where}: the stream ended before the final response")
                         raise ServerUnavailable(f"{self.where}: the server closed the stream without an answer")
                     if response.error_message:
-                        raise RemoteError(f"{self.where}: {' '.join(response.error_message.split())}")
+                        raise InferenceServerException(msg=response.error_message)
                     result = InferResult(response.infer_response)
+                    if result.get_response().id not in ("", request.id):
+                        continue  # not this request's (the stream carries one request at a time)
                     piece = _piece(result)
                     if piece:
                         received = True
@@ -830,38 +703,171 @@ class AsyncChatClient:
                     if _final(result):
                         finished = True
                         return
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.CANCELLED and call.cancelled():
-                    return  # cancel() was called
-                if not received and _is_connection_error(error) and attempt < self.retries:
-                    await asyncio.sleep(_backoff(attempt))
-                    continue
-                if received and _is_connection_error(error):
-                    raise ServerUnavailable(f"{self.where}: the connection broke mid-answer ({_message(error)})") from None
-                raise classify(error, self.where, self.timeout) from None
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise  # the caller's task is being cancelled (Esc): let it
                 return  # cancel() was called: the answer just ends
+            except Exception as error:  # noqa: BLE001 - classified, retried or raised below
+                if received:
+                    raise _broken_mid_answer(error, self.where, self.timeout) from None
+                delay = self.retry.after(error, attempt, self.where, self.timeout)
             finally:
-                self._calls.discard(call)
-                if not finished:
-                    call.cancel()
+                self._release(call, finished)
+            await asyncio.sleep(delay)
 
     async def cancel(self) -> None:
-        """Cancel every stream of this client in progress."""
+        """Cancel every answer of this client in progress; their iterators end without error."""
         for call in list(self._calls):
             call.cancel()
 
     async def close(self) -> None:
         await self.cancel()
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def __aenter__(self) -> "AsyncChatClient":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+_END = object()
+_CANCELLED = object()
+
+
+class ChatClient:
+    """Streamed answers from a served ``policy`` model, as a blocking iterator of text pieces: an
+    :class:`AsyncChatClient` on an event loop of this client's own thread.
+
+    ``stream(...)`` yields pieces as they arrive; leaving the loop early (or ``close()`` on the
+    iterator, or ``cancel()`` from another thread) cancels the request on the server. ``timeout``
+    bounds the wait for each piece. One answer at a time per client; the gRPC stream stays open
+    between answers (opening one costs milliseconds), and a cancellation closes it.
+    """
+
+    def __init__(self, url: str, model: str = "policy", timeout: float = 30.0, retries: int = 3) -> None:
+        self._core = AsyncChatClient(url, model, timeout, retries)
+        self.url, self.model, self.timeout, self.retries = url, model, self._core.timeout, self._core.retries
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # started on first use
+        self._thread: threading.Thread | None = None
+        self._active: queue.Queue[Any] | None = None  # where the answer in progress goes
+        self._pump: concurrent.futures.Future[None] | None = None  # what fills it, on the loop
+        self._closed = False
+
+    @property
+    def where(self) -> str:
+        return self._core.where
+
+    @property
+    def _llm(self) -> bool:
+        """Whether the model takes Triton's LLM conventions only (found out from its first refusal)."""
+        return self._core._llm
+
+    def _run(self, coroutine: Any) -> "concurrent.futures.Future[Any]":
+        """``coroutine`` on this client's event loop."""
+        with self._lock:
+            if self._closed:
+                coroutine.close()
+                raise RuntimeError("this ChatClient is closed")
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name=f"ChatClient {self.where}",
+                                                daemon=True)
+                self._thread.start()
+            return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def eos_token(self) -> str:
+        """The model's EOS token (from its config), for building the chat format from turns."""
+        return self._run(self._core.eos_token()).result()
+
+    def stream(self, text: str | None = None, *, prompt: str | None = None, turns: Sequence[Any] | None = None,
+               system: str | None = None, **sampling: Any) -> Iterator[str]:
+        """Pieces of the answer, as :meth:`AsyncChatClient.stream`; the request is checked (and the
+        EOS token asked for, for ``turns``) here, and sent when the first piece is asked for."""
+        parameters = _sampling_parameters(sampling)
+        inputs = _chat_inputs(text, prompt, turns, system, self.eos_token)
+        return self._pieces(inputs, parameters)
+
+    async def _fill(self, pieces: "queue.Queue[Any]", inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> None:
+        """On the loop: the answer's pieces into ``pieces``, then its end or its error."""
+        try:
+            async with contextlib.aclosing(self._core.answer(inputs, parameters)) as answer:
+                async for piece in answer:
+                    pieces.put(piece)
+        except Exception as error:  # noqa: BLE001 - raised in the thread that iterates
+            pieces.put(error)
+        else:
+            pieces.put(_END)
+
+    def _pieces(self, inputs: list[tuple[str, str]], parameters: dict[str, Any]) -> Iterator[str]:
+        pieces: queue.Queue[Any] = queue.Queue()
+        with self._lock:
+            if self._active is not None:
+                raise RuntimeError("this ChatClient is already streaming; use one client per concurrent stream")
+            self._active = pieces
+        pump = None
+        ended = False
+        try:
+            pump = self._run(self._fill(pieces, inputs, parameters))
+            with self._lock:
+                self._pump = pump
+            while True:
+                item = pieces.get()  # the core bounds the wait for each piece
+                if item is _CANCELLED:
+                    return
+                ended = item is _END or isinstance(item, Exception)
+                if item is _END:
+                    return
+                if ended:
+                    raise item
+                yield item
+        finally:
+            if pump is not None and not ended:
+                pump.cancel()  # closes the core's iterator on the loop: the request is cancelled on the server
+            with self._lock:
+                self._active = self._pump = None
+
+    def cancel(self) -> None:
+        """Cancel the answer in progress (from any thread); its iterator ends without error."""
+        with self._lock:
+            pieces, pump = self._active, self._pump
+        if pieces is not None:
+            pieces.put(_CANCELLED)
+        if pump is not None:
+            pump.cancel()
+
+    async def _shutdown(self) -> None:
+        """On the loop: close the core, then let what gRPC still does for its cancelled calls end."""
+        await self._core.close()
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=1.0)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop, thread = self._loop, self._thread
+        self.cancel()
+        if loop is None or thread is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=self.timeout)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    def __enter__(self) -> "ChatClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -90,25 +90,23 @@ class LocalReference:
 
 
 def call_with_retries(call: Callable[[], T], attempts: int, what: str, sleep: Callable[[float], None] = time.sleep) -> T:
-    """``call()``, retried on an unreachable server with backoff 1, 2, 4, … s (at most 30 s); ``attempts`` tries in all.
+    """``call()`` under the clients' :class:`~oatui.serve.client.RetryPolicy`, patient: a server that
+    does not answer (unreachable, timed out, model not ready) is retried with backoff 1, 2, 4, … s
+    (at most 30 s); ``attempts`` tries in all.
 
     An error the server answered with (bad input, a crash in the model) is not retried.
     """
-    from oatui.serve.client import ModelInterfaceError, RemoteError, ServerUnavailable
+    from oatui.serve.client import ModelInterfaceError, RemoteError, RetryPolicy, ServerUnavailable
 
-    last: Exception | None = None
-    for attempt in range(max(1, attempts)):
-        try:
-            return call()
-        except ServerUnavailable as error:
-            last = error
-            if attempt + 1 < attempts:
-                sleep(min(2.0**attempt, MAX_BACKOFF_S))
-        except ModelInterfaceError as error:  # not oatui's rm/ref model (an Open-Assistant to_triton one, say)
-            raise RemoteFailure(f"{what}: {error}") from None
-        except RemoteError as error:
-            raise RemoteFailure(f"{what}: the server answered with an error: {error}") from None
-    raise RemoteFailure(f"{what}: no answer after {max(1, attempts)} attempts: {last}")
+    policy = RetryPolicy(attempts=max(1, attempts), first=1.0, cap=MAX_BACKOFF_S, retry_on=(ServerUnavailable,))
+    try:
+        return policy.call(call, what, sleep=sleep)
+    except ModelInterfaceError as error:  # not oatui's rm/ref model (an Open-Assistant to_triton one, say)
+        raise RemoteFailure(f"{what}: {error}") from None
+    except RemoteError as error:
+        raise RemoteFailure(f"{what}: the server answered with an error: {error}") from None
+    except ServerUnavailable as error:
+        raise RemoteFailure(f"{what}: no answer after {policy.attempts} attempts: {error}") from None
 
 
 class RemoteRewardModel:
