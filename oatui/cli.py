@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from oatui import __version__
+from oatui.commands import app as app_command
 from oatui.errors import EXIT_USAGE, UserError
 from oatui.fsutil import UnreadableFile
 
@@ -54,7 +56,6 @@ def build_parser() -> Parser:
         default=argparse.SUPPRESS,
         help="open the app with the GPU panel driven by a recording from 'oatui gpus --json --watch'",
     )
-    from oatui import __version__
 
     parser.add_argument("--version", action="version", version=f"oatui {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -72,7 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.workspace = None
     if args.command is None:
         args.command = "app"
-        from oatui.commands import app as app_command
 
         args.func = app_command.run
         for key, value in vars(app_command.defaults()).items():

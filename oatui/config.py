@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 
 from oatui.errors import UserError
 from oatui.fsutil import UnreadableFile, expand_user, read_json_file, read_text_file, untrusted_reason
+from oatui.models.tiny import OPTIONAL_SHAPE_KEYS, TINY_SHAPE
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 STAGES = ("sft", "rm", "rl")
@@ -175,7 +176,6 @@ class StageConfig(BaseModel):
     def _tiny_shape(cls, value: dict[str, int] | None) -> dict[str, int] | None:
         if value is None:
             return value
-        from oatui.models.tiny import OPTIONAL_SHAPE_KEYS, TINY_SHAPE
 
         known = [*TINY_SHAPE, *OPTIONAL_SHAPE_KEYS]
         for key, number in value.items():

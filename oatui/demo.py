@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oatui.data.rules import Stats
+from oatui.data.sample import SAMPLE_FILE
+from oatui.data.trees import iter_trees
+from oatui.netutil import free_ports
+from oatui.serve.record import ServerOptions
+from oatui.serve.server import start_detached, status, stop
+from oatui.stages.runs import refresh, stop_run, view
 from oatui.workspace import Workspace
 
 PHASES = ("data", "sft", "rm", "rl", "export", "serve", "chat", "compare", "stop")
@@ -123,10 +130,6 @@ class Demo:
 
     # -- phases ----------------------------------------------------------------------------------
     def phase_data(self) -> str:
-        from oatui.data.rules import Stats
-        from oatui.data.sample import SAMPLE_FILE
-        from oatui.data.trees import iter_trees
-
         stats = Stats()
         for tree in iter_trees(SAMPLE_FILE):
             stats.add(tree)
@@ -135,7 +138,6 @@ class Demo:
 
     def phase_stage(self, stage: str) -> str:
         from oatui.stages.launcher import LaunchRequest, launch
-        from oatui.stages.runs import refresh, stop_run, view
 
         configs = {"sft": self.options.sft_configs, "rm": self.options.rm_configs, "rl": self.options.rl_configs}[stage]
         overrides = list(self.options.overrides.get(stage, []))
@@ -176,10 +178,6 @@ class Demo:
         return ", ".join(result.name for result in exported) + f" in {repo}"
 
     def phase_serve(self) -> str:
-        from oatui.netutil import free_ports
-        from oatui.serve.record import ServerOptions
-        from oatui.serve.server import start_detached, status
-
         running = status(self.workspace)
         if running is not None:
             raise PhaseFailed(f"a server already runs for this workspace (gRPC {running.grpc_url}); stop it first")
@@ -260,8 +258,6 @@ class Demo:
         return verdict
 
     def phase_stop(self) -> str:
-        from oatui.serve.server import stop
-
         if self.server is None:
             return "no server was started"
         stopped = stop(self.workspace)

@@ -52,7 +52,8 @@ from oatui.app.widgets.server_line import ServerLine
 from oatui.errors import UserError
 from oatui.monitor import History, MonitorSnapshot, SnapshotSource, make_source
 from oatui.monitor.owners import EMPTY, ActiveRun, OwnerFinder, Ownership
-from oatui.stages.runs import RunView, ended_since
+from oatui.stages.rundir import RunDir
+from oatui.stages.runs import RunView, ended_since, list_runs, stop_run
 from oatui.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -381,8 +382,6 @@ class OatuiApp(App[None]):
     @work(thread=True, exclusive=True, group="runs-poll", exit_on_error=False)
     def read_runs(self, selected: tuple[str, str] | None, log: FileFollower | None,
                   metrics: dict[str, MetricsFollower]) -> None:
-        from oatui.stages.runs import list_runs
-
         try:
             runs = list_runs(self.workspace.runs)
         except Exception as error:  # noqa: BLE001 - a runs folder we cannot list: say so, keep going
@@ -569,9 +568,6 @@ class OatuiApp(App[None]):
 
     @work(thread=True, exclusive=True, group="stop")
     def stop_selected(self, path: Path) -> None:
-        from oatui.stages.rundir import RunDir
-        from oatui.stages.runs import stop_run
-
         try:
             stop_run(RunDir(path))
         except UserError as error:

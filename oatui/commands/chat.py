@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
+from oatui.errors import UserError
+
 DEFAULT_URL = "127.0.0.1:8001"
 
 DESCRIPTION = """\
@@ -387,7 +389,6 @@ def run_ab(args: argparse.Namespace, url: str, sampling: dict[str, Any]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from oatui.errors import UserError
     from oatui.serve.client import ChatClient, RemoteError, ServerUnavailable
 
     if args.prompt == "export" and args.rank is None and args.ab is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from oatui.errors import UserError
+
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("data", parents=parents, help="inspect Open-Assistant export files",
@@ -48,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
 
         path = SAMPLE_FILE
     elif path == "feedback":
-        from oatui.errors import UserError
         from oatui.workspace import FEEDBACK_FILE, Workspace
 
         path = Workspace.open(args.workspace, create=False).root / FEEDBACK_FILE

@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from oatui.errors import UserError
+
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
@@ -38,7 +40,6 @@ def _elapsed(seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from oatui.demo import Demo, DemoEvent, DemoOptions, format_summary
-    from oatui.errors import UserError
     from oatui.workspace import Workspace
 
     overrides: dict[str, list[str]] = {}

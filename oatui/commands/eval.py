@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from oatui.errors import UserError
+from oatui.fsutil import expand_user
+
 STAGES = ("sft", "rm", "rl")
 
 
@@ -49,8 +52,6 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 def resolve_model(value: str, runs_dir: Path, option: str) -> Path:
     """A run id, a stage name (its newest succeeded run) or a folder, as a loadable model folder."""
-    from oatui.errors import UserError
-    from oatui.fsutil import expand_user
     from oatui.stages.runs import latest_final
 
     if value in STAGES:
@@ -72,7 +73,6 @@ def resolve_model(value: str, runs_dir: Path, option: str) -> Path:
 
 def _contexts(args: argparse.Namespace, workspace: Any) -> list[Any]:
     from oatui.data.rules import Turn
-    from oatui.errors import UserError
 
     if args.data is None:
         from oatui.data.sample import held_out_prompts
@@ -89,7 +89,6 @@ def _contexts(args: argparse.Namespace, workspace: Any) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oatui.errors import UserError
     from oatui.workspace import Workspace
 
     if args.prompts < 1:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from oatui.errors import UserError
+from oatui.fsutil import expand_user
+
 DESCRIPTION = """\
 Write a Triton model repository entry REPO/NAME (config.pbtxt and 1/model.py, Python backend)
 for a checkpoint: 'policy' streams chat answers (decoupled), 'rm' scores conversations,
@@ -56,11 +59,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from oatui.fsutil import expand_user
     from oatui.serve.repository import export_model, resolve_model
     from oatui.workspace import Workspace
 
-    from oatui.errors import UserError
     from oatui.serve.repository import parse_engine_args
 
     engine_args = parse_engine_args(args.engine_arg)

@@ -7,6 +7,9 @@ import json
 import sys
 import time
 
+from oatui.commands.train import _print_new
+from oatui.fsutil import tail_lines
+
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
@@ -64,12 +67,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{run_dir.id}: {info.state}", file=sys.stderr)
         return 0
     if args.action == "tail":
-        from oatui.fsutil import tail_lines
-
         for line in tail_lines(run_dir.log_path, max(0, args.lines)):
             print(line)
         if args.follow:
-            from oatui.commands.train import _print_new
             from oatui.stages.runs import refresh
 
             position = run_dir.log_path.stat().st_size if run_dir.log_path.exists() else 0

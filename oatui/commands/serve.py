@@ -7,6 +7,9 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from oatui.errors import UserError
+from oatui.fsutil import expand_user
+
 if TYPE_CHECKING:
     from oatui.serve.record import ServerInfo, ServerOptions
     from oatui.workspace import Workspace
@@ -61,8 +64,6 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def _options(args: argparse.Namespace, workspace: "Workspace") -> "ServerOptions":
-    from oatui.errors import UserError
-    from oatui.fsutil import expand_user
     from oatui.serve.record import ServerOptions
 
     repo = expand_user(args.repo).absolute() if args.repo else workspace.triton_repo
@@ -119,7 +120,6 @@ def status_table(info: "ServerInfo", now: float | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oatui.errors import UserError
     from oatui.serve import server
     from oatui.serve.ports import ADMIN_HEADER, GRPC_HEADER_PREFIX, is_loopback
     from oatui.workspace import Workspace

@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+from oatui.errors import UserError
+
 EXAMPLES = """examples:
   oatui train sft --configs defaults tiny
   oatui train rm --configs defaults_rm tiny_rm --detach
@@ -69,7 +71,6 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from oatui.errors import UserError
     from oatui.stages.launcher import LaunchRequest, launch
     from oatui.workspace import Workspace
 
@@ -106,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
 def describe(args: argparse.Namespace) -> int:
     """``--list-keys`` and ``--print-config``: read the config sections, print, make nothing."""
     from oatui.config import describe_keys, load_stage_config, to_yaml
-    from oatui.errors import UserError
     from oatui.workspace import Workspace
 
     if args.list_keys and args.print_config:
@@ -142,7 +142,6 @@ def _brief(key: str, value: object) -> str:
 def follow(run_dir, position: int = 0) -> int:  # noqa: ANN001
     """Print the run's log from ``position`` as it grows until the run ends; Ctrl-C asks it to stop."""
     from oatui.stages.runs import refresh, stop_run
-    from oatui.errors import UserError
 
     interrupted = {"count": 0}
 
@@ -187,7 +186,6 @@ def _print_new(path, position: int) -> int:  # noqa: ANN001
 
 
 def summarize(run_dir, info) -> int:  # noqa: ANN001
-    from oatui.errors import UserError
 
     if info.state == "succeeded":
         print(f"run {info.id} succeeded; model: {run_dir.final}", file=sys.stderr)

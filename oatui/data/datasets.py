@@ -28,6 +28,7 @@ from oatui.data.rules import (
     sft_conversations,
     tree_is_used,
 )
+from oatui.data.sample import SAMPLE_FILE
 from oatui.data.trees import LoadReport, MessageTree, iter_lines, iter_trees
 from oatui.errors import UserError
 from oatui.fsutil import expand_user
@@ -42,8 +43,6 @@ T = TypeVar("T")
 def resolve_dataset_path(spec: DatasetSpec, workspace: Path) -> Path | None:
     """The file behind a dataset entry; None for an optional one that does not exist yet."""
     if spec.path == "sample":
-        from oatui.data.sample import SAMPLE_FILE
-
         return SAMPLE_FILE
     if spec.path == "feedback":
         path = workspace / FEEDBACK_FILE

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oatui.data.trees import iter_trees
+
 SAMPLE_FILE = Path(__file__).parent / "sample" / "oasst_sample.trees.jsonl.gz"
 DEFAULT_TREES = 400
 DEFAULT_SEED = 20231
@@ -321,8 +323,6 @@ def judge(prompt: str, answer: str) -> GoldScore | None:
 def held_out_prompts(count: int | None = None, seed: int = DEFAULT_SEED) -> list[str]:
     """Questions in the sample's style (every language) that the shipped export never asks, in a fixed
     seeded order: prompts no stage has trained on, for judging policies."""
-    from oatui.data.trees import iter_trees
-
     asked: set[str] = set()
     for tree in iter_trees(SAMPLE_FILE):
         for message in _walk(tree.prompt):

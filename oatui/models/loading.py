@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from oatui.data.format import ASSISTANT, PAD, PROMPTER, SYSTEM
 from oatui.errors import UserError
-from oatui.fsutil import expand_user
+from oatui.fsutil import UnreadableFile, expand_user, read_json_file
+from oatui.models.tiny import ensure_tiny_model
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +39,6 @@ LATEST_SFT = "latest-sft"
 def resolve_model_name(name: str, models_dir: Path, tiny_overrides: dict[str, int] | None = None) -> str:
     """A loadable name: ``tiny`` becomes the workspace's tiny model folder; paths must exist."""
     if name == "tiny":
-        from oatui.models.tiny import ensure_tiny_model
-
         return str(ensure_tiny_model(models_dir, tiny_overrides))
     path = expand_user(name)
     if path.exists():
@@ -72,8 +71,6 @@ CHECKPOINT_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_con
 def check_checkpoint_files(name: str) -> None:
     """A local checkpoint folder's JSON files are JSON objects (read with the same bounds and one
     error line as every file oatui reads back); transformers would fail on them with a traceback."""
-    from oatui.fsutil import UnreadableFile, read_json_file
-
     folder = Path(name)
     if not folder.is_dir():
         return

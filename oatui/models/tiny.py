@@ -13,6 +13,10 @@ import shutil
 from pathlib import Path
 
 from oatui.data.format import ASSISTANT, DEFAULT_EOS, PAD, PROMPTER, SYSTEM
+from oatui.data.rules import iter_usable
+from oatui.data.sample import SAMPLE_FILE
+from oatui.data.trees import iter_trees
+from oatui.errors import UserError
 from oatui.fsutil import locked, make_private_dir
 
 TINY_SHAPE: dict[str, int] = {
@@ -42,10 +46,6 @@ def train_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
     """A byte-level BPE (GPT-2/Pythia style) trained on every message of the sample export."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from oatui.data.rules import iter_usable
-    from oatui.data.sample import SAMPLE_FILE
-    from oatui.data.trees import iter_trees
 
     texts = [message.text for tree in iter_trees(SAMPLE_FILE) for message in iter_usable(tree)]
     tokenizer = Tokenizer(models.BPE())
@@ -111,8 +111,6 @@ def ensure_tiny_model(models_dir: Path, overrides: dict[str, int] | None = None)
     shape = dict(TINY_SHAPE)
     unknown = set(overrides or {}) - set(shape) - set(OPTIONAL_SHAPE_KEYS)
     if unknown:
-        from oatui.errors import UserError
-
         raise UserError(f"tiny_model: unknown keys {sorted(unknown)}; known: {sorted(shape) + list(OPTIONAL_SHAPE_KEYS)}")
     shape.update(overrides or {})
     make_private_dir(models_dir)

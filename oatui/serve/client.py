@@ -32,7 +32,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from oatui.data.format import SPECIAL_TOKENS, SYSTEM, format_conversation
 from oatui.errors import UserError
+from oatui.serve.generation import STREAM_INTERVAL_KEY, SamplingParams, parse_request_parameters
+from oatui.serve.ports import is_loopback
 
 RETRY_BACKOFF = 0.25  # seconds before the first retry, doubled each time
 RETRY_BACKOFF_MAX = 2.0
@@ -124,8 +127,6 @@ def _checked_url(url: str) -> str:
 
 def _is_local(url: str) -> bool:
     """Whether ``host:port`` names this machine's loopback."""
-    from oatui.serve.ports import is_loopback
-
     return is_loopback(url.rpartition(":")[0].strip("[]"))
 
 
@@ -441,8 +442,6 @@ class RefLogprobClient(_UnaryClient):
 
 def _sampling_parameters(sampling: dict[str, Any]) -> dict[str, Any]:
     """Request parameters, checked here as the server checks them; None values are left out."""
-    from oatui.serve.generation import parse_request_parameters
-
     values = {key: value for key, value in sampling.items() if value is not None}
     try:
         parse_request_parameters(values)
@@ -458,8 +457,6 @@ def _chat_inputs(text: str | None, prompt: str | None, turns: Sequence[Any] | No
         raise ValueError("give exactly one of text (chat format), prompt (plain text) and turns")
     inputs: list[tuple[str, str]] = []
     if turns is not None:
-        from oatui.data.format import format_conversation
-
         text = format_conversation(list(turns), eos(), system or None, add_generation_prompt=True)
         system = None
     if text is not None:
@@ -484,9 +481,6 @@ def _llm_request(inputs: list[tuple[str, str]], parameters: dict[str, Any],
     ``text_input``, ``stream`` and ``exclude_input_in_output`` true, the sampling as the JSON string
     ``sampling_parameters`` with vLLM's names; ``stream_interval_ms`` stays a request parameter
     (oatui's policy reads it, the vLLM backend ignores request parameters beside that input)."""
-    from oatui.data.format import SPECIAL_TOKENS, SYSTEM, format_conversation
-    from oatui.serve.generation import STREAM_INTERVAL_KEY, SamplingParams
-
     values = dict(inputs)
     text = values.get("text")
     if text is None:

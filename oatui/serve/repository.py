@@ -38,8 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oatui.errors import UserError
-from oatui.fsutil import expand_user
+from oatui.fsutil import UnreadableFile, expand_user, make_private_dir, read_json_file
+from oatui.models.loading import load_tokenizer
 from oatui.serve.triton_models import common
+from oatui.stages.rundir import CHECKPOINT_PREFIX, RunDir
+from oatui.stages.runs import find_run
 
 MODES = ("policy", "rm", "ref")
 DEVICES = ("auto", "cpu", "cuda")
@@ -87,8 +90,6 @@ class ExportSource:
 def source_run(model: Path) -> ExportSource:
     """The run a checkpoint folder belongs to: ``RUN/final`` (step: the run's last logged one) or
     ``RUN/checkpoints/checkpoint-N`` (step N); an empty ``ExportSource`` for any other folder."""
-    from oatui.stages.rundir import CHECKPOINT_PREFIX, RunDir
-
     model = Path(model)
     step: int | None = None
     if model.name == "final":
@@ -114,8 +115,6 @@ def source_run(model: Path) -> ExportSource:
 def read_export_source(folder: Path) -> ExportSource:
     """The run behind an exported model ``REPO/NAME``, from its ``oatui_export.json`` (an export
     written before it recorded the run: from the checkpoint's path); empty when it cannot tell."""
-    from oatui.fsutil import UnreadableFile, read_json_file
-
     try:
         info = read_json_file(Path(folder) / EXPORT_INFO)
     except UnreadableFile:
@@ -264,8 +263,6 @@ def resolve_model(model: str, runs_dir: Path | None) -> Path:
             raise UserError(f"--model {model}: no config.json in {path.absolute()} (expected a Hugging Face checkpoint folder)")
         return path.absolute()
     if runs_dir is not None and "/" not in model and model not in (".", ".."):
-        from oatui.stages.runs import find_run
-
         try:
             run = find_run(runs_dir, model)
         except UserError:
@@ -280,13 +277,10 @@ def resolve_model(model: str, runs_dir: Path | None) -> Path:
 
 def _checkpoint_facts(model_path: Path) -> dict[str, str]:
     """EOS token and context length, read with the same tokenizer loading the server uses."""
-    from oatui.models.loading import load_tokenizer
-
     # Without these, transformers builds an empty tokenizer from config.json alone and the
     # export would "work", serving gibberish.
     if not any((model_path / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"--model {model_path}: no tokenizer saved there (none of {', '.join(TOKENIZER_FILES)})")
-    from oatui.fsutil import UnreadableFile, read_json_file
 
     try:
         config = read_json_file(model_path / "config.json")
@@ -393,8 +387,6 @@ def export_model(
     if target.exists() and not force:
         raise UserError(f"{target} exists; add --force to replace it (or pick another --name)")
     facts = _checkpoint_facts(model)
-
-    from oatui.fsutil import make_private_dir
 
     make_private_dir(repo)
     staging = _staging_dir(repo, name)

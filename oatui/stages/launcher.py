@@ -17,11 +17,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from oatui.config import STAGES, RLConfig, StageConfig, deepspeed_config_path, from_yaml_file, load_stage_config, to_yaml
+from oatui.data.datasets import resolve_dataset_path
 from oatui.errors import UserError
 from oatui.fsutil import UnreadableFile, iter_text_lines
+from oatui.models.loading import LATEST_SFT, check_model_name
 from oatui.netutil import free_port
 from oatui.procutil import create_time
 from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, new_run_id, pickled_files, valid_run_id
+from oatui.stages.runs import find_run, list_runs, refresh, require_latest_final
 from oatui.workspace import Workspace
 
 LAUNCHERS = ("auto", "python", "accelerate", "deepspeed")
@@ -150,10 +153,6 @@ def _check_inputs(stage: str, config: StageConfig, workspace: Workspace, queued:
     """The cheap checks that must fail before a run directory exists. A ``queued`` run (``--after``)
     skips the ``latest`` checks: the run it waits for may be the one that makes that model, and the
     stage resolves ``latest`` itself when it starts."""
-    from oatui.data.datasets import resolve_dataset_path
-    from oatui.models.loading import LATEST_SFT, check_model_name
-    from oatui.stages.runs import require_latest_final
-
     check_model_name(config.model_name)
     if config.model_name == LATEST_SFT and not queued:
         require_latest_final(workspace.root, "sft", "model_name")
@@ -221,8 +220,6 @@ def prepare(request: LaunchRequest, workspace: Workspace) -> RunDir:
 def resolve_after(after: str, workspace: Workspace) -> str:
     """``--after``: a run id (or a unique start of one), or ``sft``/``rm``/``rl`` for the newest run of
     that stage, queued and running ones included. A run that already failed or stopped is refused."""
-    from oatui.stages.runs import find_run, list_runs, refresh
-
     if after in STAGES:
         newest = next((v for v in list_runs(workspace.runs) if v.stage == after), None)
         if newest is None:
@@ -260,7 +257,6 @@ def _prepare_resume(request: LaunchRequest, workspace: Workspace) -> RunDir:
         raise UserError(f"--resume {run_id}: {error}") from None
     if info.stage != request.stage:
         raise UserError(f"--resume {run_id}: that is a {info.stage} run, not {request.stage}")
-    from oatui.stages.runs import refresh
 
     info = refresh(run, info)
     if info.state in ACTIVE_STATES:

@@ -29,6 +29,7 @@ from oatui.fsutil import (
     atomic_write_text,
     fits_type,
     json_objects,
+    locked,
     make_private_dir,
     parse_json,
     read_last_line,
@@ -200,8 +201,6 @@ class RunDir:
 
     def update_info(self, **changes: Any) -> RunInfo:
         """Read, change and write ``run.json`` under its lock (the supervisor and ``runs stop`` both write)."""
-        from oatui.fsutil import locked
-
         with locked(self.info_path):
             info = self.read_info()
             for key, value in changes.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from oatui.errors import UserError
-from oatui.fsutil import json_objects
+from oatui.fsutil import json_objects, locked
 from oatui.procutil import process_alive, signal_group, signal_process
 from oatui.stages.rundir import ACTIVE_STATES, RunDir, RunInfo, valid_run_id
 
@@ -35,7 +35,6 @@ def refresh(run: RunDir, info: RunInfo | None = None) -> RunInfo:
         return info  # the launcher is about to start the supervisor
     if process_alive(info.pid, info.pid_started):
         return info  # the stage still runs; its supervisor is gone, so nobody will record the end
-    from oatui.fsutil import locked
 
     with locked(run.info_path):
         current = run.read_info()

@@ -23,8 +23,10 @@ import threading
 import time
 from pathlib import Path
 
+from oatui.fsutil import tail_lines
 from oatui.procutil import create_time, signal_child_group, stop_on_signals
 from oatui.stages.rundir import EXIT_BAD_INPUT, EXIT_STOPPED, RunDir
+from oatui.stages.runs import refresh
 
 DEFAULT_STOP_TIMEOUT = 900.0
 
@@ -58,8 +60,6 @@ def outcome(returncode: int, stop_requested: bool, has_final: bool) -> str:
 
 
 def _last_log_line(run: RunDir) -> str | None:
-    from oatui.fsutil import tail_lines
-
     for line in reversed(tail_lines(run.log_path, 40)):
         line = line.strip()
         if line and not line.startswith(("[oatui]", "{")):
@@ -149,8 +149,6 @@ PARENT_POLL_S = 1.0
 def wait_for_parent(run: RunDir, parent_id: str, stop: threading.Event) -> bool:
     """Wait for run ``parent_id`` to end. True when it succeeded (start the stage); otherwise this run
     is recorded as ended (``failed``, or ``stopped`` on a stop request) and False comes back."""
-    from oatui.stages.runs import refresh
-
     parent = RunDir(run.path.parent / parent_id)
     _log_line(run, f"queued: starts when {parent_id} succeeds")
     while True:

@@ -25,7 +25,9 @@ from typing import Any
 from oatui.config import StageConfig, from_yaml_file
 from oatui.errors import UserError
 from oatui.fsutil import atomic_write_text, locked, make_private_dir
+from oatui.models.loading import LATEST_SFT, resolve_model_name
 from oatui.stages.rundir import CHECKPOINT_PREFIX, EXIT_BAD_INPUT, EXIT_STOPPED, RunDir, pickled_files
+from oatui.stages.runs import require_latest_final
 from oatui.workspace import Workspace
 
 # --------------------------------------------------------------------------------------------
@@ -246,12 +248,8 @@ class StageContext:
         return checkpoint
 
     def model_name(self, name: str | None = None) -> str:
-        from oatui.models.loading import LATEST_SFT, resolve_model_name
-
         name = name or self.config.model_name
         if name == LATEST_SFT:
-            from oatui.stages.runs import require_latest_final
-
             final = str(require_latest_final(self.workspace.root, "sft", "model_name"))
             self.log(f"model_name {LATEST_SFT}: {final}")
             return final

@@ -18,7 +18,11 @@ import torch
 
 from oatui.data.datasets import rm_text
 from oatui.data.rules import Turn
-from oatui.data.sample import judge
+from oatui.data.sample import FEATURES, feature_pairs, judge
+from oatui.models.loading import load_for_inference
+from oatui.models.scoring import token_logprobs
+from oatui.train.ppo.rollout import generate_rollout
+from oatui.train.ppo.scoring import LocalRewardModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,8 +64,6 @@ def generate_answers(
     progress: Callable[[int], None] | None = None,
 ) -> Answers:
     """Answers in left-padded batches; ``decoding`` is ``greedy`` or ``sample`` (seeded, at ``temperature``)."""
-    from oatui.train.ppo.rollout import generate_rollout
-
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}")
     was_training = policy.training
@@ -154,8 +156,6 @@ def summed_kl(policy: "PreTrainedModel", reference: "Reference", answers: Answer
 
     Needs answers generated with ``keep_ids``.
     """
-    from oatui.models.scoring import token_logprobs
-
     device = next(policy.parameters()).device
     totals: list[float] = []
     offset = 0
@@ -184,9 +184,6 @@ class PolicyResult:
 
 def load_scorer(reward_model_path: str, batch_size: int = 32) -> "RewardModel":
     """The reward model in-process, as the RL stage scores with it."""
-    from oatui.models.loading import load_for_inference
-    from oatui.train.ppo.scoring import LocalRewardModel
-
     rm, rm_tokenizer = load_for_inference(reward_model_path, "rm")
     return LocalRewardModel(rm, rm_tokenizer, batch_size=batch_size)
 
@@ -207,8 +204,6 @@ def evaluate_policies(
 
     ``progress(what, answered)`` is told of every finished batch.
     """
-    from oatui.models.loading import load_for_inference
-
     results = []
     for name, path in policies:
         policy, tokenizer = load_for_inference(path, "causal")
@@ -248,8 +243,6 @@ def rm_feature_accuracy(reward_model: "RewardModel", prompts: Sequence[str], see
     """Per rule of the sample, the share of held-out reply pairs differing in that rule alone that the
     reward model orders right (a polite opener, the prompt's topic, a proper ending)."""
     import random
-
-    from oatui.data.sample import FEATURES, feature_pairs
 
     rng = random.Random(f"{seed}:feature-pairs")
     texts: dict[str, list[str]] = {feature: [] for feature in FEATURES}

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from oatui.config import TrainerStageConfig, deepspeed_config_path
+from oatui.models.loading import pick_dtype
 from oatui.train.common import (
     StageContext,
     StageStopped,
@@ -94,8 +95,6 @@ class AtomicCheckpoints:
 def trainer_arguments(config: TrainerStageConfig, context: StageContext) -> dict[str, Any]:
     """Keyword arguments shared by trl's SFTConfig and RewardConfig."""
     import torch
-
-    from oatui.models.loading import pick_dtype
 
     dtype = pick_dtype(config.dtype)
     on_gpu = torch.cuda.is_available()

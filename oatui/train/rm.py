@@ -12,14 +12,14 @@ Groups are split into train and held out (a group's pairs never straddle the spl
 from __future__ import annotations
 
 from oatui.config import RMConfig
+from oatui.data.datasets import rm_mix, tokenize_rm, tokenize_rm_groups
+from oatui.models.loading import load_reward_model, load_tokenizer, lora_config, uses_lora
 from oatui.train.common import StageContext, stage_main
 
 
 def train_rm(context: StageContext) -> None:
     from trl import RewardConfig, RewardTrainer
 
-    from oatui.data.datasets import rm_mix, tokenize_rm, tokenize_rm_groups
-    from oatui.models.loading import load_reward_model, load_tokenizer, lora_config, uses_lora
     from oatui.train.hf import train_and_save, trainer_arguments
     from oatui.train.rm_kwise import group_pairs, kwise_trainer_class
 

@@ -7,6 +7,8 @@ deepspeed); it reads everything else from the run directory.
 from __future__ import annotations
 
 from oatui.config import SFTConfig
+from oatui.data.datasets import sft_mix, tokenize_sft
+from oatui.models.loading import load_causal_lm, load_tokenizer, lora_config, uses_lora
 from oatui.train.common import StageContext, stage_main
 
 
@@ -14,8 +16,6 @@ def train_sft(context: StageContext) -> None:
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    from oatui.data.datasets import sft_mix, tokenize_sft
-    from oatui.models.loading import load_causal_lm, load_tokenizer, lora_config, uses_lora
     from oatui.train.hf import train_and_save, trainer_arguments
 
     config = context.config

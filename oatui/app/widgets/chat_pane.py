@@ -49,6 +49,7 @@ from oatui.app.messages import (
 )
 from oatui.app.streaming import ANSWER_TIMEOUT, close_quietly, one_line, stream_in_batches
 from oatui.app.widgets.ab_panel import ABMode, ABPanel
+from oatui.app.widgets.forms import ChatOptions
 from oatui.app.widgets.rank_panel import RankPanel
 from oatui.app.widgets.round_panel import RoundPanel, RoundPhase, RoundRequest
 
@@ -537,8 +538,6 @@ class ChatPane(ABMode, Vertical):
         self._prompt.focus()
 
     def action_options(self) -> None:
-        from oatui.app.widgets.forms import ChatOptions
-
         def chosen(settings: ChatSettings | None) -> None:
             if settings is not None:
                 self.settings = settings

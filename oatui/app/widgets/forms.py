@@ -22,6 +22,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Select, Static, Text
 
 from oatui.app.choices import STAGE_NAMES, LaunchChoice, load_choice, save_choice
 from oatui.app.messages import ChatSettings
+from oatui.errors import UserError
 from oatui.workspace import Workspace
 
 LAUNCHERS = ("auto", "python", "accelerate", "deepspeed")
@@ -144,9 +145,7 @@ class LaunchForm(ModalScreen[tuple[str, str] | None]):
 
     @work(thread=True, exclusive=True, group="launch")
     def _launch(self, choice: LaunchChoice, overrides: list[str]) -> None:
-        from oatui.errors import UserError
         from oatui.stages.launcher import LaunchRequest, launch
-        from oatui.workspace import Workspace
 
         request = LaunchRequest(
             stage=self.stage,

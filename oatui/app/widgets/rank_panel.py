@@ -19,15 +19,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Static, Tab, Tabs
 
-from oatui.app.messages import (
-    RankAnswerFinished,
-    RankingFailed,
-    RankingSaved,
-    RankPieceReceived,
-    RankSamplingFinished,
-)
+from oatui.app.messages import RankAnswerFinished, RankPieceReceived, RankSamplingFinished, RankingFailed, RankingSaved
 from oatui.app.streaming import error_line
+from oatui.app.widgets.forms import EditAnswer
 from oatui.app.widgets.round_panel import ROUND_KEYS, SAVE_GROUP, AnswerCard, RoundPanel, RoundPhase, RoundRequest
+from oatui.chat.feedback import save_ranking
 from oatui.chat.ranking import Order
 
 #: Columns an answer needs to stand beside the others.
@@ -177,8 +173,6 @@ class RankPanel(RoundPanel):
 
     def action_edit(self) -> None:
         """Rewrite the selected answer into a better demonstration (in a dialog)."""
-        from oatui.app.widgets.forms import EditAnswer
-
         if not self._ready():
             return
         index = self.selected
@@ -212,8 +206,6 @@ class RankPanel(RoundPanel):
     def write_ranking(self, order: Order, edits: dict[int, str], texts: list[str]) -> None:
         """Append the ranking to the feedback file, then keep the prompt and the best answer in the
         chat history."""
-        from oatui.chat.feedback import save_ranking
-
         request = self.request
         model = request.settings.model
         try:

@@ -11,7 +11,18 @@ import torch
 
 from oatui.config import RLConfig, deepspeed_config_path
 from oatui.errors import UserError
+from oatui.models.loading import (
+    load_causal_lm,
+    load_for_inference,
+    load_reward_model,
+    load_tokenizer,
+    lora_config,
+    pick_dtype,
+    uses_lora,
+)
 from oatui.stages.rundir import RunDir
+from oatui.stages.runs import require_latest_final
+from oatui.train.common import WANDB_PROJECT, world_size
 from oatui.train.ppo.models import ActorCritic, ValueHead, disable_dropout, value_model_from_rm
 from oatui.train.ppo.scoring import LocalReference, LocalRewardModel, RemoteReference, RemoteRewardModel
 
@@ -25,8 +36,6 @@ if TYPE_CHECKING:
 def resolve_stage_model(value: str, stage: str, context: "StageContext") -> str:
     """``latest`` → the newest succeeded ``stage`` run's ``final/``; anything else → a loadable name."""
     if value == "latest":
-        from oatui.stages.runs import require_latest_final
-
         return str(require_latest_final(context.workspace.root, stage))
     return context.model_name(value)
 
@@ -39,9 +48,6 @@ def make_accelerator(config: RLConfig, hidden_size: int, run: RunDir | None = No
     ``auto`` values are filled here.
     """
     from accelerate import Accelerator
-
-    from oatui.models.loading import pick_dtype
-    from oatui.train.common import world_size
 
     options: dict[str, Any] = dict(gradient_accumulation_steps=config.gradient_accumulation_steps)
     if config.report_to and run is not None:
@@ -94,8 +100,6 @@ def start_trackers(accelerator: "Accelerator", config: RLConfig, run: RunDir) ->
     wandb's run is named by the run id, in ``$WANDB_PROJECT`` or ``oatui``, with the config."""
     import os
 
-    from oatui.train.common import WANDB_PROJECT
-
     if config.report_to:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", WANDB_PROJECT), init_kwargs={
             "wandb": {"name": run.id, "dir": str(run.path), "config": config.model_dump(mode="json")}})
@@ -109,8 +113,6 @@ def zero_stage(accelerator: "Accelerator") -> int:
 def build_actor_critic(config: RLConfig, sft_path: str, rm_path: str | None,
                        tokenizer: "PreTrainedTokenizerBase") -> ActorCritic:
     """The policy from the SFT model (LoRA-wrapped when asked) and the value estimates ``value_model`` names."""
-    from oatui.models.loading import load_causal_lm, load_reward_model, load_tokenizer, lora_config, uses_lora
-
     policy = load_causal_lm(sft_path, config, tokenizer)
     if uses_lora(config):
         from peft import get_peft_model
@@ -137,8 +139,6 @@ def build_actor_critic(config: RLConfig, sft_path: str, rm_path: str | None,
 def build_reference(config: RLConfig, model: ActorCritic, sft_path: str, address: str | None,
                     device: torch.device) -> "Reference":
     """A Triton server; else the LoRA policy with its adapter off; else a frozen copy of the SFT model."""
-    from oatui.models.loading import load_for_inference, uses_lora
-
     if address:
         return RemoteReference(address, config.remote_retries, config.remote_timeout)
     if uses_lora(config):
@@ -150,8 +150,6 @@ def build_reference(config: RLConfig, model: ActorCritic, sft_path: str, address
 
 def build_reward_model(config: RLConfig, rm_path: str | None, address: str | None, device: torch.device,
                        fallback_eos: str) -> "RewardModel":
-    from oatui.models.loading import load_for_inference, load_tokenizer
-
     if address:
         eos = load_tokenizer(rm_path, config.trust_remote_code).eos_token if rm_path else fallback_eos
         return RemoteRewardModel(address, eos, config.remote_retries, config.remote_timeout)

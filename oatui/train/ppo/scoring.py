@@ -18,6 +18,16 @@ import torch
 
 from oatui.data.datasets import rm_text
 from oatui.errors import UserError
+from oatui.models.scoring import rm_max_length, score_texts, token_logprobs
+from oatui.serve.client import (
+    ModelInterfaceError,
+    RefLogprobClient,
+    RemoteError,
+    RetryPolicy,
+    ScoreClient,
+    ServerUnavailable,
+    TritonAddress,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -52,8 +62,6 @@ class Reference(Protocol):
 
 class LocalRewardModel:
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", batch_size: int = 16) -> None:
-        from oatui.models.scoring import rm_max_length
-
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_token = tokenizer.eos_token
@@ -61,8 +69,6 @@ class LocalRewardModel:
         self.max_length = rm_max_length(model, tokenizer)
 
     def score(self, texts: Sequence[str]) -> list[float]:
-        from oatui.models.scoring import score_texts
-
         return score_texts(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=self.batch_size)
 
 
@@ -76,8 +82,6 @@ class LocalReference:
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from contextlib import nullcontext
-
-        from oatui.models.scoring import token_logprobs
 
         device = next(self.model.parameters()).device
         context = self.model.disable_adapter() if self.disable_adapter else nullcontext()
@@ -96,8 +100,6 @@ def call_with_retries(call: Callable[[], T], attempts: int, what: str, sleep: Ca
 
     An error the server answered with (bad input, a crash in the model) is not retried.
     """
-    from oatui.serve.client import ModelInterfaceError, RemoteError, RetryPolicy, ServerUnavailable
-
     policy = RetryPolicy(attempts=max(1, attempts), first=1.0, cap=MAX_BACKOFF_S, retry_on=(ServerUnavailable,))
     try:
         return policy.call(call, what, sleep=sleep)
@@ -111,8 +113,6 @@ def call_with_retries(call: Callable[[], T], attempts: int, what: str, sleep: Ca
 
 class RemoteRewardModel:
     def __init__(self, address: str, eos_token: str, attempts: int, timeout: float) -> None:
-        from oatui.serve.client import ScoreClient, TritonAddress
-
         self.address = address
         self.eos_token = eos_token
         self.attempts = attempts
@@ -126,8 +126,6 @@ class RemoteRewardModel:
 
 class RemoteReference:
     def __init__(self, address: str, attempts: int, timeout: float) -> None:
-        from oatui.serve.client import RefLogprobClient, TritonAddress
-
         self.address = address
         self.attempts = attempts
         self.client = RefLogprobClient(TritonAddress.parse(address), timeout=timeout, retries=0)
@@ -147,7 +145,6 @@ def triton_host(kind: str, configured: str | None) -> str | None:
     source = f"${variable}" if os.environ.get(variable) else f"triton_host_{kind}"
     if not value:
         return None
-    from oatui.serve.client import TritonAddress
 
     try:
         TritonAddress.parse(value)

@@ -27,13 +27,28 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from oatui.config import RLConfig
+from oatui.data.datasets import prompt_mix
+from oatui.data.rules import Turn
+from oatui.data.sample import held_out_prompts
+from oatui.models.loading import load_tokenizer, uses_lora
 from oatui.train.common import MetricsWriter, StageContext, StageStopped, save_final, stop_requested_everywhere
+from oatui.train.evaluate import generate_answers, judge_answers, summed_kl
+from oatui.train.ppo.build import (
+    build_actor_critic,
+    build_reference,
+    build_reward_model,
+    make_accelerator,
+    make_optimizer,
+    resolve_stage_model,
+    start_trackers,
+    zero_stage,
+)
 from oatui.train.ppo.checkpoint import Progress, load_checkpoint, restore_rng, rng_snapshot, save_checkpoint
 from oatui.train.ppo.kl_control import make_kl_controller
 from oatui.train.ppo.losses import entropy_from_logits, masked_mean, policy_loss, value_loss
 from oatui.train.ppo.models import response_outputs, rollout_logprobs_and_values
 from oatui.train.ppo.rollout import PromptSchedule, Rollout, generate_rollout
-from oatui.train.ppo.scoring import RemoteFailure, reference_logprobs, score_rollout
+from oatui.train.ppo.scoring import RemoteFailure, reference_logprobs, score_rollout, triton_host
 from oatui.train.ppo.stats import RunningMoments, all_reduce_max, all_reduce_sum, global_masked_whiten, global_mean_std
 
 if TYPE_CHECKING:
@@ -61,20 +76,6 @@ def run_ppo(context: StageContext) -> None:
     """The RL stage's body (``oatui.train.rl``): the loop of the module docstring, then the policy saved."""
     from accelerate.utils import set_seed
     from transformers import AutoConfig
-
-    from oatui.data.datasets import prompt_mix
-    from oatui.models.loading import load_tokenizer, uses_lora
-    from oatui.train.ppo.build import (
-        build_actor_critic,
-        build_reference,
-        build_reward_model,
-        make_accelerator,
-        make_optimizer,
-        resolve_stage_model,
-        start_trackers,
-        zero_stage,
-    )
-    from oatui.train.ppo.scoring import triton_host
 
     config = context.config
     assert isinstance(config, RLConfig)
@@ -253,9 +254,6 @@ def evaluation_contexts(config: RLConfig, held_out: list[Any]) -> list[Any]:
     ``eval_prompts`` of the sample's held-out questions (never asked in it, so neither the SFT model nor
     the policy has trained on them, and the ones ``oatui eval`` uses); otherwise the first
     ``eval_prompts`` of the prompts held out of training (``val_fraction``)."""
-    from oatui.data.rules import Turn
-    from oatui.data.sample import held_out_prompts
-
     specs = config.prompts or config.datasets
     if specs and all(spec.path == "sample" for spec in specs):
         return [(Turn("prompter", prompt),) for prompt in held_out_prompts(config.eval_prompts)]
@@ -266,8 +264,6 @@ def evaluate_during_training(policy: Any, tokenizer: Any, contexts: list[Any], r
                              config: RLConfig, synced_gpus: bool = False) -> dict[str, float]:
     """The policy judged on fixed held-out prompts: ``eval/proxy`` (the RM), ``eval/gold`` (the sample's
     rules, when the prompts are the sample's), ``eval/eos_fraction`` and ``eval/kl`` (summed k1 to the reference)."""
-    from oatui.train.evaluate import generate_answers, judge_answers, summed_kl
-
     answers = generate_answers(policy, tokenizer, contexts, decoding="greedy", max_new_tokens=config.max_new_tokens,
                                max_prompt_length=config.max_prompt_length, batch_size=config.rollout_batch_size,
                                keep_ids=True, synced_gpus=synced_gpus)
@@ -432,8 +428,6 @@ class _GatheredPolicy:
 
 def save_policy(accelerator: "Accelerator", model: torch.nn.Module, tokenizer: Any, context: StageContext) -> None:
     """``final/``: the policy alone (LoRA merged in), with its tokenizer, as ``oatui export --mode policy`` reads it."""
-    from oatui.train.ppo.build import zero_stage
-
     gathered = accelerator.get_state_dict(model) if zero_stage(accelerator) == 3 else None  # a collective
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(model).policy
