@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -669,8 +670,6 @@ def _flatten(annotation: Any) -> list[Any]:
 
 def _short_repr(value: Any) -> str:
     """A bounded ``repr`` for error messages (a value may be huge, or nest deep)."""
-    import reprlib
-
     short = reprlib.Repr()
     short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 2, 4, 4, 40, 40
     text = short.repr(value)

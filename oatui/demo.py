@@ -10,7 +10,11 @@ the app runs this in a thread.
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,11 +222,6 @@ class Demo:
     def phase_compare(self) -> str:
         """The SFT and RL policies judged on held-out prompts by the reward model (proxy) and the gold
         judge, greedy and sampled (``oatui eval`` in a child process: this one imports no torch)."""
-        import json
-        import subprocess
-        import sys
-        import tempfile
-
         argv = [sys.executable, "-m", "oatui.cli", "eval", "--workspace", str(self.workspace.root),
                 "--policy", str(self.models["rl"]), "--against", str(self.models["sft"]), "--rm", str(self.models["rm"]),
                 "--prompts", str(self.options.held_out_prompts), "--max-new-tokens", str(self.options.max_new_tokens),

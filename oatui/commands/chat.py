@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import random
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from oatui.errors import UserError
@@ -87,8 +91,6 @@ def default_url(workspace_path: str | None) -> str:
     info = status(Workspace.open(workspace_path))
     if info is not None and info.admin_key_file:
         # It restricts model configs (the EOS token) to its key: ours, since we started it.
-        import os
-
         from oatui.serve.client import ADMIN_KEY_ENV
         from oatui.serve.ports import read_admin_key
 
@@ -153,8 +155,6 @@ def interactive(client: Any, system: str | None, sampling: dict[str, Any], out: 
 
 
 def export_chats(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from oatui.chat.exporting import export_history
     from oatui.chat.history import ChatHistory
     from oatui.workspace import Workspace
@@ -249,7 +249,6 @@ def stream_many(clients: Sequence[Any], turns: Sequence[tuple[str, str]], system
     cancels them all on the server.
     """
     import queue
-    import threading
 
     streams: list[queue.Queue[tuple[str, Any]]] = [queue.Queue() for _ in clients]
 
@@ -307,8 +306,6 @@ def ab_round(clients: dict[str, Any], turns: Sequence[tuple[str, str]], context_
     """
     from oatui.chat.ab import HELP, ABRound, append_round, pair_tally, parse_choice, shown_order
     from oatui.workspace import Workspace
-
-    import random
 
     models = shown_order(*args.ab)
     # One seed for both answers (--seed, else a fresh one per round): only the model differs.

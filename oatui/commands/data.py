@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from oatui.errors import UserError
 
@@ -39,8 +40,6 @@ def _language_codes(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from oatui.data.rules import Stats
     from oatui.data.trees import LoadReport, iter_trees
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
+import time
+from pathlib import Path
 
 
 def _interval(text: str) -> float:
@@ -75,10 +78,6 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-    import time
-    from pathlib import Path
-
     from oatui.monitor.sampler import make_source, snapshot_to_line
     from oatui.monitor.text import format_snapshot, printable
     from oatui.workspace import Workspace

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from oatui.errors import UserError
@@ -93,9 +95,6 @@ def _describe(info: "ServerInfo", prefix: str) -> str:
 
 def status_table(info: "ServerInfo", now: float | None = None) -> str:
     """``oatui serve --status`` for people: one line per fact, the names aligned."""
-    import math
-    import time
-
     from oatui.monitor.text import format_duration
     from oatui.serve.ports import is_loopback
 

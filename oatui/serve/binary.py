@@ -11,6 +11,7 @@ PATH (the stub finds its Python packages that way; it ignores PYTHONPATH).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shlex
 import shutil
@@ -39,8 +40,6 @@ RESTRICTED_APIS = "shared-memory,model-config,model-repository,statistics,trace,
 
 def bundled_server_dir() -> Path | None:
     """``pytriton/tritonserver`` of the nvidia-pytriton wheel, found without importing pytriton."""
-    import importlib.util
-
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -145,8 +147,6 @@ def prepare_reporting(config: StageConfig, run: RunDir) -> None:
     loads: transformers would raise deep in the Trainer, accelerate would skip a missing one
     silently), and point them at the run: TensorBoard's event files in ``RUN/tensorboard/``,
     wandb's files in the run folder, its project ``$WANDB_PROJECT`` or ``oatui``."""
-    import importlib.util
-
     for name in config.report_to:
         package = REPORTER_PACKAGES[name]
         if importlib.util.find_spec(package) is None:
@@ -186,8 +186,6 @@ UNREAD_TORCH_FILES = ("training_args.bin",)
 def _is_deepspeed_class(name: str) -> bool:
     """Whether ``module.Name`` is a class of the installed DeepSpeed (never a function: unpickling
     calls a global, and a class only builds an object of DeepSpeed's own kind)."""
-    import importlib
-
     module_name, _, attribute = name.rpartition(".")
     if not (module_name == "deepspeed" or module_name.startswith("deepspeed.")):
         return False

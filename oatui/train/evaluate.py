@@ -9,6 +9,7 @@ both come from here.
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -242,8 +243,6 @@ def averaged(result: PolicyResult, key: str) -> float | None:
 def rm_feature_accuracy(reward_model: "RewardModel", prompts: Sequence[str], seed: int = 0) -> dict[str, float]:
     """Per rule of the sample, the share of held-out reply pairs differing in that rule alone that the
     reward model orders right (a polite opener, the prompt's topic, a proper ending)."""
-    import random
-
     rng = random.Random(f"{seed}:feature-pairs")
     texts: dict[str, list[str]] = {feature: [] for feature in FEATURES}
     for prompt in prompts:

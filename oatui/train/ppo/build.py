@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,8 +99,6 @@ def report_trackers(config: RLConfig, run: RunDir) -> list[Any]:
 def start_trackers(accelerator: "Accelerator", config: RLConfig, run: RunDir) -> None:
     """Start the ``report_to`` trackers (on the main process; a no-op without ``report_to``):
     wandb's run is named by the run id, in ``$WANDB_PROJECT`` or ``oatui``, with the config."""
-    import os
-
     if config.report_to:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", WANDB_PROJECT), init_kwargs={
             "wandb": {"name": run.id, "dir": str(run.path), "config": config.model_dump(mode="json")}})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
@@ -81,8 +82,6 @@ class LocalReference:
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from contextlib import nullcontext
-
         device = next(self.model.parameters()).device
         context = self.model.disable_adapter() if self.disable_adapter else nullcontext()
         with context:
