@@ -14,8 +14,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import cache
+from typing import Any, ClassVar
 
 #: Bumped when a key changes meaning or disappears; new optional keys do not bump it.
 RECORDING_FORMAT = 1
@@ -27,9 +30,32 @@ class SnapshotFormatError(ValueError):
     """A snapshot dictionary that does not have the keys or types of the recording format."""
 
 
+class _Record:
+    """``to_dict`` / ``from_dict`` of a snapshot dataclass, driven by its fields' types.
+
+    A field's key is its name; tuples are written as lists and nested snapshots as objects. Reading
+    checks each key with the :class:`_Reader` method of its type, first the fields that carry a
+    check of their own in their metadata (``choices``, ``timestamp``), then the others in order.
+    A field whose default is None may be missing (a key added after the format's version).
+    """
+
+    #: What ``from_dict`` calls the object in its errors when nobody passes ``where``.
+    WHERE: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {item.name: _encode(getattr(self, item.name)) for item in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None) -> Any:
+        read = _Reader(data, cls.WHERE if where is None else where)
+        return cls(**{name: parse(read) for name, parse in _field_readers(cls)})
+
+
 @dataclass(frozen=True)
-class GpuProcess:
+class GpuProcess(_Record):
     """One process holding a context on a GPU."""
+
+    WHERE: ClassVar[str] = "process"
 
     pid: int
     user: str | None
@@ -37,41 +63,16 @@ class GpuProcess:
     #: Bytes of GPU memory used by the process; None where the driver does not say (WDDM, MIG).
     gpu_memory: int | None
     #: "compute", "graphics", or "compute+graphics" for a process on both lists.
-    type: str = "compute"
+    type: str = field(default="compute", metadata={"choices": PROCESS_TYPES})
     #: Index of the MIG device the process runs in, on a GPU in MIG mode.
     mig_index: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "user": self.user,
-            "command": self.command,
-            "gpu_memory": self.gpu_memory,
-            "type": self.type,
-            "mig_index": self.mig_index,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "process") -> GpuProcess:
-        read = _Reader(data, where)
-        process_type = read.string("type")
-        if process_type not in PROCESS_TYPES:
-            raise SnapshotFormatError(
-                f"{where}.type: expected one of {', '.join(PROCESS_TYPES)}, got {process_type!r}"
-            )
-        return cls(
-            pid=read.integer("pid"),
-            user=read.optional_string("user"),
-            command=read.optional_string("command"),
-            gpu_memory=read.optional_integer("gpu_memory"),
-            type=process_type,
-            mig_index=read.optional_integer("mig_index", missing_ok=True),
-        )
-
 
 @dataclass(frozen=True)
-class MigDevice:
+class MigDevice(_Record):
     """One MIG instance of a GPU in MIG mode."""
+
+    WHERE: ClassVar[str] = "mig device"
 
     index: int
     uuid: str | None
@@ -87,38 +88,12 @@ class MigDevice:
     def memory_percent(self) -> float | None:
         return _percent(self.memory_used, self.memory_total)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "uuid": self.uuid,
-            "name": self.name,
-            "gpu_instance_id": self.gpu_instance_id,
-            "compute_instance_id": self.compute_instance_id,
-            "memory_used": self.memory_used,
-            "memory_total": self.memory_total,
-            "utilization_gpu": self.utilization_gpu,
-            "utilization_memory": self.utilization_memory,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "mig device") -> MigDevice:
-        read = _Reader(data, where)
-        return cls(
-            index=read.integer("index"),
-            uuid=read.optional_string("uuid"),
-            name=read.optional_string("name"),
-            gpu_instance_id=read.optional_integer("gpu_instance_id"),
-            compute_instance_id=read.optional_integer("compute_instance_id"),
-            memory_used=read.optional_integer("memory_used"),
-            memory_total=read.optional_integer("memory_total"),
-            utilization_gpu=read.optional_number("utilization_gpu"),
-            utilization_memory=read.optional_number("utilization_memory"),
-        )
-
 
 @dataclass(frozen=True)
-class GpuSnapshot:
+class GpuSnapshot(_Record):
     """One physical GPU at one moment. Units: %, bytes, degrees C, W, MHz, KB/s."""
+
+    WHERE: ClassVar[str] = "gpu"
 
     index: int
     uuid: str | None
@@ -148,62 +123,18 @@ class GpuSnapshot:
     def power_percent(self) -> float | None:
         return _percent(self.power_draw, self.power_limit)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "uuid": self.uuid,
-            "name": self.name,
-            "utilization_gpu": self.utilization_gpu,
-            "utilization_memory": self.utilization_memory,
-            "memory_used": self.memory_used,
-            "memory_total": self.memory_total,
-            "temperature": self.temperature,
-            "power_draw": self.power_draw,
-            "power_limit": self.power_limit,
-            "fan": self.fan,
-            "clock_sm": self.clock_sm,
-            "clock_mem": self.clock_mem,
-            "pcie_rx": self.pcie_rx,
-            "pcie_tx": self.pcie_tx,
-            "mig_mode": self.mig_mode,
-            "mig_devices": [mig.to_dict() for mig in self.mig_devices],
-            "processes": [process.to_dict() for process in self.processes],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "gpu") -> GpuSnapshot:
-        read = _Reader(data, where)
-        return cls(
-            index=read.integer("index"),
-            uuid=read.optional_string("uuid"),
-            name=read.optional_string("name"),
-            utilization_gpu=read.optional_number("utilization_gpu"),
-            utilization_memory=read.optional_number("utilization_memory"),
-            memory_used=read.optional_integer("memory_used"),
-            memory_total=read.optional_integer("memory_total"),
-            temperature=read.optional_number("temperature"),
-            power_draw=read.optional_number("power_draw"),
-            power_limit=read.optional_number("power_limit"),
-            fan=read.optional_number("fan"),
-            clock_sm=read.optional_integer("clock_sm"),
-            clock_mem=read.optional_integer("clock_mem"),
-            pcie_rx=read.optional_integer("pcie_rx"),
-            pcie_tx=read.optional_integer("pcie_tx"),
-            mig_mode=read.optional_boolean("mig_mode"),
-            mig_devices=read.items("mig_devices", MigDevice.from_dict),
-            processes=read.items("processes", GpuProcess.from_dict),
-        )
-
 
 @dataclass(frozen=True)
-class HostSnapshot:
+class HostSnapshot(_Record):
     """The machine itself. Units: %, bytes, seconds."""
+
+    WHERE: ClassVar[str] = "host"
 
     hostname: str | None
     #: Busy percent of each logical CPU since the previous sample.
     cpu_percent: tuple[float, ...]
     #: 1, 5 and 15 minute load averages.
-    load_average: tuple[float, float, float] | None
+    load_average: tuple[float, float, float] | None = field(metadata={"length": 3})
     memory_used: int | None
     memory_total: int | None
     swap_used: int | None
@@ -237,48 +168,17 @@ class HostSnapshot:
     def disk_percent(self) -> float | None:
         return _percent(self.disk_used, self.disk_total)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "hostname": self.hostname,
-            "cpu_percent": list(self.cpu_percent),
-            "load_average": None if self.load_average is None else list(self.load_average),
-            "memory_used": self.memory_used,
-            "memory_total": self.memory_total,
-            "swap_used": self.swap_used,
-            "swap_total": self.swap_total,
-            "disk_path": self.disk_path,
-            "disk_used": self.disk_used,
-            "disk_total": self.disk_total,
-            "uptime": self.uptime,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "host") -> HostSnapshot:
-        read = _Reader(data, where)
-        load = read.optional_numbers("load_average")
-        if load is not None and len(load) != 3:
-            raise SnapshotFormatError(f"{where}.load_average: expected 3 numbers, got {len(load)}")
-        return cls(
-            hostname=read.optional_string("hostname"),
-            cpu_percent=read.numbers("cpu_percent"),
-            load_average=None if load is None else (load[0], load[1], load[2]),
-            memory_used=read.optional_integer("memory_used"),
-            memory_total=read.optional_integer("memory_total"),
-            swap_used=read.optional_integer("swap_used"),
-            swap_total=read.optional_integer("swap_total"),
-            disk_path=read.optional_string("disk_path"),
-            disk_used=read.optional_integer("disk_used"),
-            disk_total=read.optional_integer("disk_total"),
-            uptime=read.optional_number("uptime"),
-        )
-
 
 @dataclass(frozen=True)
-class MonitorSnapshot:
+class MonitorSnapshot(_Record):
     """Everything the monitor knows at one moment: one line of a recording."""
 
+    WHERE: ClassVar[str] = "snapshot"
+    #: The order of the keys in a recording's line.
+    KEYS: ClassVar[tuple[str, ...]] = ("time", "driver_version", "cuda_version", "notice", "host", "gpus")
+
     #: Seconds since the epoch.
-    time: float
+    time: float = field(metadata={"timestamp": True})
     host: HostSnapshot
     gpus: tuple[GpuSnapshot, ...]
     driver_version: str | None
@@ -302,33 +202,19 @@ class MonitorSnapshot:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": RECORDING_FORMAT,
-            "time": self.time,
-            "driver_version": self.driver_version,
-            "cuda_version": self.cuda_version,
-            "notice": self.notice,
-            "host": self.host.to_dict(),
-            "gpus": [gpu.to_dict() for gpu in self.gpus],
-        }
+        record = super().to_dict()
+        return {"format": RECORDING_FORMAT, **{key: record[key] for key in self.KEYS}}
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "snapshot") -> MonitorSnapshot:
-        read = _Reader(data, where)
-        version = read.integer("format")
+    def from_dict(cls, data: Any, where: str | None = None) -> MonitorSnapshot:
+        where = cls.WHERE if where is None else where
+        version = _Reader(data, where).integer("format")
         if version != RECORDING_FORMAT:
             raise SnapshotFormatError(
                 f"{where}.format: this oatui reads recording format {RECORDING_FORMAT}, "
                 f"not {version}"
             )
-        return cls(
-            time=read.timestamp("time"),
-            host=read.child("host", HostSnapshot.from_dict),
-            gpus=read.items("gpus", GpuSnapshot.from_dict),
-            driver_version=read.optional_string("driver_version"),
-            cuda_version=read.optional_string("cuda_version"),
-            notice=read.optional_string("notice"),
-        )
+        return super().from_dict(data, where)
 
 
 def _percent(used: float | None, total: float | None) -> float | None:
@@ -338,6 +224,81 @@ def _percent(used: float | None, total: float | None) -> float | None:
 
 
 _MISSING = object()
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_encode(item) for item in value]
+    if isinstance(value, _Record):
+        return value.to_dict()
+    return value
+
+
+@cache
+def _field_readers(cls: type) -> tuple[tuple[str, Callable[[_Reader], Any]], ...]:
+    """``(name, read)`` for each field of ``cls``, in the order ``from_dict`` reads them."""
+    hints = typing.get_type_hints(cls)
+    readers = [(item.name, _field_reader(item.name, hints[item.name], item.default, item.metadata))
+               for item in fields(cls)]
+    checked = [item.name for item in fields(cls) if item.metadata]
+    return tuple(sorted(readers, key=lambda reader: reader[0] not in checked))
+
+
+def _field_reader(key: str, kind: Any, default: Any, meta: Any) -> Callable[[_Reader], Any]:
+    args = typing.get_args(kind)
+    optional = type(None) in args
+    if optional:
+        (kind,) = [arg for arg in args if arg is not type(None)]
+        args = typing.get_args(kind)
+    origin = typing.get_origin(kind)
+    read: Callable[[_Reader], Any]
+    if kind is int:
+        read = (lambda r: r.optional_integer(key)) if optional else (lambda r: r.integer(key))
+    elif kind is float and not optional:
+        read = (lambda r: r.timestamp(key)) if meta.get("timestamp") else (lambda r: r.number(key))
+    elif kind is float:
+        read = lambda r: r.optional_number(key)  # noqa: E731
+    elif kind is str:
+        read = (lambda r: r.optional_string(key)) if optional else (lambda r: r.string(key))
+    elif kind is bool and optional:
+        read = lambda r: r.optional_boolean(key)  # noqa: E731
+    elif origin is tuple and args[-1] is Ellipsis and is_dataclass(args[0]) and not optional:
+        item = args[0]
+        read = lambda r: r.items(key, item.from_dict)  # noqa: E731
+    elif origin is tuple and all(arg in (float, Ellipsis) for arg in args):
+        read = (lambda r: r.optional_numbers(key)) if optional else (lambda r: r.numbers(key))
+    elif is_dataclass(kind) and not optional:
+        read = lambda r: r.child(key, kind.from_dict)  # noqa: E731
+    else:
+        raise TypeError(f"no reader for {key}: {kind}")
+    checks = []
+    if "choices" in meta:
+        choices = meta["choices"]
+
+        def check_choice(r: _Reader, value: Any) -> None:
+            if value not in choices:
+                raise SnapshotFormatError(f"{r.where}.{key}: expected one of {', '.join(choices)}, got {value!r}")
+
+        checks.append(check_choice)
+    if "length" in meta:
+        length = meta["length"]
+
+        def check_length(r: _Reader, value: Any) -> None:
+            if value is not None and len(value) != length:
+                raise SnapshotFormatError(f"{r.where}.{key}: expected {length} numbers, got {len(value)}")
+
+        checks.append(check_length)
+    missing_ok = default is None
+
+    def read_field(r: _Reader) -> Any:
+        if missing_ok and key not in r.data:
+            return None
+        value = read(r)
+        for check in checks:
+            check(r, value)
+        return value
+
+    return read_field
 
 
 class _Reader:
