@@ -101,6 +101,50 @@ def test_seeded_sampling_is_the_same_alone_and_batched(tiny_lm) -> None:  # noqa
     assert len({tuple(t) for t in run.tokens}) == len(params)
 
 
+def test_padded_decode_steps_give_sdpa_the_padding_mask_with_the_same_tokens(tiny_lm) -> None:  # noqa: ANN001
+    """Rows of different lengths (left padding): a decode step hands SDPA the padding mask as its
+    4-D boolean mask instead of the 2-D mask transformers expands, and every token stays the same."""
+    from transformers import GPTNeoXConfig
+
+    from oatui.serve.generation import _padding_mask_is_sdpa_mask
+
+    model, tokenizer = tiny_lm
+    params = [SamplingParams(max_new_tokens=5 + 2 * i, temperature=0.8, seed=7 + i, ignore_eos=True) if i % 2 else
+              SamplingParams(max_new_tokens=5 + 2 * i, temperature=0, ignore_eos=True) for i in range(6)]
+    results = []
+    for direct in (False, True):
+        masks = []
+        forward = model.forward
+
+        def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            masks.append(kwargs["attention_mask"].dim())
+            return forward(*args, **kwargs)
+
+        model.forward = spy
+        try:
+            run = Run(model, tokenizer)
+            assert run.generator.sdpa_padding_mask
+            run.generator.sdpa_padding_mask = direct
+            for prompt, p in zip(PROMPTS, params):
+                run.submit(prompt, p)
+                run.generator.step()  # each joins a batch under way
+            run.finish()
+        finally:
+            del model.forward
+        assert (4 in masks) == direct
+        results.append(run.tokens)
+    assert results[0] == results[1]
+    # Not for a model whose layers see a window of the context only.
+    config = GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    config._attn_implementation = "sdpa"
+    assert _padding_mask_is_sdpa_mask(config)
+    config.sliding_window = 16
+    assert not _padding_mask_is_sdpa_mask(config)
+    config.sliding_window = None
+    config._attn_implementation = "eager"
+    assert not _padding_mask_is_sdpa_mask(config)
+
+
 def test_a_stop_token_ends_its_row_only(tiny_lm) -> None:  # noqa: ANN001
     model, tokenizer = tiny_lm
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)

@@ -24,9 +24,12 @@ Requests that overlap in time are decoded together (``BatchedGenerator`` on one 
 request is prefilled and joins the running batch at the next step; ``execute`` only queues). At
 most ``max_batch_rows`` rows and ``max_tokens_in_flight`` reserved cache positions (config
 parameters); requests beyond wait in a queue, shown by the ``oatui_queued_requests`` gauge.
-Cancellation is checked between tokens (at most every 10 ms per request: each check is a round
-trip to the server). Generation ends at EOS or a role marker, at ``max_new_tokens``, or at the
-context length.
+Responses, each request's end (metrics, log line, final flag) and the gauges go to the server
+from a second thread (``Outbox``, in order): each is a round trip to the server that the decode
+loop would otherwise wait for. Cancellation is checked between tokens: asked of the server when a
+request is admitted, then at most every 10 ms on the outbox's thread (each check is a round trip),
+the decode loop reading the last answer before each step. Generation ends at EOS or a role
+marker, at ``max_new_tokens``, or at the context length.
 
 Written into a model repository by ``oatui export --mode policy``.
 """
@@ -55,6 +58,7 @@ from oatui.serve.triton_models.common import (
     MAX_BATCH_ROWS_KEY,
     MAX_TOKENS_IN_FLIGHT_KEY,
     BadRequest,
+    Outbox,
     config_parameter,
     configure_threads,
     decode_texts,
@@ -86,7 +90,12 @@ def _bool_input(request: "pb_utils.InferenceRequest", name: str) -> bool | None:
 
 
 class _Answer:
-    """One request's answer on its way out: decoding, grouping pieces, the final response."""
+    """One request's answer on its way out: decoding, grouping pieces, the final response.
+
+    ``on_token`` and ``on_end`` run on the decode loop's thread and only decode and decide; what
+    goes to the server (responses, metrics, the log line) is put on the model's :class:`Outbox`,
+    which sends it in order while the loop goes on.
+    """
 
     def __init__(self, model: "TritonPythonModel", request: "pb_utils.InferenceRequest", prompt_tokens: int,
                  stream: bool, interval: float, prefix: str) -> None:
@@ -102,9 +111,26 @@ class _Answer:
         self.tokens = 0
         self.started = time.perf_counter()
         self.cancelled = ThrottledCheck(self.sender.is_cancelled, CANCEL_CHECK_INTERVAL)
+        self.watched = False
+        self.failed: BaseException | None = None  # a response the server refused (set on the outbox's thread)
+
+    def should_stop(self) -> bool:
+        """Asked by the decode loop before each step this request takes part in.
+
+        The first time (when the request is admitted) the server is asked at once; after that the
+        outbox's thread asks at most every 10 ms, and this reads its last answer.
+        """
+        if not self.watched:
+            self.watched = True
+            if self.cancelled():
+                return True
+            self.model.outbox.put(self.model.watching.add, self)
+        return self.cancelled.answer
 
     def on_token(self, token: int) -> None:
         self.tokens += 1
+        if self.failed is not None:
+            raise self.failed  # e.g. the client went away: this request ends with the error, the others go on
         # Tokens are decoded only when a response is due: one decode per response, not per token.
         self.decoder.add(token)
         if not self.stream:
@@ -115,12 +141,25 @@ class _Answer:
             if not piece:
                 return
             self.pending.append(piece)
-            self.sender.send(_text_output("".join(self.pending)))
+            self.model.outbox.put(self._send, "".join(self.pending))
             self.pending.clear()
             self.last_sent = now
 
+    def _send(self, text: str) -> None:
+        try:
+            self.sender.send(_text_output(text))
+        except Exception as error:  # noqa: BLE001 - reported to the decode loop at this request's next token
+            self.failed = error
+
     def on_end(self, reason: str, error: BaseException | None) -> None:
+        seconds = time.perf_counter() - self.started
+        rest = "" if reason in ("error", "cancelled") else "".join([*self.pending, self.decoder.flush()])
+        self.model.outbox.put(self._end, reason, error, seconds, rest)
+
+    def _end(self, reason: str, error: BaseException | None, seconds: float, text: str) -> None:
+        """The end of the answer, on the outbox's thread: metrics, log line, what is left, final flag."""
         model = self.model
+        model.watching.discard(self)
         model.tokens_metric.increment(self.tokens)
         name = model.settings.name
         if reason == "error":
@@ -130,7 +169,6 @@ class _Answer:
         cancelled = reason == "cancelled" or self.sender.is_cancelled()
         if cancelled:
             model.cancelled_metric.increment(1)
-        seconds = time.perf_counter() - self.started
         pb_utils.Logger.log_info(
             f"oatui policy {name}: request {self.request.request_id() or '-'}: {self.prompt_tokens} prompt tokens, "
             f"{self.tokens} generated in {seconds:.3f} s{' (cancelled)' if cancelled else ''}"
@@ -139,8 +177,6 @@ class _Answer:
             if cancelled:
                 self.sender.send(flags=FINAL)
                 return
-            self.pending.append(self.decoder.flush())  # everything not sent yet
-            text = "".join(self.pending)
             if not self.stream:
                 self.sender.send(_text_output(text), flags=FINAL)
                 return
@@ -187,6 +223,8 @@ class TritonPythonModel:
         self.queued_metric = self.metric_families[2].Metric(labels=labels)
         self.running_metric = self.metric_families[3].Metric(labels=labels)
         self.gauges = (-1, -1)
+        self.watching: set[_Answer] = set()  # requests whose cancellation the outbox's thread checks
+        self.outbox = Outbox(f"oatui-policy-{settings.name}-outbox", self._outbox_failed, self._check_cancelled)
         self.worker = threading.Thread(target=self._work, name=f"oatui-policy-{settings.name}", daemon=True)
         self.worker.start()
         pb_utils.Logger.log_info(
@@ -201,10 +239,32 @@ class TritonPythonModel:
 
     def _update_gauges(self) -> None:
         values = (self.generator.queued, len(self.generator.running))
-        if values != self.gauges:  # each set is a round trip to the server
+        if values != self.gauges:  # each set is a round trip to the server: on the outbox's thread
             self.gauges = values
-            self.queued_metric.set(values[0])
-            self.running_metric.set(values[1])
+            self.outbox.put(self._set_gauges, values)
+
+    def _set_gauges(self, values: tuple[int, int]) -> None:
+        self.queued_metric.set(values[0])
+        self.running_metric.set(values[1])
+
+    def _check_cancelled(self) -> float | None:
+        """On the outbox's thread: ask the server about each running request whose last check is
+        10 ms old; the seconds until the next one is due (None: no request to watch)."""
+        due = None
+        for answer in self.watching:
+            check = answer.cancelled
+            try:
+                if check():
+                    continue
+            except Exception as error:  # noqa: BLE001 - asked again after the interval
+                check.last = time.perf_counter()
+                self._outbox_failed(error)
+            assert check.last is not None
+            due = check.last + check.interval if due is None else min(due, check.last + check.interval)
+        return None if due is None else max(0.0, due - time.perf_counter())
+
+    def _outbox_failed(self, error: BaseException) -> None:
+        pb_utils.Logger.log_error(f"oatui policy {self.settings.name}: {error!r}")
 
     def _texts(self, request: "pb_utils.InferenceRequest") -> dict[str, str]:
         limit = self.settings.max_text_bytes
@@ -266,7 +326,7 @@ class TritonPythonModel:
             exclude = stream or not llm_style
         params, interval = parse_request_parameters(values)
         answer = _Answer(self, request, len(ids), stream, interval, "" if exclude else prompt)
-        self.generator.submit(GenerationRequest(ids, params, answer.on_token, answer.on_end, answer.cancelled))
+        self.generator.submit(GenerationRequest(ids, params, answer.on_token, answer.on_end, answer.should_stop))
 
     def execute(self, requests: list["pb_utils.InferenceRequest"]) -> None:
         # Decoupled: every answer goes through its request's response sender; execute only queues,
@@ -281,6 +341,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.generator.stop()
         self.worker.join(timeout=30)
+        self.outbox.close(timeout=30)  # the ends of the requests the stop cancelled
         self.model = None
         # Metrics before their families.
         self.tokens_metric = self.cancelled_metric = self.queued_metric = self.running_metric = None
