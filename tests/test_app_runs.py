@@ -22,7 +22,9 @@ from test_app import RECORDING, Recorder, run, until
 # The first test to need `trained` also builds it (a minute on an idle machine, more on a busy one).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-STEPS = 12
+# Long enough that the runs panel (refreshed every 0.5 s) sees it running at two steps and the run
+# outlives the app, on a quiet machine too: a tiny SFT step takes about 40 ms there.
+STEPS = 300
 
 
 def _row(app: Any, run_id: str) -> dict[str, str] | None:
