@@ -109,9 +109,18 @@ def test_sampling_parameters_are_checked_by_name() -> None:
 
     params, interval = parse_request_parameters({"seed": 3, "stream_interval_ms": 0})
     assert params.seed == 3 and interval == 0.0
-    assert parse_request_parameters({})[1] == 0.010
+    assert parse_request_parameters({})[1] is None  # the default: 10 ms, spaced by the batch's size
     with pytest.raises(ValueError, match="stream_interval_ms"):
         parse_request_parameters({"stream_interval_ms": "soon"})
+
+
+def test_round_trips_are_spaced_by_the_batch_size() -> None:
+    from oatui.serve.generation import ROUND_TRIPS_PER_SECOND, spacing
+
+    assert spacing(0.010, 1) == spacing(0.010, 2) == 0.010
+    assert spacing(0.010, 8) == pytest.approx(0.040)
+    assert 16 / spacing(0.010, 16) == pytest.approx(ROUND_TRIPS_PER_SECOND)  # the budget holds at any size
+    assert spacing(0.5, 8) == 0.5  # a longer interval asked for stays
 
 
 def test_throttled_check_asks_at_most_once_per_interval() -> None:

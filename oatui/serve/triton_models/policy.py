@@ -13,8 +13,9 @@ Inputs (each optional; exactly one of ``text``, ``prompt`` and ``text_input``):
 Parameters (request parameters or ``sampling_parameters``, all optional): ``max_new_tokens`` or
 ``max_tokens`` (int), ``temperature`` (float, 0 = greedy), ``top_p`` (float), ``top_k`` (int, 0 or
 -1 = off), ``repetition_penalty`` (float), ``seed`` (int), ``ignore_eos`` (bool: always generate
-``max_new_tokens``), ``stream_interval_ms`` (float, default 10: pieces coming sooner than this
-after the previous response are grouped; 0 = one each), ``stream`` (bool, when no ``stream`` input).
+``max_new_tokens``), ``stream_interval_ms`` (float: pieces coming sooner than this after the
+previous response are grouped; 0 = one each; not given: 10, longer while more than two requests
+run, see below), ``stream`` (bool, when no ``stream`` input).
 Output: ``text_output`` (BYTES [1]). Streaming: one response per decoded piece or small group of
 pieces (the first at once; a multi-byte character split over tokens waits for its last byte), then
 an empty response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``; not streaming: one response
@@ -26,10 +27,14 @@ most ``max_batch_rows`` rows and ``max_tokens_in_flight`` reserved cache positio
 parameters); requests beyond wait in a queue, shown by the ``oatui_queued_requests`` gauge.
 Responses, each request's end (metrics, log line, final flag) and the gauges go to the server
 from a second thread (``Outbox``, in order): each is a round trip to the server that the decode
-loop would otherwise wait for. Cancellation is checked between tokens: asked of the server when a
-request is admitted, then at most every 10 ms on the outbox's thread (each check is a round trip),
-the decode loop reading the last answer before each step. Generation ends at EOS or a role
-marker, at ``max_new_tokens``, or at the context length.
+loop would otherwise wait for. Cancellation is checked between tokens: the outbox's thread asks the
+server about each running request every 10 ms (each check is a round trip), the decode loop
+reading the last answer before each step. Those checks and the responses of requests that leave
+``stream_interval_ms`` to the server share a budget of round trips per second
+(``ROUND_TRIPS_PER_SECOND`` in ``oatui.serve.generation``): past two running requests, each one's
+checks and responses are spaced further apart (40 ms at 8), so a large batch of a small model
+does not spend its time on them. The gauges are set at most every 0.1 s. Generation ends at EOS
+or a role marker, at ``max_new_tokens``, or at the context length.
 
 Written into a model repository by ``oatui export --mode policy``.
 """
@@ -45,12 +50,14 @@ import triton_python_backend_utils as pb_utils
 
 from oatui.data.format import ASSISTANT, SYSTEM, format_conversation
 from oatui.serve.generation import (
+    DEFAULT_STREAM_INTERVAL_MS,
     BatchedGenerator,
     GenerationRequest,
     IncrementalDecoder,
     ThrottledCheck,
     context_limit,
     parse_request_parameters,
+    spacing,
     stop_token_ids,
     translate_llm_parameters,
 )
@@ -69,7 +76,8 @@ from oatui.serve.triton_models.common import (
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CANCEL_CHECK_INTERVAL = 0.010  # seconds between is_cancelled() round trips to the server
+CANCEL_CHECK_INTERVAL = 0.010  # seconds between is_cancelled() round trips to the server (at most 2 running)
+GAUGE_INTERVAL = 0.1  # seconds between updates of the queue and batch gauges (each set is a round trip)
 DEFAULT_MAX_BATCH_ROWS = 16
 DEFAULT_MAX_TOKENS_IN_FLIGHT = 32768
 
@@ -98,13 +106,13 @@ class _Answer:
     """
 
     def __init__(self, model: "TritonPythonModel", request: "pb_utils.InferenceRequest", prompt_tokens: int,
-                 stream: bool, interval: float, prefix: str) -> None:
+                 stream: bool, interval: float | None, prefix: str) -> None:
         self.model = model
         self.request = request  # kept alive until the answer is done
         self.sender = request.get_response_sender()
         self.prompt_tokens = prompt_tokens
         self.stream = stream
-        self.interval = interval
+        self.interval = interval  # None: the default, spaced by the batch's size
         self.decoder = IncrementalDecoder(model.tokenizer)
         self.pending: list[str] = [prefix] if prefix else []
         self.last_sent: float | None = None
@@ -115,15 +123,12 @@ class _Answer:
         self.failed: BaseException | None = None  # a response the server refused (set on the outbox's thread)
 
     def should_stop(self) -> bool:
-        """Asked by the decode loop before each step this request takes part in.
-
-        The first time (when the request is admitted) the server is asked at once; after that the
-        outbox's thread asks at most every 10 ms, and this reads its last answer.
+        """Asked by the decode loop before each step this request takes part in: the last answer of
+        the outbox's thread, which asks the server as soon as the request is admitted, then every
+        10 ms or more (a request cancelled while it waited takes at most a step or two).
         """
         if not self.watched:
             self.watched = True
-            if self.cancelled():
-                return True
             self.model.outbox.put(self.model.watching.add, self)
         return self.cancelled.answer
 
@@ -136,7 +141,10 @@ class _Answer:
         if not self.stream:
             return
         now = time.perf_counter()
-        if self.last_sent is None or now - self.last_sent >= self.interval:
+        interval = self.interval
+        if interval is None:
+            interval = spacing(DEFAULT_STREAM_INTERVAL_MS / 1000, len(self.model.generator.running))
+        if self.last_sent is None or now - self.last_sent >= interval:
             piece = self.decoder.take()
             if not piece:
                 return
@@ -223,6 +231,7 @@ class TritonPythonModel:
         self.queued_metric = self.metric_families[2].Metric(labels=labels)
         self.running_metric = self.metric_families[3].Metric(labels=labels)
         self.gauges = (-1, -1)
+        self.gauges_set = 0.0
         self.watching: set[_Answer] = set()  # requests whose cancellation the outbox's thread checks
         self.outbox = Outbox(f"oatui-policy-{settings.name}-outbox", self._outbox_failed, self._check_cancelled)
         self.worker = threading.Thread(target=self._work, name=f"oatui-policy-{settings.name}", daemon=True)
@@ -238,9 +247,15 @@ class TritonPythonModel:
         self.generator.run(after_step=self._update_gauges)
 
     def _update_gauges(self) -> None:
+        """After each step: the gauges, when they changed, at most every GAUGE_INTERVAL while the
+        batch runs (a set is a round trip to the server: on the outbox's thread) and at once when
+        the model goes idle."""
         values = (self.generator.queued, len(self.generator.running))
-        if values != self.gauges:  # each set is a round trip to the server: on the outbox's thread
-            self.gauges = values
+        if values == self.gauges:
+            return
+        now = time.perf_counter()
+        if values == (0, 0) or now - self.gauges_set >= GAUGE_INTERVAL:
+            self.gauges, self.gauges_set = values, now
             self.outbox.put(self._set_gauges, values)
 
     def _set_gauges(self, values: tuple[int, int]) -> None:
@@ -249,10 +264,13 @@ class TritonPythonModel:
 
     def _check_cancelled(self) -> float | None:
         """On the outbox's thread: ask the server about each running request whose last check is
-        10 ms old; the seconds until the next one is due (None: no request to watch)."""
+        10 ms old (more with more than two running); the seconds until the next one is due (None:
+        no request to watch)."""
         due = None
+        interval = spacing(CANCEL_CHECK_INTERVAL, len(self.watching))
         for answer in self.watching:
             check = answer.cancelled
+            check.interval = interval
             try:
                 if check():
                     continue
