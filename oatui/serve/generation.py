@@ -99,7 +99,7 @@ def parse_request_parameters(values: Mapping[str, Any]) -> tuple[SamplingParams,
 #: Round trips to the server per second that a served policy spends, in all, on cancellation checks
 #: and on the responses of requests that leave ``stream_interval_ms`` to it. Each costs the model's
 #: process about 0.1 ms; with one request per row of a batch of a small model, asked every 10 ms
-#: for each row, they came to a third of the process's time at 8 rows.
+#: for each row, they took about a fifth of the process's time at 8 rows.
 ROUND_TRIPS_PER_SECOND = 200.0
 
 
