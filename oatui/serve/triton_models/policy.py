@@ -17,9 +17,10 @@ Parameters (request parameters or ``sampling_parameters``, all optional): ``max_
 previous response are grouped; 0 = one each; not given: 10, longer while more than two requests
 run, see below), ``stream`` (bool, when no ``stream`` input).
 Output: ``text_output`` (BYTES [1]). Streaming: one response per decoded piece or small group of
-pieces (the first at once; a multi-byte character split over tokens waits for its last byte), then
-an empty response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL``; not streaming: one response
-with the whole text, flagged final.
+pieces (the first at once; a multi-byte character split over tokens waits for its last byte), the
+last one flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` as the vLLM backend flags its last (an
+empty response flagged final when nothing is left to send, as after a cancel); not streaming: one
+response with the whole text, flagged final.
 
 Requests that overlap in time are decoded together (``BatchedGenerator`` on one thread: a new
 request is prefilled and joins the running batch at the next step; ``execute`` only queues). At
@@ -189,8 +190,9 @@ class _Answer:
                 self.sender.send(_text_output(text), flags=FINAL)
                 return
             if text:
-                self.sender.send(_text_output(text))
-            self.sender.send(flags=FINAL)
+                self.sender.send(_text_output(text), flags=FINAL)  # one round trip, not two
+            else:
+                self.sender.send(flags=FINAL)
         except Exception:  # noqa: BLE001 - a cancelled request may refuse the final flag; nothing waits for it
             pass
 
