@@ -298,6 +298,41 @@ def test_cancelling_one_of_eight_streams_stops_it_and_the_others_finish_the_same
     assert 7 * 48 < generated < 7 * 48 + 200, f"the server generated {generated} tokens: 7 x 48, and 400 asked, cancelled"
 
 
+def test_the_batch_gauges_show_running_requests_and_fall_back_to_zero(server: TritonServer, grpc_url: str) -> None:
+    """oatui_running_requests counts the requests in the batch while they run (set at most every
+    0.1 s under load) and is back at 0, with nothing queued, once the model is idle."""
+    import threading
+
+    clients = [ChatClient(grpc_url, timeout=60) for _ in range(3)]
+    started = threading.Barrier(len(clients) + 1)
+
+    def stream(client: ChatClient) -> None:
+        pieces = client.stream(prompt="Tell me a long story.", max_new_tokens=480, ignore_eos=True)
+        next(pieces)
+        started.wait()
+        for _ in pieces:  # until the cancel below ends it
+            pass
+
+    threads = [threading.Thread(target=stream, args=(client,)) for client in clients]
+    try:
+        for thread in threads:
+            thread.start()
+        started.wait(timeout=60)
+        assert wait_for_metric(server, "oatui_running_requests", 3) >= 3
+    finally:
+        for client in clients:
+            client.cancel()
+        for thread in threads:
+            thread.join(timeout=60)
+        for client in clients:
+            client.close()
+    deadline = time.monotonic() + 10
+    while metric(server, "oatui_running_requests") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "oatui_running_requests") == 0
+    assert metric(server, "oatui_queued_requests") == 0
+
+
 def http_post(server: TritonServer, path: str, body: dict) -> str:
     request = urllib.request.Request(f"http://127.0.0.1:{server.options.http_port}{path}", method="POST",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
