@@ -11,6 +11,7 @@ from helpers import run_oatui
 from oatui.data.rules import iter_usable
 from oatui.data.sample import (
     FEATURES,
+    QUESTION_TREES,
     SAMPLE_FILE,
     TOPICS,
     GoldScore,
@@ -128,6 +129,17 @@ def test_held_out_prompts_are_never_asked_in_the_shipped_sample() -> None:
     assert not asked & set(prompts)
     assert held_out_prompts(96) == prompts[:96]  # a fixed order
     assert all(prompt_topic(prompt) for prompt in prompts)
+
+
+def test_more_trees_ask_the_same_questions_again() -> None:
+    """Trees past the first QUESTION_TREES ask questions those already asked (with new replies to
+    rank), so a larger sample keeps the same held-out questions; the first trees do not change."""
+    small, large = generate(QUESTION_TREES, seed=5), generate(QUESTION_TREES + 60, seed=5)
+    assert large[:QUESTION_TREES] == small
+    first = {tree["prompt"]["text"] for tree in small}
+    later = [tree["prompt"]["text"] for tree in large[QUESTION_TREES:]]
+    assert set(later) <= first
+    assert len({prompt_topic(text) for text in later}) > 40  # still spread over the topics
 
 
 def test_win_rate_counts_ties_half_and_skips_what_does_not_compare() -> None:

@@ -1,4 +1,4 @@
-"""A deterministic sample export: a few hundred message trees in four languages.
+"""A deterministic sample export: several hundred message trees in four languages.
 
 The replies carry a signal a tiny model can learn. Every reply is built from three features:
 - it opens politely (or brushes the user off),
@@ -31,8 +31,12 @@ from typing import Any
 from oatui.data.trees import iter_trees
 
 SAMPLE_FILE = Path(__file__).parent / "sample" / "oasst_sample.trees.jsonl.gz"
-DEFAULT_TREES = 400
+DEFAULT_TREES = 800
 DEFAULT_SEED = 20231
+#: The first this many trees choose which questions the sample asks; later trees ask those questions
+#: again, with new replies to rank. So the questions no tree asks (:func:`held_out_prompts`) stay
+#: unseen however many trees there are, and a reward model gets more comparisons to learn from.
+QUESTION_TREES = 400
 
 # Topic nouns per language: the same index is the same topic.
 TOPICS: dict[str, list[str]] = {
@@ -393,9 +397,11 @@ def _node(ids: _Ids, parent: str | None, role: str, text: str, lang: str, rank: 
     }
 
 
-def make_tree(index: int, rng: random.Random, asked: dict[str, list[int]]) -> dict[str, Any]:
+def make_tree(index: int, rng: random.Random, asked: dict[str, list[int]],
+              questions: list[str] | None = None) -> dict[str, Any]:
     """One tree; ``asked`` counts the prompts per topic of each language so far, so that every topic of
-    every language is asked about about as often (a topic asked once is learnt by heart, not at all)."""
+    every language is asked about about as often (a topic asked once is learnt by heart, not at all).
+    With ``questions``, the tree asks one of those about its topic instead of a new one."""
     ids = _Ids(rng)
     lang = rng.choices(list(LANG_WEIGHTS), weights=list(LANG_WEIGHTS.values()))[0]
     counts = asked.setdefault(lang, [0] * len(TOPICS[lang]))
@@ -403,6 +409,9 @@ def make_tree(index: int, rng: random.Random, asked: dict[str, list[int]]) -> di
     counts[topic] += 1
     created = f"2023-{1 + index % 12:02d}-{1 + index % 28:02d}T{index % 24:02d}:00:00+00:00"
     prompt_text = rng.choice(PROMPTS[lang]).format(t=TOPICS[lang][topic])
+    if questions is not None:
+        same_topic = [question for question in questions if prompt_topic(question) == (lang, topic)]
+        prompt_text = rng.choice(same_topic or questions)
     prompt = _node(ids, None, "prompter", prompt_text, lang, None, created)
     for text, rank in _ranked_replies(lang, topic, rng.choice((3, 3, 4)), rng):
         prompt["replies"].append(_node(ids, prompt["message_id"], "assistant", text, lang, rank, created))
@@ -434,7 +443,9 @@ def make_tree(index: int, rng: random.Random, asked: dict[str, list[int]]) -> di
 def generate(trees: int = DEFAULT_TREES, seed: int = DEFAULT_SEED) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     asked: dict[str, list[int]] = {}
-    return [make_tree(index, rng, asked) for index in range(trees)]
+    first = [make_tree(index, rng, asked) for index in range(min(trees, QUESTION_TREES))]
+    questions = sorted({tree["prompt"]["text"] for tree in first})
+    return first + [make_tree(index, rng, asked, questions) for index in range(len(first), trees)]
 
 
 def write(path: Path, trees: int = DEFAULT_TREES, seed: int = DEFAULT_SEED) -> Path:

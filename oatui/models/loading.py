@@ -192,6 +192,31 @@ def uses_lora(config: "StageConfig") -> bool:
     return config.peft_model or config.load_in_8bit or config.load_in_4bit
 
 
+def freeze_layers(model: "PreTrainedModel", config: "StageConfig") -> int:
+    """Freeze the input embeddings and the first ``config.freeze_layer`` transformer layers (Open-Assistant's
+    ``freeze_layer``); the number of parameter tensors frozen."""
+    import torch
+
+    count = config.freeze_layer
+    if not count:
+        return 0
+    if uses_lora(config):
+        raise UserError("freeze_layer: LoRA already trains adapters only; set freeze_layer: 0 or peft_model: false")
+    depth = getattr(model.config, "num_hidden_layers", None)
+    # The transformer's blocks: the model's first list of modules as long as its config's layer count.
+    layers = next((module for module in model.modules()
+                   if isinstance(module, torch.nn.ModuleList) and depth and len(module) == depth), None)
+    if layers is None:
+        raise UserError(f"freeze_layer: cannot find the transformer layers of model type {model.config.model_type!r}")
+    if count > len(layers):
+        raise UserError(f"freeze_layer: {count} is more than the model's {len(layers)} layers")
+    frozen = [*model.get_input_embeddings().parameters(),
+              *(parameter for layer in list(layers)[:count] for parameter in layer.parameters())]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return len(frozen)
+
+
 def load_causal_lm(name: str, config: "StageConfig", tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
     from transformers import AutoModelForCausalLM
 

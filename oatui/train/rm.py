@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from oatui.config import RMConfig
 from oatui.data.datasets import rm_mix, tokenize_rm, tokenize_rm_groups
-from oatui.models.loading import load_reward_model, load_tokenizer, lora_config, uses_lora
+from oatui.models.loading import freeze_layers, load_reward_model, load_tokenizer, lora_config, uses_lora
 from oatui.train.common import StageContext, stage_main
 
 
@@ -57,6 +57,7 @@ def train_rm(context: StageContext) -> None:
     context.metrics.write(0, 0, {**counts, **per_source})
 
     model = load_reward_model(model_name, config, tokenizer)
+    freeze_layers(model, config)
     peft_config = lora_config(model, config, "SEQ_CLS") if uses_lora(config) else None
 
     args = RewardConfig(

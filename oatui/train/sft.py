@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from oatui.config import SFTConfig
 from oatui.data.datasets import sft_mix, tokenize_sft
-from oatui.models.loading import load_causal_lm, load_tokenizer, lora_config, uses_lora
+from oatui.models.loading import freeze_layers, load_causal_lm, load_tokenizer, lora_config, uses_lora
 from oatui.train.common import StageContext, stage_main
 
 
@@ -30,6 +30,7 @@ def train_sft(context: StageContext) -> None:
     context.log(f"{len(train_rows)} train / {len(eval_rows)} eval conversations, {trained_tokens} assistant tokens carry the loss")
 
     model = load_causal_lm(model_name, config, tokenizer)
+    freeze_layers(model, config)
     peft_config = lora_config(model, config, "CAUSAL_LM") if uses_lora(config) else None
 
     args = TrlSFTConfig(

@@ -13,6 +13,7 @@ import torch
 from oatui.config import RLConfig, deepspeed_config_path
 from oatui.errors import UserError
 from oatui.models.loading import (
+    freeze_layers,
     load_causal_lm,
     load_for_inference,
     load_reward_model,
@@ -113,6 +114,7 @@ def build_actor_critic(config: RLConfig, sft_path: str, rm_path: str | None,
                        tokenizer: "PreTrainedTokenizerBase") -> ActorCritic:
     """The policy from the SFT model (LoRA-wrapped when asked) and the value estimates ``value_model`` names."""
     policy = load_causal_lm(sft_path, config, tokenizer)
+    freeze_layers(policy, config)
     if uses_lora(config):
         from peft import get_peft_model
 
