@@ -57,7 +57,8 @@ def train_rm(context: StageContext) -> None:
     context.metrics.write(0, 0, {**counts, **per_source})
 
     model = load_reward_model(model_name, config, tokenizer)
-    freeze_layers(model, config)
+    if freeze_layers(model, config):
+        context.log(f"embeddings and the first {config.freeze_layer} layers frozen")
     peft_config = lora_config(model, config, "SEQ_CLS") if uses_lora(config) else None
 
     args = RewardConfig(

@@ -30,7 +30,8 @@ def train_sft(context: StageContext) -> None:
     context.log(f"{len(train_rows)} train / {len(eval_rows)} eval conversations, {trained_tokens} assistant tokens carry the loss")
 
     model = load_causal_lm(model_name, config, tokenizer)
-    freeze_layers(model, config)
+    if freeze_layers(model, config):
+        context.log(f"embeddings and the first {config.freeze_layer} layers frozen")
     peft_config = lora_config(model, config, "CAUSAL_LM") if uses_lora(config) else None
 
     args = TrlSFTConfig(

@@ -102,7 +102,8 @@ def run_ppo(context: StageContext) -> None:
     model = build_actor_critic(config, sft_path, rm_path, tokenizer)
     reference = build_reference(config, model, sft_path, ref_address, device)
     reward_model = build_reward_model(config, rm_path, rm_address, device, tokenizer.eos_token)
-    context.log(f"policy {sft_path}{' (LoRA)' if uses_lora(config) else ''}; value: {config.value_model}; "
+    frozen = f" (embeddings and {config.freeze_layer} layers frozen)" if config.freeze_layer else ""
+    context.log(f"policy {sft_path}{' (LoRA)' if uses_lora(config) else frozen}; value: {config.value_model}; "
                 f"reward: {rm_address or rm_path}; reference: {ref_address or ('the policy without its adapter' if uses_lora(config) else sft_path)}")
     optimizer, scheduler = make_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
