@@ -165,9 +165,9 @@ class StageConfig(BaseModel):
     """Module names to adapt; default: the model family's attention and MLP projections."""
     freeze_layer: int = Field(0, ge=0)
     """Open-Assistant's ``freeze_layer``: train with the input embeddings (and an output layer tied to
-    them) and the first this many transformer layers frozen (0: train everything). In the RL stage it applies to the policy: what
-    the lower layers learnt in SFT (such as copying the prompt's topic) stays intact while PPO
-    shapes the answers. Not with LoRA, which trains adapters only."""
+    them) and the first this many transformer layers frozen (0: train everything). In the RL stage
+    it applies to the policy: what the lower layers learnt in SFT (such as copying the prompt's
+    topic) stays intact while PPO shapes the answers. Not with LoRA, which trains adapters only."""
     deepspeed: str | None = None
     """DeepSpeed config: a JSON file, or a name from ``configs/deepspeed/`` (``zero2``, ``zero3``, ...)."""
     trust_remote_code: bool = False
