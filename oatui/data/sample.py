@@ -398,10 +398,11 @@ def _node(ids: _Ids, parent: str | None, role: str, text: str, lang: str, rank: 
 
 
 def make_tree(index: int, rng: random.Random, asked: dict[str, list[int]],
-              questions: list[str] | None = None) -> dict[str, Any]:
+              questions: dict[tuple[str, int] | None, list[str]] | None = None) -> dict[str, Any]:
     """One tree; ``asked`` counts the prompts per topic of each language so far, so that every topic of
     every language is asked about about as often (a topic asked once is learnt by heart, not at all).
-    With ``questions``, the tree asks one of those about its topic instead of a new one."""
+    With ``questions`` (by (language, topic), and every one under None), the tree asks one of those
+    about its topic instead of a new one."""
     ids = _Ids(rng)
     lang = rng.choices(list(LANG_WEIGHTS), weights=list(LANG_WEIGHTS.values()))[0]
     counts = asked.setdefault(lang, [0] * len(TOPICS[lang]))
@@ -410,8 +411,7 @@ def make_tree(index: int, rng: random.Random, asked: dict[str, list[int]],
     created = f"2023-{1 + index % 12:02d}-{1 + index % 28:02d}T{index % 24:02d}:00:00+00:00"
     prompt_text = rng.choice(PROMPTS[lang]).format(t=TOPICS[lang][topic])
     if questions is not None:
-        same_topic = [question for question in questions if prompt_topic(question) == (lang, topic)]
-        prompt_text = rng.choice(same_topic or questions)
+        prompt_text = rng.choice(questions.get((lang, topic)) or questions[None])
     prompt = _node(ids, None, "prompter", prompt_text, lang, None, created)
     for text, rank in _ranked_replies(lang, topic, rng.choice((3, 3, 4)), rng):
         prompt["replies"].append(_node(ids, prompt["message_id"], "assistant", text, lang, rank, created))
@@ -444,7 +444,9 @@ def generate(trees: int = DEFAULT_TREES, seed: int = DEFAULT_SEED) -> list[dict[
     rng = random.Random(seed)
     asked: dict[str, list[int]] = {}
     first = [make_tree(index, rng, asked) for index in range(min(trees, QUESTION_TREES))]
-    questions = sorted({tree["prompt"]["text"] for tree in first})
+    questions: dict[tuple[str, int] | None, list[str]] = {None: sorted({tree["prompt"]["text"] for tree in first})}
+    for question in questions[None]:
+        questions.setdefault(prompt_topic(question), []).append(question)
     return first + [make_tree(index, rng, asked, questions) for index in range(len(first), trees)]
 
 
