@@ -3,13 +3,18 @@ training, everything above keeps learning; a bad value is a one-line error."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from oatui.config import load_stage_config
 from oatui.errors import UserError
 from oatui.models.loading import freeze_layers
+
+from helpers import run_oatui
 
 
 def tiny_neox() -> GPTNeoXForCausalLM:
@@ -55,5 +60,27 @@ def test_a_freeze_that_cannot_apply_is_one_line(overrides: list[str], message: s
 
 
 def test_a_negative_freeze_layer_is_refused() -> None:
-    with pytest.raises(Exception, match="freeze_layer"):
+    with pytest.raises(UserError, match="freeze_layer: must be at least 0, got -1"):
         load_stage_config("rm", ["defaults_rm"], ["freeze_layer=-1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "sections", "start"), [
+    ("sft", ["defaults", "tiny"], "tiny_base"),
+    ("rm", ["defaults_rm", "tiny_rm"], "sft_model"),
+])
+def test_sft_and_rm_runs_keep_frozen_layers_as_they_started(trained, workspace: Path, stage: str,  # noqa: ANN001
+                                                            sections: list[str], start: str) -> None:
+    """A real ``oatui train sft|rm`` with ``freeze_layer=2``: the embeddings and the two lower layers
+    of its final model are bit-identical to the model it started from; the upper layers trained."""
+    base = getattr(trained, start)
+    result = run_oatui("train", stage, "--configs", *sections, "--set", f"model_name={base}", "--set", "freeze_layer=2",
+                       "--set", "max_steps=4", "--set", "eval_steps=100", workspace=workspace, check=True)
+    assert "embeddings and the first 2 layers frozen" in result.stdout
+    final = next((workspace / "runs").glob(f"{stage}-*")) / "final"
+    before, after = load_file(base / "model.safetensors"), load_file(final / "model.safetensors")
+    frozen = [name for name in before if name.startswith(("gpt_neox.embed_in.", "gpt_neox.layers.0.", "gpt_neox.layers.1."))]
+    upper = [name for name in before if name.startswith("gpt_neox.layers.3.") and name.endswith(".weight")]
+    assert len(frozen) == 1 + 2 * 12 and upper
+    assert all(torch.equal(before[name], after[name]) for name in frozen)
+    assert all(not torch.equal(before[name], after[name]) for name in upper)
