@@ -250,6 +250,10 @@ class Demo:
         rl, sft = report["policies"]
         verdict = (f"{report['prompts']} held-out prompts, greedy and sampled: RM score SFT {sft['proxy']:.2f}, "
                    f"RL {rl['proxy']:.2f}; gold (0-3) SFT {_gold(sft['gold'])}, RL {_gold(rl['gold'])}")
+        sampled = report.get("comparison", {}).get("sample") or {}
+        if sampled.get("proxy_rise_half_spreads") is not None:
+            verdict += (f"; sampled answers' RM score {sampled['proxy_rise']:+.2f}, "
+                        f"{sampled['proxy_rise_half_spreads']:.2f} x half the SFT's spread")
         if sft["gold"] is None or rl["gold"] is None:
             raise PhaseFailed(verdict + " (the gold judge does not apply to these prompts)")
         if not rl["gold"] > sft["gold"]:

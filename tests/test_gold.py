@@ -23,7 +23,7 @@ from oatui.data.sample import (
     prompt_topic,
 )
 from oatui.data.trees import iter_trees
-from oatui.train.evaluate import win_rate
+from oatui.train.evaluate import Judged, PolicyResult, comparison, win_rate
 
 CHESS = "How do I get started with learning chess?"
 
@@ -142,6 +142,26 @@ def test_more_trees_ask_the_same_questions_again() -> None:
     assert len({prompt_topic(text) for text in later}) > 40  # still spread over the topics
 
 
+def _judged(decoding: str, proxy: list[float], gold: list[int]) -> Judged:
+    n = len(proxy)
+    return Judged(decoding, proxy, list(gold), [True] * n, [True] * n, [True] * n, [True] * n, [10] * n)
+
+
+def test_comparison_gives_the_rise_of_the_rm_score_in_half_spreads_of_the_other_policy() -> None:
+    rl, sft = PolicyResult("rl", "rl/final"), PolicyResult("sft", "sft/final")
+    rl.judged["sample"] = _judged("sample", [3.0, 3.0, 5.0, 5.0], [3, 2, 3, 3])
+    sft.judged["sample"] = _judged("sample", [1.0, 3.0, 1.0, 3.0], [3, 1, 2, 3])
+    assert sft.judged["sample"].summary()["proxy_std"] == pytest.approx(1.0)
+    rates = comparison(rl, sft)["sample"]
+    # Mean 4 against 2, a rise of 2; the SFT scores' standard deviation is 1, half of it 0.5.
+    assert rates["proxy_rise"] == pytest.approx(2.0) and rates["proxy_rise_half_spreads"] == pytest.approx(4.0)
+    assert rates["win_rate_proxy"] == pytest.approx(0.875) and rates["win_rate_gold"] == pytest.approx(0.75)
+    # Scores that do not spread give no ratio rather than a division by zero.
+    sft.judged["sample"] = _judged("sample", [2.0, 2.0], [1, 1])
+    rl.judged["sample"] = _judged("sample", [3.0, 3.0], [2, 2])
+    assert comparison(rl, sft)["sample"]["proxy_rise_half_spreads"] is None
+
+
 def test_win_rate_counts_ties_half_and_skips_what_does_not_compare() -> None:
     assert win_rate([3, 1, 2, None], [1, 1, 3, 2]) == pytest.approx(0.5)
     assert win_rate([None], [1]) is None
@@ -162,8 +182,11 @@ def test_oatui_eval_judges_and_compares_two_policies(trained) -> None:  # noqa: 
         assert isinstance(summary["proxy"], float)
     # The same model twice: the same greedy and seeded answers, so every comparison is a tie.
     assert first["results"] == second["results"]
-    assert report["comparison"]["greedy"] == {"win_rate_proxy": 0.5, "win_rate_gold": 0.5}
-    assert report["comparison"]["sample"] == {"win_rate_proxy": 0.5, "win_rate_gold": 0.5}
+    for decoding in ("greedy", "sample"):
+        rates = report["comparison"][decoding]
+        assert (rates["win_rate_proxy"], rates["win_rate_gold"], rates["proxy_rise"]) == (0.5, 0.5, 0.0)
+        assert rates["proxy_rise_half_spreads"] == 0.0
+    assert all(summary["proxy_std"] > 0 for summary in first["results"])
 
     table = run_oatui("eval", "--policy", "sft", "--prompts", "4", "--max-new-tokens", "8", "--decoding", "greedy",
                       workspace=root, check=True).stdout

@@ -123,6 +123,10 @@ def test_demo_runs_the_whole_flow_and_judges_rl_against_sft_on_gold(workspace: P
     # to finish its answers, which the SFT model, imitating flawed best replies, often does not.
     assert float(scores.group(4)) > float(scores.group(3)), compare
     assert float(scores.group(2)) > float(scores.group(1)), compare
+    # The RM's score of sampled answers, RL against SFT, also in half standard deviations of the
+    # SFT model's scores (the spread its rollouts start from).
+    rise = re.search(r"sampled answers' RM score ([+-][0-9.]+), ([0-9.-]+) x half the SFT's spread", compare)
+    assert rise and float(rise.group(1)) > 0 and float(rise.group(2)) > 0, compare
     assert result.returncode == 0 and " ok " in compare, (result.returncode, compare)
     runs = json.loads(run_oatui("runs", "--json", workspace=workspace, check=True).stdout)
     assert sorted(r["stage"] for r in runs) == ["rl", "rm", "sft"] and all(r["state"] == "succeeded" for r in runs)

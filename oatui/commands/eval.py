@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
             "stage optimises) and, when the prompts are the shipped sample's, the sample's own rules (gold, "
             "0-3 points: a polite opener, the prompt's topic and no other, a closing sentence that ends the "
             "answer). Prints the proxy, gold and its parts, the share of answers that ended with EOS, the "
-            "mean length, and the win rate of the policy over the other by each judge. A policy that raises "
-            "the proxy while gold falls is over-optimising the reward model."
+            "mean length, the win rate of the policy over the other by each judge, and how far its RM score "
+            "is above the other's, also in units of half the spread of the other's scores. A policy that "
+            "raises the proxy while gold falls is over-optimising the reward model."
         ),
         epilog=(
             "RUN_OR_DIR is a run id in the workspace (its final/ model), 'sft', 'rm' or 'rl' for the newest "
@@ -168,8 +169,13 @@ def format_report(report: dict[str, Any]) -> str:
     if "comparison" in report:
         first, second = report["policies"][0]["name"], report["policies"][1]["name"]
         for decoding, rates in report["comparison"].items():
-            lines.append(f"{first} over {second} ({decoding}): win rate by RM {_number(rates['win_rate_proxy'])}, "
-                         f"by gold {_number(rates['win_rate_gold'])}")
+            line = (f"{first} over {second} ({decoding}): win rate by RM {_number(rates['win_rate_proxy'])}, "
+                    f"by gold {_number(rates['win_rate_gold'])}")
+            if rates.get("proxy_rise") is not None:
+                line += f"; RM score {rates['proxy_rise']:+.2f}"
+                if rates.get("proxy_rise_half_spreads") is not None:
+                    line += f" ({rates['proxy_rise_half_spreads']:.2f} x half the spread of the other's)"
+            lines.append(line)
     return "\n".join(lines)
 
 

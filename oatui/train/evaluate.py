@@ -116,6 +116,8 @@ class Judged:
             "decoding": self.decoding,
             "answers": len(self.proxy),
             "proxy": mean(self.proxy),
+            # How widely the reward model's scores of these answers spread (population standard deviation).
+            "proxy_std": statistics.pstdev(self.proxy) if len(self.proxy) > 1 else None,
             "gold": mean(self.gold),
             "polite": mean(self.polite),
             "on_topic": mean(self.on_topic),
@@ -222,14 +224,25 @@ def evaluate_policies(
 
 
 def comparison(mine: PolicyResult, theirs: PolicyResult) -> dict[str, dict[str, float | None]]:
-    """Per decoding: the share of prompts where ``mine``'s answer beats ``theirs`` by the RM and by gold (ties half)."""
+    """Per decoding: the share of prompts where ``mine``'s answer beats ``theirs`` by the RM and by gold
+    (ties half); how far ``mine``'s mean RM score is above ``theirs``' (``proxy_rise``), and that rise
+    in units of half the spread of ``theirs``' scores (``proxy_rise_half_spreads``: for RL against
+    its SFT model under sampling, 1 means the policy's answers gained half a standard deviation of
+    what the SFT model's rollouts scored)."""
     out: dict[str, dict[str, float | None]] = {}
     for decoding, judged in mine.judged.items():
         other = theirs.judged.get(decoding)
         if other is None:
             continue
+        mine_summary, their_summary = judged.summary(), other.summary()
+        rise = half = None
+        if mine_summary["proxy"] is not None and their_summary["proxy"] is not None:
+            rise = mine_summary["proxy"] - their_summary["proxy"]
+            half = (their_summary["proxy_std"] or 0.0) / 2
         out[decoding] = {"win_rate_proxy": win_rate(judged.proxy, other.proxy),
-                         "win_rate_gold": win_rate(judged.gold, other.gold)}
+                         "win_rate_gold": win_rate(judged.gold, other.gold),
+                         "proxy_rise": rise,
+                         "proxy_rise_half_spreads": rise / half if rise is not None and half else None}
     return out
 
 
