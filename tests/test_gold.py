@@ -171,13 +171,15 @@ def test_win_rate_counts_ties_half_and_skips_what_does_not_compare() -> None:
 def test_oatui_eval_judges_and_compares_two_policies(trained) -> None:  # noqa: ANN001
     root = trained.root
     result = run_oatui("eval", "--policy", trained.sft_run, "--against", str(trained.sft_model.parent.parent / trained.sft_run / "final"),
-                       "--rm", "rm", "--prompts", "8", "--max-new-tokens", "16", "--json", workspace=root, check=True)
+                       "--rm", "rm", "--prompts", "8", "--samples", "2", "--max-new-tokens", "16", "--json",
+                       workspace=root, check=True)
     report = json.loads(result.stdout)
-    assert report["prompts"] == 8 and report["reward_model"] == str(trained.rm_model)
+    assert report["prompts"] == 8 and report["samples"] == 2 and report["reward_model"] == str(trained.rm_model)
     first, second = report["policies"]
     assert [summary["decoding"] for summary in first["results"]] == ["greedy", "sample"]
+    # One greedy answer per prompt, two sampled ones.
+    assert [summary["answers"] for summary in first["results"]] == [8, 16]
     for summary in first["results"]:
-        assert summary["answers"] == 8
         assert 0 <= summary["gold"] <= 3 and 0 <= summary["eos_fraction"] <= 1 and 1 <= summary["mean_length"] <= 16
         assert isinstance(summary["proxy"], float)
     # The same model twice: the same greedy and seeded answers, so every comparison is a tie.
@@ -190,7 +192,7 @@ def test_oatui_eval_judges_and_compares_two_policies(trained) -> None:  # noqa: 
 
     table = run_oatui("eval", "--policy", "sft", "--prompts", "4", "--max-new-tokens", "8", "--decoding", "greedy",
                       workspace=root, check=True).stdout
-    assert "gold" in table.splitlines()[0] and "greedy" in table and "4 held-out prompts" in table
+    assert "gold" in table.splitlines()[0] and "greedy" in table and "4 held-out prompts;" in table
 
 
 def test_oatui_eval_refuses_what_it_cannot_judge_with_one_line(workspace) -> None:  # noqa: ANN001
@@ -198,6 +200,7 @@ def test_oatui_eval_refuses_what_it_cannot_judge_with_one_line(workspace) -> Non
         (["--policy", "rl"], "no succeeded rl run"),
         (["--policy", "nonexistent-run"], "not a run of this workspace"),
         (["--policy", str(workspace), "--prompts", "0"], "--prompts"),
+        (["--policy", str(workspace), "--samples", "0"], "--samples"),
     ):
         result = run_oatui("eval", *args, workspace=workspace)
         assert result.returncode == 2, result.stderr

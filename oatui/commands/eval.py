@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     parser.add_argument("--decoding", choices=("greedy", "sample", "both"), default="both",
                         help="greedy, sampled at temperature 1 (seeded), or both (default)")
     parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="longest answer (default 48)")
+    parser.add_argument("--samples", type=int, default=4, metavar="N",
+                        help="sampled answers per prompt (default 4): the sampled numbers are means over all of "
+                             "them, steadier than over one answer each")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled answers (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.set_defaults(func=run)
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompts < 1:
         raise UserError("--prompts: must be at least 1")
+    if args.samples < 1:
+        raise UserError("--samples: must be at least 1")
     if not 1 <= args.max_new_tokens <= 4096:
         raise UserError("--max-new-tokens: must be between 1 and 4096")
     workspace = Workspace.open(args.workspace)
@@ -112,15 +117,16 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     from oatui.train.evaluate import averaged, comparison, evaluate_policies, load_scorer, rm_feature_accuracy
 
-    total = len(contexts) * len(decodings) * len(policies)
+    total = len(contexts) * sum(args.samples if decoding == "sample" else 1 for decoding in decodings) * len(policies)
     bar = _Progress(total, enabled=not args.json or sys.stderr.isatty())
     scorer = load_scorer(str(reward_model))
     results = evaluate_policies(policies, scorer, contexts, decodings=decodings,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed, samples=args.samples,
                                 progress=lambda what, count: bar.advance(what, count))
     bar.close()
     report: dict[str, Any] = {
         "prompts": len(contexts),
+        "samples": args.samples,
         "reward_model": str(reward_model),
         # What the reward model has learnt of each of the sample's rules on its own (sample prompts only).
         "reward_model_rules": None if args.data else rm_feature_accuracy(scorer, [c[-1].text for c in contexts], args.seed),
@@ -161,7 +167,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i]) for i, cell in enumerate(row)).rstrip()
              for row in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
-    lines.append(f"{report['prompts']} held-out prompts; gold is 0-3 (the sample's rules), '-' where they do not apply")
+    sampled = any(summary["decoding"] == "sample" for policy in report["policies"] for summary in policy["results"])
+    samples = report.get("samples", 1) if sampled else 1
+    lines.append(f"{report['prompts']} held-out prompts" + (f", {samples} sampled answers each" if samples > 1 else "")
+                 + "; gold is 0-3 (the sample's rules), '-' where they do not apply")
     rules = report.get("reward_model_rules")
     if rules:
         lines.append("reward model on held-out reply pairs that differ in one rule only: "

@@ -200,20 +200,26 @@ def evaluate_policies(
     max_new_tokens: int = 48,
     max_prompt_length: int = 512,
     seed: int = 0,
+    samples: int = 1,
     batch_size: int = 32,
     progress: Callable[[str, int], None] | None = None,
 ) -> list[PolicyResult]:
     """Each (name, folder) policy answers every context under each decoding; the RM and the gold judge score them.
 
-    ``progress(what, answered)`` is told of every finished batch.
+    Sampled, each context is answered ``samples`` times (the contexts over and over, in the same
+    order for every policy, so that answers compare prompt by prompt). ``progress(what, answered)``
+    is told of every finished batch.
     """
+    if samples < 1:
+        raise ValueError("samples must be at least 1")
     results = []
     for name, path in policies:
         policy, tokenizer = load_for_inference(path, "causal")
         result = PolicyResult(name, path)
         for decoding in decodings:
             answers = generate_answers(
-                policy, tokenizer, contexts, decoding=decoding, max_new_tokens=max_new_tokens,
+                policy, tokenizer, list(contexts) * (samples if decoding == "sample" else 1), decoding=decoding,
+                max_new_tokens=max_new_tokens,
                 max_prompt_length=max_prompt_length, seed=seed, batch_size=batch_size,
                 progress=(lambda count, what=f"{name} {decoding}": progress(what, count)) if progress else None,
             )
