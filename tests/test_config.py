@@ -152,7 +152,7 @@ def test_list_keys_and_print_config_follow_the_workspace(tmp_path: Path, capsys:
     assert main(["train", "rl", "--configs", "defaults_rl", "tiny_rl", "--set", "ppo_epochs=3", "--print-config",
                  "--workspace", str(tmp_path)]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert (printed["total_steps"], printed["ppo_epochs"], printed["max_new_tokens"]) == (32, 3, 48)
+    assert (printed["total_steps"], printed["ppo_epochs"], printed["max_new_tokens"]) == (40, 3, 48)
     assert main(["train", "rl", "--list-keys", "--workspace", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "total_steps" in text and "an integer, at least 1" in text and "default 7" in text

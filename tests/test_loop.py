@@ -140,7 +140,7 @@ def test_demo_runs_the_whole_flow_and_judges_rl_against_sft_on_gold(workspace: P
     first, last = sum(scores[:fifth]) / fifth, sum(scores[-fifth:]) / fifth
     assert last > first, (first, last, metrics[0]["ppo/score_std"])
     assert all(abs(m["ppo/kl"]) < 50 for m in metrics)
-    assert [m["step"] for m in read_metrics(rl_run) if "eval/gold" in m] == [0, 8, 16, 24, 32]
+    assert [m["step"] for m in read_metrics(rl_run) if "eval/gold" in m] == [0, 10, 20, 30, 40]
     from oatui.serve.server import status
 
     assert status(Workspace.open(workspace)) is None, "the demo stops its server"

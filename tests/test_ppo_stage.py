@@ -58,7 +58,7 @@ def test_tiny_rl_learns_and_is_judged_while_it_trains(trained, workspace: Path) 
     assert [m["step"] for m in metrics] == list(range(1, 31))
     # The policy is judged on held-out prompts before the first step, every eval_steps and at the end.
     judged = [m for m in records if "eval/gold" in m]
-    assert [m["step"] for m in judged] == [0, 8, 16, 24, 30]
+    assert [m["step"] for m in judged] == [0, 10, 20, 30]
     for record in judged:
         assert EVAL_METRICS <= record.keys(), EVAL_METRICS - record.keys()
         assert 0 <= record["eval/gold"] <= 3 and 0 <= record["eval/eos_fraction"] <= 1

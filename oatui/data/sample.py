@@ -236,7 +236,7 @@ _LEVELS: list[list[Features]] = [
 #: but either brushes the user off or is cut off, as the best of a few human replies often is: a
 #: policy that only imitates the best replies inherits their flaws, and a reward model that learnt
 #: the ranking can teach it to avoid them.
-PERFECT_BEST = 0.4
+PERFECT_BEST = 0.3
 
 #: How often a group holds near misses: its best reply itself, about another topic or about none.
 #: Such a pair differs in the topic alone, so a reward model must learn that a good answer to another
