@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         ),
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
-                        help="a config override for one stage, e.g. rl:total_steps=40 (repeatable)")
+                        help="a config override for one stage, e.g. rl:total_steps=20 (repeatable)")
     parser.add_argument("--prompts", type=int, default=96, help="held-out prompts to compare on (default 96)")
     parser.set_defaults(func=run)
 
