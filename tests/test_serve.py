@@ -199,7 +199,10 @@ def test_cancelling_mid_stream_stops_generation_on_the_server(server: TritonServ
 def test_async_chat_streams_and_cancels(server: TritonServer, grpc_url: str) -> None:
     async def scenario() -> tuple[list[str], int, bool]:
         async with AsyncChatClient(grpc_url, timeout=30) as client:
-            pieces = [piece async for piece in client.stream(prompt="Hello!", max_new_tokens=20, temperature=0)]
+            # Long enough to span several of the server's 10 ms response intervals whatever the
+            # model answers (ignore_eos): a short answer may come as the first piece and the rest.
+            pieces = [piece async for piece in client.stream(prompt="Hello!", max_new_tokens=100, temperature=0,
+                                                             ignore_eos=True)]
             got: list[str] = []
 
             async def consume() -> None:
@@ -221,7 +224,8 @@ def test_async_chat_streams_and_cancels(server: TritonServer, grpc_url: str) -> 
     pieces, got, cancelled = asyncio.run(scenario())
     assert len(pieces) >= 3 and cancelled and got < 480
     with ChatClient(grpc_url) as client:
-        assert "".join(client.stream(prompt="Hello!", max_new_tokens=20, temperature=0)) == "".join(pieces)
+        again = client.stream(prompt="Hello!", max_new_tokens=100, temperature=0, ignore_eos=True)
+        assert "".join(again) == "".join(pieces)
     assert wait_for_metric(server, "oatui_cancelled_requests_total", cancelled_before + 1) == cancelled_before + 1
 
 

@@ -230,7 +230,7 @@ def evaluate_policies(
 
 
 def comparison(mine: PolicyResult, theirs: PolicyResult) -> dict[str, dict[str, float | None]]:
-    """Per decoding: the share of prompts where ``mine``'s answer beats ``theirs`` by the RM and by gold
+    """Per decoding: the share of answers where ``mine``'s beats ``theirs``' (prompt by prompt) by the RM and by gold
     (ties half); how far ``mine``'s mean RM score is above ``theirs``' (``proxy_rise``), and that rise
     in units of half the spread of ``theirs``' scores (``proxy_rise_half_spreads``: for RL against
     its SFT model under sampling, 1 means the policy's answers gained half a standard deviation of
