@@ -195,6 +195,22 @@ def test_oatui_eval_judges_and_compares_two_policies(trained) -> None:  # noqa: 
     assert "gold" in table.splitlines()[0] and "greedy" in table and "4 held-out prompts;" in table
 
 
+@pytest.mark.slow
+def test_several_sampled_answers_per_prompt_are_different_draws(trained) -> None:  # noqa: ANN001
+    from oatui.data.rules import Turn
+    from oatui.train.evaluate import evaluate_policies, load_scorer
+
+    contexts = [(Turn("prompter", prompt),) for prompt in held_out_prompts(6)]
+    (result,) = evaluate_policies([("sft", str(trained.sft_model))], load_scorer(str(trained.rm_model)), contexts,
+                                  decodings=("greedy", "sample"), samples=3, max_new_tokens=16)
+    greedy, sampled = result.judged["greedy"], result.judged["sample"]
+    assert len(greedy.texts) == 6 and len(sampled.texts) == 18
+    # Draw k of prompt i is answer k * 6 + i: a prompt's draws differ, they are not copies of one answer.
+    draws = [sampled.texts[k * 6:(k + 1) * 6] for k in range(3)]
+    assert draws[0] != draws[1] != draws[2]
+    assert sum(len({draw[i] for draw in draws}) > 1 for i in range(6)) >= 3, draws
+
+
 def test_oatui_eval_refuses_what_it_cannot_judge_with_one_line(workspace) -> None:  # noqa: ANN001
     for args, words in (
         (["--policy", "rl"], "no succeeded rl run"),

@@ -168,7 +168,7 @@ def format_report(report: dict[str, Any]) -> str:
              for row in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
     sampled = any(summary["decoding"] == "sample" for policy in report["policies"] for summary in policy["results"])
-    samples = report.get("samples", 1) if sampled else 1
+    samples = report["samples"] if sampled else 1
     lines.append(f"{report['prompts']} held-out prompts" + (f", {samples} sampled answers each" if samples > 1 else "")
                  + "; gold is 0-3 (the sample's rules), '-' where they do not apply")
     rules = report.get("reward_model_rules")
