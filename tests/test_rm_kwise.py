@@ -63,8 +63,9 @@ def test_each_reply_is_in_the_batch_once_and_the_metrics_count_pairs_and_groups(
 
 
 def test_rm_loss_keys() -> None:
-    config = load_stage_config("rm", ["defaults_rm", "tiny_rm"], ["rm_loss=kwise"])
+    config = load_stage_config("rm", ["defaults_rm"], ["rm_loss=kwise"])
     assert (config.rm_loss, config.max_replies, config.score_l2_reg) == ("kwise", 5, 0.001)
+    assert load_stage_config("rm", ["defaults_rm", "tiny_rm"]).score_l2_reg == 0.05
     assert load_stage_config("rm", ["defaults_rm"]).rm_loss == "pairwise"
     assert load_stage_config("rm", ["defaults_rm", "tiny_rm"]).rm_loss == "kwise"
     with pytest.raises(UserError, match="^rm_loss: expected one of 'pairwise', 'kwise'"):
