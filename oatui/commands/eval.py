@@ -115,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    from oatui.train.evaluate import averaged, comparison, evaluate_policies, load_scorer, rm_feature_accuracy
+    from oatui.train.evaluate import (answers_per_context, averaged, comparison, evaluate_policies, load_scorer,
+                                      rm_feature_accuracy)
 
-    total = len(contexts) * sum(args.samples if decoding == "sample" else 1 for decoding in decodings) * len(policies)
+    total = len(contexts) * sum(answers_per_context(decoding, args.samples) for decoding in decodings) * len(policies)
     bar = _Progress(total, enabled=not args.json or sys.stderr.isatty())
     scorer = load_scorer(str(reward_model))
     results = evaluate_policies(policies, scorer, contexts, decodings=decodings,

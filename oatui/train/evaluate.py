@@ -191,6 +191,11 @@ def load_scorer(reward_model_path: str, batch_size: int = 32) -> "RewardModel":
     return LocalRewardModel(rm, rm_tokenizer, batch_size=batch_size)
 
 
+def answers_per_context(decoding: str, samples: int) -> int:
+    """How many answers :func:`evaluate_policies` asks of each context: one greedy, ``samples`` sampled."""
+    return samples if decoding == "sample" else 1
+
+
 def evaluate_policies(
     policies: Sequence[tuple[str, str]],
     scorer: "RewardModel",
@@ -218,7 +223,7 @@ def evaluate_policies(
         result = PolicyResult(name, path)
         for decoding in decodings:
             answers = generate_answers(
-                policy, tokenizer, list(contexts) * (samples if decoding == "sample" else 1), decoding=decoding,
+                policy, tokenizer, list(contexts) * answers_per_context(decoding, samples), decoding=decoding,
                 max_new_tokens=max_new_tokens,
                 max_prompt_length=max_prompt_length, seed=seed, batch_size=batch_size,
                 progress=(lambda count, what=f"{name} {decoding}": progress(what, count)) if progress else None,
