@@ -69,21 +69,42 @@ def alone(model, tokenizer, prompt: str, params: SamplingParams) -> list[int]:  
     return list(generate_ids(model, ids, params, {tokenizer.eos_token_id}, len(tokenizer), 96))
 
 
-def test_greedy_is_identical_alone_and_batched_as_requests_join_and_leave(tiny_lm) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("min_room", [32, 1, "stacked"])
+def test_greedy_is_identical_alone_and_batched_as_requests_join_and_leave(tiny_lm, min_room: int | str,  # noqa: ANN001
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the usual room in the cache's buffers, with so little that they grow every few steps,
+    and with the cache as DynamicCache tensors, stacked and selected (what other caches get)."""
+    import oatui.serve.generation as generation
+
+    if min_room == "stacked":
+        monkeypatch.setattr(BatchedGenerator, "_fits_slots", staticmethod(lambda layers: False))
+    else:
+        monkeypatch.setattr(generation, "MIN_ROOM", min_room)
     model, tokenizer = tiny_lm
     # Different lengths: rows leave at different steps; newcomers join a batch already under way.
     params = [SamplingParams(max_new_tokens=6 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(PROMPTS))]
     expected = [alone(model, tokenizer, prompt, p) for prompt, p in zip(PROMPTS, params)]
     run = Run(model, tokenizer)
+    layer_class = generation.roomy_layer_class()
     for prompt, p in zip(PROMPTS, params):
         run.submit(prompt, p)
-        run.generator.step()
-        run.generator.step()
+        for _ in range(2):
+            run.generator.step()
+            layers = run.generator.cache.layers
+            # A full-attention model's cache, in buffers with room (unless made to stack).
+            assert all((type(layer) is layer_class) == (min_room != "stacked") for layer in layers)
+            assert layers[0].keys.shape[2] == run.generator.width == run.generator.mask.shape[1]
+            assert layers[0].keys.shape[0] == len(run.generator.running) == run.generator.positions.shape[0]
+    grown = []  # new buffers once every request has joined: only a step out of room makes them
+    reshape = run.generator._reshape
+    run.generator._reshape = lambda rows, width: (grown.append(width), reshape(rows, width))
     run.finish()
     assert run.tokens == expected
     assert run.ends == ["length"] * len(PROMPTS)
     assert run.generator.max_rows_seen > 3  # they were decoded together
     assert run.generator.cache is None and run.generator.mask is None  # nothing left behind
+    assert run.generator.unfinished == 0
+    assert (grown == []) if min_room in (32, "stacked") else grown
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(tiny_lm) -> None:  # noqa: ANN001
@@ -117,7 +138,8 @@ def test_padded_decode_steps_give_sdpa_the_padding_mask_with_the_same_tokens(tin
         forward = model.forward
 
         def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            masks.append(kwargs["attention_mask"].dim())
+            mask = kwargs["attention_mask"]
+            masks.append(None if mask is None else mask.dim())
             return forward(*args, **kwargs)
 
         model.forward = spy

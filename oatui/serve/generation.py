@@ -384,6 +384,15 @@ class BatchedGenerator:
     padding and each row's own position ids, so a row computes what it would compute alone. A
     finished or cancelled row leaves at once; the padding nobody needs any more is cut.
 
+    The cache of a model whose layers all attend over the whole context lives in buffers with
+    spare rows and columns (``RoomyLayer``, from :func:`roomy_layer_class`): the batch is their first
+    rows and a range of columns. A step writes its tokens' keys and values in place (where
+    ``DynamicLayer`` copies the whole cache at every step); a newcomer is written into the next free
+    rows; a row that leaves is filled by the last row; padding that no row needs is cut by moving
+    the range's start. The other rows' caches are copied only when the buffers are out of room.
+    The attention mask and the positions are kept the same way. Other caches (sliding windows and
+    the like) are stacked and selected as ``DynamicCache`` tensors.
+
     Each row samples with its own parameters and its own ``torch.Generator`` (seeded when the
     request gives a seed), so a seeded answer is the same alone or batched, and a greedy one is
     the same token for token.
@@ -409,11 +418,17 @@ class BatchedGenerator:
         self.waiting: deque[GenerationRequest] = deque()
         self.running: list[GenerationRequest] = []
         self.cache: Any = None  # DynamicCache of the running rows, left-padded
-        self.mask: "torch.Tensor | None" = None  # running rows x cache length, 1 = a real position
+        self.slots = False  # whether its layers are RoomyLayers (else DynamicCache tensors of the batch's size)
+        # Rows x columns, True = a real position; the running rows are the first ones, the batch's
+        # columns start:end. Past end it is True already, as every step adds a real position to every row.
+        self.mask_buffer: "torch.Tensor | None" = None
+        self.position_buffer: "torch.Tensor | None" = None  # rows x 1: each row's real positions so far
+        self.start = self.end = 0
         self.padded = False  # whether some running row has padding on its left
         self.sdpa_padding_mask = _padding_mask_is_sdpa_mask(model.config)
         self.condition = threading.Condition()
         self.stopped = False
+        self.unfinished = 0  # requests submitted whose end has not been reported yet
         # Counters for metrics and tests.
         self.steps = 0
         self.max_rows_seen = 0
@@ -425,8 +440,24 @@ class BatchedGenerator:
         sequence.submitted = time.perf_counter()
         with self.condition:
             self.waiting.append(sequence)
+            self.unfinished += 1
             self.condition.notify()
         return sequence
+
+    @property
+    def width(self) -> int:
+        """The cache's length: real positions of the longest row (the others padded on the left)."""
+        return self.end - self.start
+
+    @property
+    def mask(self) -> "torch.Tensor | None":
+        """The running rows' attention mask (rows x cache length, True = a real position), or None."""
+        return None if self.mask_buffer is None else self.mask_buffer[: len(self.running), self.start : self.end]
+
+    @property
+    def positions(self) -> "torch.Tensor | None":
+        """Each running row's next position (its real positions so far), rows x 1, or None."""
+        return None if self.position_buffer is None else self.position_buffer[: len(self.running)]
 
     @property
     def queued(self) -> int:
@@ -459,7 +490,7 @@ class BatchedGenerator:
                 after_step()
         for sequence in [*self.running, *self.waiting]:
             self._end(sequence, "cancelled")
-        self.running, self.cache, self.mask = [], None, None
+        self._clear()
         self.waiting.clear()
 
     # -- one step -----------------------------------------------------------------------------
@@ -476,6 +507,8 @@ class BatchedGenerator:
                 self.steps += 1
 
     def _end(self, sequence: GenerationRequest, reason: str, error: BaseException | None = None) -> None:
+        with self.condition:
+            self.unfinished -= 1
         try:
             sequence.on_end(reason, error)
         except Exception:  # noqa: BLE001 - one request's callback must not stop the others
@@ -568,41 +601,103 @@ class BatchedGenerator:
             self._end(sequence, reason)
 
     def _join(self, sequences: list[GenerationRequest], cache: Any, mask: "torch.Tensor") -> None:
-        """Stack prefilled rows' cache under the running rows', left-padding the shorter."""
+        """Add prefilled rows (``cache``, ``mask``: left-padded among themselves) after the running
+        ones, right-aligned to the batch's columns, the shorter side padded on the left."""
+        import torch
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
+        mask = mask.bool()
+        rows, added, length = len(self.running), mask.shape[0], mask.shape[1]
+        prefilled = list(cache.layers)
         if self.cache is None:
-            self.cache, self.mask, self.running = cache, mask, list(sequences)
-            self._trim()
-            return
-        assert self.mask is not None
-        width = max(self.mask.shape[1], mask.shape[1])
-        if all(type(layer) is DynamicLayer for layer in (*self.cache.layers, *cache.layers)):
-            # Plain layers (full attention) hold nothing but keys and values: stacked in place, each
-            # tensor built once (a new DynamicCache reads the config and copies every tensor again).
-            for old, new in zip(self.cache.layers, cache.layers):
-                old.keys = _stack_left_padded(old.keys, new.keys, width)
-                old.values = _stack_left_padded(old.values, new.values, width)
+            self.slots = self._fits_slots(prefilled)
+            if self.slots:  # empty buffers, in the prefill's DynamicCache: made to measure below
+                roomy = roomy_layer_class()
+                cache.layers = [roomy(layer.keys[:0, :, :0], layer.values[:0, :, :0], 0, 0, 0) for layer in prefilled]
+                self.cache = cache
+            self.mask_buffer = mask.new_ones((0, 0))
+            self.position_buffer = torch.zeros((0, 1), dtype=torch.long, device=self.device)
+            self.start = self.end = 0
+        capacity = self.mask_buffer.shape[0]
+        if self.slots and length > self.width and self.start >= length - self.width:
+            # The newcomers reach further left: the running rows' free columns there become padding.
+            self.mask_buffer[:rows, self.end - length : self.start] = False
+            self.start = self.end - length
+            for layer in self.cache.layers:
+                layer.view(rows, self.start, self.end)
+        if rows + added > capacity or length > self.width:
+            self._reshape(rows + added if rows + added <= capacity else min(self.max_batch, max(rows + added, 2 * capacity)),
+                          max(self.width, length))
+        if self.slots:
+            for layer, new in zip(self.cache.layers, prefilled):
+                layer.put(rows, new.keys, new.values)
         else:
-            layers = [(_stack_left_padded(old.keys, new.keys, width), _stack_left_padded(old.values, new.values, width))
-                      for old, new in zip(self.cache.layers, cache.layers)]
-            self.cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        self.mask = _stack_left_padded(self.mask, mask, width)
+            # Stacked: the running rows' tensors over the newcomers', each right-aligned to the width.
+            olds = self.cache.layers if self.cache is not None else [None] * len(prefilled)
+            self.cache = DynamicCache(ddp_cache_data=[
+                (_stack_left_padded([*_tensors(old, "keys"), new.keys], self.width),
+                 _stack_left_padded([*_tensors(old, "values"), new.values], self.width))
+                for old, new in zip(olds, prefilled)], config=self.model.config)
+        self.mask_buffer[rows : rows + added, self.start : self.end - length] = False
+        self.mask_buffer[rows : rows + added, self.end - length : self.end] = mask
+        self.mask_buffer[rows : rows + added, self.end :] = True
+        self.position_buffer[rows : rows + added] = mask.sum(dim=1, keepdim=True)
         self.running.extend(sequences)
         self._trim()
 
-    def _trim(self) -> None:
-        """Cut the left columns that are padding in every running row."""
-        assert self.mask is not None
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if used.numel() else 0
-        if start:
+    @staticmethod
+    def _fits_slots(layers: list[Any]) -> bool:
+        """Whether a prefill's cache layers can live in RoomyLayers: plain DynamicLayers (full attention)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in layers)
+
+    def _reshape(self, rows: int, width: int) -> None:
+        """New buffers of ``rows`` rows and ``width`` columns plus room: the running rows keep their
+        places and end at column ``width``, padded on the left (the only copy of the whole cache)."""
+        running, room = len(self.running), _room(width)
+        assert self.mask_buffer is not None and self.position_buffer is not None
+        if self.slots:
             for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
-            self.mask = self.mask[:, start:]
-        self.padded = not bool(self.mask.all())  # decode steps add columns of ones: it stays so until rows change
+                layer.adopt(_placed(layer.keys, rows, width, room), _placed(layer.values, rows, width, room), running,
+                            0, width)
+        # (DynamicCache tensors are padded out to the width when they are stacked.)
+        mask = self.mask_buffer.new_ones((rows, width + room))
+        mask[:running, :width] = _placed(self.mask, running, width, 0)
+        positions = self.position_buffer.new_zeros((rows, 1))
+        positions[:running] = self.positions
+        self.mask_buffer, self.position_buffer, self.start, self.end = mask, positions, 0, width
+
+    def _trim(self) -> None:
+        """Cut the columns on the left that are padding in every running row.
+
+        A row's real positions are the last ``positions`` columns of the batch's (prefill pads on the
+        left, joins pad on the left, steps add on the right)."""
+        positions = self.positions
+        assert positions is not None
+        longest, shortest = int(positions.max()), int(positions.min())
+        cut = self.width - longest
+        if cut:
+            self.start += cut
+            for layer in self.cache.layers:
+                if self.slots:
+                    layer.view(len(self.running), self.start, self.end)
+                else:
+                    layer.keys = layer.keys[:, :, cut:]
+                    layer.values = layer.values[:, :, cut:]
+        self.padded = shortest != longest  # steps add a real position to every row: so it stays until rows change
+
+    def _widen(self) -> None:
+        """Room for one more column (a decode step): the cache writes it, the mask has it already."""
+        assert self.mask_buffer is not None
+        if self.end == self.mask_buffer.shape[1]:
+            self._reshape(self.mask_buffer.shape[0], self.width)
+        self.end += 1
+
+    def _clear(self) -> None:
+        self.running, self.cache, self.mask_buffer, self.position_buffer = [], None, None, None
+        self.start = self.end = 0
+        self.padded = False
 
     def _decode(self) -> None:
         import torch
@@ -620,22 +715,24 @@ class BatchedGenerator:
             if not self.running:
                 return
         input_ids = torch.tensor([[s.pending] for s in self.running], dtype=torch.long, device=self.device)
-        positions = self.mask.sum(dim=1, keepdim=True)  # each row's own next position
-        self.mask = torch.cat([self.mask, torch.ones((len(self.running), 1), dtype=torch.long, device=self.device)], dim=1)
-        attention_mask = self.mask
-        if self.padded and self.sdpa_padding_mask:
-            # For one new token per row, the mask transformers builds for SDPA from the 2-D mask (each
-            # step, in Python: ~0.1 ms at 8 rows on a CPU) is the padding mask itself, as booleans.
-            attention_mask = self.mask.bool()[:, None, None, :]
+        self._widen()
+        attention_mask = None  # no padding: one new token per row sees the whole cache
+        if self.padded:
+            attention_mask = self.mask
+            if self.sdpa_padding_mask:
+                # For one new token per row, the mask transformers builds for SDPA from the 2-D mask
+                # (each step, in Python: ~0.1 ms at 8 rows on a CPU) is the padding mask itself.
+                attention_mask = attention_mask[:, None, None, :]
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=self.positions,
                              past_key_values=self.cache, use_cache=True)
         except Exception as error:  # noqa: BLE001 - every running request gets the error
             for sequence in self.running:
                 self._end(sequence, "error", error)
-            self.running, self.cache, self.mask = [], None, None
+            self._clear()
             return
         self.cache = out.past_key_values
+        self.positions.add_(1)
         logits = out.logits[:, -1]
         # Plain greedy rows in one argmax (what next_token does for each: the same first maximum).
         greedy = logits[:, : self.vocab_size].argmax(dim=-1).tolist()
@@ -659,18 +756,35 @@ class BatchedGenerator:
             self._select(keep)
 
     def _select(self, keep: list[GenerationRequest]) -> None:
-        """Keep only these rows."""
+        """Keep only these rows: the last kept rows move into the places of those that leave."""
         import torch
 
         if not keep:
-            self.running, self.cache, self.mask = [], None, None
+            self._clear()
             return
         index = {id(s): row for row, s in enumerate(self.running)}
-        rows = torch.tensor([index[id(s)] for s in keep], dtype=torch.long, device=self.device)
-        self.cache.batch_select_indices(rows)
-        assert self.mask is not None
-        self.mask = self.mask.index_select(0, rows)
-        self.running = keep
+        count = len(keep)
+        kept = {index[id(s)] for s in keep}
+        holes = [row for row in range(count) if row not in kept]
+        movers = sorted(row for row in kept if row >= count)
+        order = list(range(count))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if holes:
+            target = torch.tensor(holes, dtype=torch.long, device=self.device)
+            source = torch.tensor(movers, dtype=torch.long, device=self.device)
+            assert self.mask_buffer is not None and self.position_buffer is not None
+            self.mask_buffer[target] = self.mask_buffer[source]
+            self.position_buffer[target] = self.position_buffer[source]
+            if self.slots:
+                for layer in self.cache.layers:
+                    layer.move(target, source)
+        if not self.slots:
+            self.cache.batch_select_indices(torch.tensor(order, dtype=torch.long, device=self.device))
+        self.running = [self.running[row] for row in order]
+        if self.slots:
+            for layer in self.cache.layers:
+                layer.view(count, self.start, self.end)
         self._trim()
 
 
@@ -694,15 +808,105 @@ def torch_cat_one(history: "torch.Tensor", token: int) -> "torch.Tensor":
     return torch.cat([history, torch.tensor([token], dtype=history.dtype, device=history.device)])
 
 
-def _stack_left_padded(top: "torch.Tensor", bottom: "torch.Tensor", width: int) -> "torch.Tensor":
-    """``top`` over ``bottom`` (dim 0), each with zeros prepended along the sequence axis (dim 2 of a
-    cache tensor, dim 1 of a mask) to ``width``."""
-    axis = 2 if top.dim() == 4 else 1
-    shape = list(top.shape)
-    shape[0] += bottom.shape[0]
-    shape[axis] = width
-    out = top.new_zeros(shape)
-    rows = top.shape[0]
-    out[:rows].narrow(axis, width - top.shape[axis], top.shape[axis]).copy_(top)
-    out[rows:].narrow(axis, width - bottom.shape[axis], bottom.shape[axis]).copy_(bottom)
+def _tensors(layer: Any, name: str) -> "list[torch.Tensor]":
+    """The layer's tensor ``name`` (keys or values) as a list: empty for an empty batch (None)."""
+    return [] if layer is None else [getattr(layer, name)]
+
+
+MIN_ROOM = 32  # cache columns a buffer keeps free at least: one reallocation per 32 steps or fewer
+
+
+def _room(width: int) -> int:
+    """Free columns for a buffer of ``width`` used ones: at least MIN_ROOM, half the width for long
+    contexts (a copy per growth, amortized over as many steps)."""
+    return max(MIN_ROOM, width // 2)
+
+
+def _stack_left_padded(parts: "list[torch.Tensor]", width: int, room: int = 0, rows: int | None = None) -> "torch.Tensor":
+    """``parts`` stacked along dim 0 in a new zero tensor of ``rows`` rows (default: theirs), each
+    right-aligned to column ``width`` of the sequence axis (dim 2 of a cache tensor, dim 1 of a
+    mask), with ``room`` columns after."""
+    axis = 2 if parts[0].dim() == 4 else 1
+    shape = list(parts[0].shape)
+    shape[0] = sum(part.shape[0] for part in parts) if rows is None else rows
+    shape[axis] = width + room
+    out = parts[0].new_zeros(shape)
+    row = 0
+    for part in parts:
+        length = part.shape[axis]
+        out[row : row + part.shape[0]].narrow(axis, width - length, length).copy_(part)
+        row += part.shape[0]
     return out
+
+
+def _placed(tensor: "torch.Tensor", rows: int, width: int, room: int) -> "torch.Tensor":
+    """``tensor`` in the first rows of a new zero tensor of ``rows`` rows, ending at column ``width``,
+    with ``room`` columns after."""
+    return _stack_left_padded([tensor], width, room, rows)
+
+
+_ROOMY_LAYER: Any = None
+
+
+def roomy_layer_class() -> Any:
+    """``RoomyLayer``, a ``DynamicLayer`` in buffers with spare rows and columns (made on first use,
+    as transformers is imported only when a model runs)."""
+    global _ROOMY_LAYER
+    if _ROOMY_LAYER is not None:
+        return _ROOMY_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """Keys and values of a full-attention layer: rows ``:rows`` and columns ``start:end`` of
+        buffers with spare rows and columns (``keys``/``values`` are those views).
+
+        ``update`` writes the new columns in place; ``BatchedGenerator`` places, moves and cuts rows
+        (``put``, ``move``, ``view``) and makes room before a step (``adopt`` of larger buffers).
+        """
+
+        def __init__(self, key_buffer: "torch.Tensor", value_buffer: "torch.Tensor", rows: int, start: int,
+                     end: int) -> None:
+            super().__init__()
+            self.adopt(key_buffer, value_buffer, rows, start, end)
+
+        def adopt(self, key_buffer: "torch.Tensor", value_buffer: "torch.Tensor", rows: int, start: int,
+                  end: int) -> None:
+            self.key_buffer, self.value_buffer = key_buffer, value_buffer
+            self.dtype, self.device, self.is_initialized = key_buffer.dtype, key_buffer.device, True
+            self.view(rows, start, end)
+
+        def view(self, rows: int, start: int, end: int) -> None:
+            self.rows, self.start, self.end = rows, start, end
+            self.keys = self.key_buffer[:rows, :, start:end]
+            self.values = self.value_buffer[:rows, :, start:end]
+
+        def update(self, key_states: "torch.Tensor", value_states: "torch.Tensor", *args: Any,
+                   **kwargs: Any) -> "tuple[torch.Tensor, torch.Tensor]":
+            end = self.end + key_states.shape[-2]
+            if end > self.key_buffer.shape[-2]:  # out of room (BatchedGenerator makes it before a step)
+                width = self.end - self.start
+                room = end - self.end + _room(width)
+                self.adopt(_placed(self.keys, self.key_buffer.shape[0], width, room),
+                           _placed(self.values, self.value_buffer.shape[0], width, room), self.rows, 0, width)
+                end = self.end + key_states.shape[-2]
+            self.key_buffer[: self.rows, :, self.end : end].copy_(key_states)
+            self.value_buffer[: self.rows, :, self.end : end].copy_(value_states)
+            self.view(self.rows, self.start, end)
+            return self.keys, self.values
+
+        def put(self, row: int, keys: "torch.Tensor", values: "torch.Tensor") -> None:
+            """``keys``/``values`` (rows x heads x length x dim) into rows from ``row``, ending at
+            column ``end``; their columns before are zeroed (padding)."""
+            rows, length = row + keys.shape[0], keys.shape[2]
+            for buffer, tensor in ((self.key_buffer, keys), (self.value_buffer, values)):
+                buffer[row:rows, :, self.start : self.end - length].zero_()
+                buffer[row:rows, :, self.end - length : self.end].copy_(tensor)
+            self.view(rows, self.start, self.end)
+
+        def move(self, target: "torch.Tensor", source: "torch.Tensor") -> None:
+            """Rows ``source`` into rows ``target`` (the columns in use and the room)."""
+            self.key_buffer[target] = self.key_buffer[source]
+            self.value_buffer[target] = self.value_buffer[source]
+
+    _ROOMY_LAYER = RoomyLayer
+    return RoomyLayer

@@ -34,7 +34,10 @@ reading the last answer before each step. Those checks and the responses of requ
 ``stream_interval_ms`` to the server share a budget of round trips per second
 (``ROUND_TRIPS_PER_SECOND`` in ``oatui.serve.generation``): past two running requests, each one's
 checks and responses are spaced further apart (40 ms at 8), so a large batch of a small model
-does not spend its time on them. The gauges are set at most every 0.1 s. Generation ends at EOS
+does not spend its time on them. The gauges and the generated-tokens counter are updated at most
+every 0.1 s while requests run (the counter before the final response of the request that ends
+last, of a cancelled one and of a failed one, so it is exact once the batch drains; a complete
+answer is not asked about cancellation at its end). Generation ends at EOS
 or a role marker, at ``max_new_tokens``, or at the context length.
 
 Written into a model repository by ``oatui export --mode policy``.
@@ -163,19 +166,26 @@ class _Answer:
     def on_end(self, reason: str, error: BaseException | None) -> None:
         seconds = time.perf_counter() - self.started
         rest = "" if reason in ("error", "cancelled") else "".join([*self.pending, self.decoder.flush()])
-        self.model.outbox.put(self._end, reason, error, seconds, rest)
+        last = self.model.generator.unfinished == 0
+        tokens = self.model.take_tokens(self.tokens, now=last or reason in ("error", "cancelled"))
+        self.model.outbox.put(self._end, reason, error, seconds, rest, tokens)
 
-    def _end(self, reason: str, error: BaseException | None, seconds: float, text: str) -> None:
-        """The end of the answer, on the outbox's thread: metrics, log line, what is left, final flag."""
+    def _end(self, reason: str, error: BaseException | None, seconds: float, text: str, tokens: int) -> None:
+        """The end of the answer, on the outbox's thread: metrics, log line, what is left, final flag.
+
+        ``tokens``: generated tokens to add to the counter before the final response (this request's
+        and those of requests that ended before it without being counted; see ``take_tokens``).
+        """
         model = self.model
         model.watching.discard(self)
-        model.tokens_metric.increment(self.tokens)
+        if tokens:
+            model.tokens_metric.increment(tokens)
         name = model.settings.name
         if reason == "error":
             pb_utils.Logger.log_error(f"oatui policy {name}: generation failed: {error!r}")
             self.sender.send(error_response(f"generation failed: {error}", internal=True), flags=FINAL)
             return
-        cancelled = reason == "cancelled" or self.sender.is_cancelled()
+        cancelled = reason == "cancelled"
         if cancelled:
             model.cancelled_metric.increment(1)
         pb_utils.Logger.log_info(
@@ -234,6 +244,8 @@ class TritonPythonModel:
         self.running_metric = self.metric_families[3].Metric(labels=labels)
         self.gauges = (-1, -1)
         self.gauges_set = 0.0
+        self.tokens_uncounted = 0  # generated tokens not yet added to tokens_metric (decode loop's thread)
+        self.tokens_counted = 0.0  # when they last were
         self.watching: set[_Answer] = set()  # requests whose cancellation the outbox's thread checks
         self.outbox = Outbox(f"oatui-policy-{settings.name}-outbox", self._outbox_failed, self._check_cancelled)
         self.worker = threading.Thread(target=self._work, name=f"oatui-policy-{settings.name}", daemon=True)
@@ -251,14 +263,31 @@ class TritonPythonModel:
     def _update_gauges(self) -> None:
         """After each step: the gauges, when they changed, at most every GAUGE_INTERVAL while the
         batch runs (a set is a round trip to the server: on the outbox's thread) and at once when
-        the model goes idle."""
+        the model goes idle; the same for tokens not yet counted."""
         values = (self.generator.queued, len(self.generator.running))
+        now = time.perf_counter()
+        if self.tokens_uncounted and (values == (0, 0) or now - self.tokens_counted >= GAUGE_INTERVAL):
+            self.outbox.put(self.tokens_metric.increment, self.take_tokens(0, now=True))
         if values == self.gauges:
             return
-        now = time.perf_counter()
         if values == (0, 0) or now - self.gauges_set >= GAUGE_INTERVAL:
             self.gauges, self.gauges_set = values, now
             self.outbox.put(self._set_gauges, values)
+
+    def take_tokens(self, tokens: int, now: bool) -> int:
+        """On the decode loop's thread: add ``tokens`` to those not yet counted and return how many to
+        count now: all of them when ``now`` or GAUGE_INTERVAL after the last count, else 0.
+
+        Each increment is a round trip to the server, so while a batch runs the counter is updated
+        at most every GAUGE_INTERVAL; the request that ends last, a cancelled one and a failed one
+        take every token still uncounted with them, before their final response.
+        """
+        self.tokens_uncounted += tokens
+        clock = time.perf_counter()
+        if not now and clock - self.tokens_counted < GAUGE_INTERVAL:
+            return 0
+        taken, self.tokens_uncounted, self.tokens_counted = self.tokens_uncounted, 0, clock
+        return taken
 
     def _set_gauges(self, values: tuple[int, int]) -> None:
         self.queued_metric.set(values[0])
