@@ -626,8 +626,9 @@ class BatchedGenerator:
             for layer in self.cache.layers:
                 layer.view(rows, self.start, self.end)
         if rows + added > capacity or length > self.width:
-            self._reshape(rows + added if rows + added <= capacity else min(self.max_batch, max(rows + added, 2 * capacity)),
-                          max(self.width, length))
+            if rows + added > capacity:  # twice the rows, up to the batch's limit: a few copies while it fills
+                capacity = min(self.max_batch, max(rows + added, 2 * capacity))
+            self._reshape(capacity, max(self.width, length))
         if self.slots:
             for layer, new in zip(self.cache.layers, prefilled):
                 layer.put(rows, new.keys, new.values)
@@ -822,7 +823,8 @@ def _room(width: int) -> int:
     return max(MIN_ROOM, width // 2)
 
 
-def _stack_left_padded(parts: "list[torch.Tensor]", width: int, room: int = 0, rows: int | None = None) -> "torch.Tensor":
+def _stack_left_padded(parts: "list[torch.Tensor]", width: int, room: int = 0,
+                       rows: int | None = None) -> "torch.Tensor":
     """``parts`` stacked along dim 0 in a new zero tensor of ``rows`` rows (default: theirs), each
     right-aligned to column ``width`` of the sequence axis (dim 2 of a cache tensor, dim 1 of a
     mask), with ``room`` columns after."""
@@ -907,6 +909,15 @@ def roomy_layer_class() -> Any:
             """Rows ``source`` into rows ``target`` (the columns in use and the room)."""
             self.key_buffer[target] = self.key_buffer[source]
             self.value_buffer[target] = self.value_buffer[source]
+
+        # DynamicLayer's own row and column edits, on the buffers (BatchedGenerator does not use them).
+        def batch_select_indices(self, indices: "torch.Tensor") -> None:
+            self.adopt(self.key_buffer[indices], self.value_buffer[indices], len(indices), self.start, self.end)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes the number of tokens to remove as a negative integer")
+            self.view(self.rows, self.start, max(self.start, self.end + tokens_to_remove))
 
     _ROOMY_LAYER = RoomyLayer
     return RoomyLayer
