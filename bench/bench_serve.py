@@ -26,9 +26,17 @@ given: the aggregate tokens per second, each stream's own pace, and the time to 
 (p50, p95), against one stream alone. The server holds the policy twice, from the same export
 code: ``policy`` (batched decoding, ``--max-batch`` 16) and ``policy_serial`` (``--max-batch`` 1:
 one request at a time, the others queued), and each N runs against both, side by side.
+``--repeats R`` runs the whole sweep R times (alternating the order of the streams and of the
+models) and shows medians, with each repeat's ratio of N streams to one stream: on a shared
+machine one sweep's ratio moves by a tenth or more from one run to the next.
+``--baseline-tree DIR`` serves a third copy, ``policy_baseline``, whose code (its ``model.py`` and
+the ``oatui`` it imports) comes from DIR, a checkout of another commit, and compares this tree's
+batched policy with it in the same server and the same sweeps.
 
     python bench/bench_serve.py --model DIR --prompts 8 --rounds 1 --warmup 1 --max-new-tokens 48 \
         --temperature 0 --concurrency 1 2 4 8 16
+    python bench/bench_serve.py --model DIR --prompts 8 --rounds 3 --warmup 2 --max-new-tokens 48 \
+        --temperature 0 --concurrency 1 8 --repeats 6 --baseline-tree ../oatui-before
 """
 
 from __future__ import annotations
@@ -183,12 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-bin", help="tritonserver to run (default: on PATH, else the bundled one)")
     parser.add_argument("--concurrency", type=int, nargs="+", metavar="N",
                         help="then N streams at once through the server, for each N given (e.g. 1 4 16)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --concurrency: run the sweep this many times and show medians (default 1)")
+    parser.add_argument("--baseline-tree", metavar="DIR",
+                        help="with --concurrency: also serve the policy from another checkout of oatui (DIR) "
+                             "and compare this tree's with it")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where both sides run the model: the in-process paths, and the server's model "
                              "(exported with this --device); default cpu")
     args = parser.parse_args(argv)
     if args.concurrency and min(args.concurrency) < 1:
         parser.error("--concurrency: each N must be at least 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if (args.repeats > 1 or args.baseline_tree) and not args.concurrency:
+        parser.error("--repeats and --baseline-tree go with --concurrency")
+    baseline_source = None
+    if args.baseline_tree:
+        baseline_source = Path(args.baseline_tree).resolve() / "oatui" / "serve" / "triton_models" / "policy.py"
+        if not baseline_source.is_file():
+            parser.error(f"--baseline-tree {args.baseline_tree}: no oatui/serve/triton_models/policy.py there")
 
     import torch
     from transformers import TextIteratorStreamer
@@ -226,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrency:
             export_model("policy", model_path, workspace.triton_repo, name="policy_serial", max_batch=1,
                          cpu_threads=threads, device=args.device)
+        if baseline_source is not None:
+            export_model("policy", model_path, workspace.triton_repo, name="policy_baseline", cpu_threads=threads,
+                         device=args.device)
+            write_baseline_model(baseline_source, workspace.triton_repo / "policy_baseline" / "1" / "model.py")
         http, grpc, metrics = free_ports(3)
         options = ServerOptions(repo=str(workspace.triton_repo), http_port=http, grpc_port=grpc,
                                 metrics_port=metrics, server_bin=args.server_bin)
@@ -287,18 +313,25 @@ def main(argv: list[str] | None = None) -> int:
                         series.add(first, total, args.max_new_tokens)
                     mismatches += answers[triton.name] != answers[loop.name]
             load_after = os.getloadavg()
-            concurrency = []
-            for streams in args.concurrency or []:
-                row = [streams]
-                for name in ("policy", "policy_serial"):
-                    wall, totals, firsts = concurrent_streams(
-                        server.info().grpc_url, texts, streams, args.rounds, model=name,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        ignore_eos=True)
-                    row.append((len(totals) * args.max_new_tokens / wall,
-                                statistics.median(args.max_new_tokens / t for t in totals),
-                                percentile(firsts, 0.5) * 1000, percentile(firsts, 0.95) * 1000))
-                concurrency.append(row)
+            models = ["policy", "policy_serial"] + (["policy_baseline"] if baseline_source is not None else [])
+            sweeps: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
+            if baseline_source is not None:  # its own warm-up: the others had theirs above
+                concurrent_streams(server.info().grpc_url, texts, max(args.concurrency), 1, model="policy_baseline",
+                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, ignore_eos=True)
+            for repeat in range(args.repeats if args.concurrency else 0):
+                # Alternate the orders, so that neither the first sweeps nor the first model gain from it.
+                counts = args.concurrency if repeat % 2 == 0 else args.concurrency[::-1]
+                for streams in counts:
+                    for name in models if repeat % 2 == 0 else models[::-1]:
+                        wall, totals, firsts = concurrent_streams(
+                            server.info().grpc_url, texts, streams, args.rounds, model=name,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            ignore_eos=True)
+                        sweeps.setdefault((name, streams), []).append((
+                            len(totals) * args.max_new_tokens / wall,
+                            statistics.median(args.max_new_tokens / t for t in totals),
+                            percentile(firsts, 0.5) * 1000, percentile(firsts, 0.95) * 1000))
         finally:
             client.close()
             server.stop()
@@ -331,24 +364,76 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Triton vs {name + ':':<16} first token {triton.first - other.first:+.1f} ms, throughput "
               f"{triton.rate / other.rate:.2f}x (after the first token {triton.decode_rate / other.decode_rate:.2f}x)")
     print("goals: first-token overhead < 10 ms, throughput >= 0.90x the in-process loop")
-    if concurrency:
-        print()
-        print(f"Concurrent streams through Triton ({args.prompts} prompts x {args.rounds} rounds per stream), "
-              "batched decoding (policy) against one request at a time (policy_serial, --max-batch 1):")
-        print("| streams | batched tokens/s | per stream | first token p50 / p95 | one at a time tokens/s "
-              "| first token p50 / p95 | batched vs 1 stream | batched vs one at a time |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        single = next((row[1][0] for row in concurrency if row[0] == 1), None)
-        unloaded_first = next((row[1][2] for row in concurrency if row[0] == 1), None)
-        for streams, (rate, pace, p50, p95), (serial_rate, _, serial_p50, serial_p95) in concurrency:
-            ratio = f"{rate / single:.2f}x" if single else "-"
-            print(f"| {streams} | {rate:.0f} | {pace:.0f} | {p50:.1f} / {p95:.1f} ms | {serial_rate:.0f} "
-                  f"| {serial_p50:.1f} / {serial_p95:.1f} ms | {ratio} | {rate / serial_rate:.2f}x |")
-        if unloaded_first:
-            worst = max(row[1][2] for row in concurrency)
-            print(f"first token p50, batched: at most {worst / unloaded_first:.2f}x the single stream's")
-        print("goals: 8 streams >= 4x the aggregate tokens/s of 1 stream; first token at 8 streams < 3x one stream's")
+    if sweeps:
+        print_concurrency(args, sweeps)
     return 0
+
+
+def write_baseline_model(source: Path, target: Path) -> None:
+    """``target`` (an exported policy's model.py) replaced by the baseline tree's ``source``, made to
+    import that tree's oatui (the stub runs each model in a process of its own)."""
+    tree = source.parents[3]
+    text = source.read_text()
+    line = f"import sys; sys.path.insert(0, {str(tree)!r})  # the baseline tree's oatui, not this one's\n"
+    future = "from __future__ import annotations\n"
+    text = text.replace(future, future + line, 1) if future in text else line + text
+    check = (f"\nimport oatui as _baseline_oatui\nassert _baseline_oatui.__file__.startswith({str(tree)!r}), "
+             "_baseline_oatui.__file__\n")
+    target.write_text(text + check)
+
+
+def print_concurrency(args: argparse.Namespace, sweeps: dict[tuple[str, int], list[tuple[float, ...]]]) -> None:
+    """The concurrency table: medians over the repeats, and each repeat's N-to-1 ratios."""
+    def median(name: str, streams: int, field: int) -> float:
+        return statistics.median(values[field] for values in sweeps[(name, streams)])
+
+    def ratios(name: str, streams: int) -> list[float]:
+        """Each repeat's aggregate tokens/s at ``streams`` over its own at 1 stream."""
+        if (name, 1) not in sweeps:
+            return []
+        return [many[0] / one[0] for many, one in zip(sweeps[(name, streams)], sweeps[(name, 1)])]
+
+    counts = sorted({streams for _, streams in sweeps})
+    repeats = f", medians of {args.repeats} sweeps" if args.repeats > 1 else ""
+    print()
+    print(f"Concurrent streams through Triton ({args.prompts} prompts x {args.rounds} rounds per stream{repeats}), "
+          "batched decoding (policy) against one request at a time (policy_serial, --max-batch 1):")
+    print("| streams | batched tokens/s | per stream | first token p50 / p95 | one at a time tokens/s "
+          "| first token p50 / p95 | batched vs 1 stream | batched vs one at a time |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for streams in counts:
+        ratio = ratios("policy", streams)
+        shown = f"{statistics.median(ratio):.2f}x" if ratio else "-"
+        print(f"| {streams} | {median('policy', streams, 0):.0f} | {median('policy', streams, 1):.0f} "
+              f"| {median('policy', streams, 2):.1f} / {median('policy', streams, 3):.1f} ms "
+              f"| {median('policy_serial', streams, 0):.0f} | {median('policy_serial', streams, 2):.1f} / "
+              f"{median('policy_serial', streams, 3):.1f} ms | {shown} "
+              f"| {median('policy', streams, 0) / median('policy_serial', streams, 0):.2f}x |")
+    if 1 in counts:
+        unloaded = median("policy", 1, 2)
+        worst = max(median("policy", streams, 2) for streams in counts)
+        print(f"first token p50, batched: at most {worst / unloaded:.2f}x the single stream's")
+        if args.repeats > 1:
+            for streams in counts:
+                if streams > 1:
+                    each = ratios("policy", streams)
+                    print(f"{streams} streams vs 1, each sweep: " + " ".join(f"{r:.2f}" for r in each)
+                          + f" (median {statistics.median(each):.2f}, lowest {min(each):.2f})")
+    print("goals: 8 streams >= 4x the aggregate tokens/s of 1 stream; first token at 8 streams < 3x one stream's")
+    if args.baseline_tree:
+        print()
+        print(f"This tree's batched policy against the baseline tree's ({args.baseline_tree}), same server and sweeps:")
+        print("| streams | this tree tokens/s | baseline tokens/s | this vs baseline | first token p50, this / baseline "
+              "| this tree vs 1 stream | baseline vs 1 stream |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for streams in counts:
+            mine, theirs = median("policy", streams, 0), median("policy_baseline", streams, 0)
+            own, base = ratios("policy", streams), ratios("policy_baseline", streams)
+            print(f"| {streams} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f}x "
+                  f"| {median('policy', streams, 2):.1f} / {median('policy_baseline', streams, 2):.1f} ms "
+                  f"| {statistics.median(own):.2f}x | {statistics.median(base):.2f}x |" if own else
+                  f"| {streams} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f}x "
+                  f"| {median('policy', streams, 2):.1f} / {median('policy_baseline', streams, 2):.1f} ms | - | - |")
 
 
 if __name__ == "__main__":

@@ -277,7 +277,10 @@ def test_tiny_model_padded_vocab_size(tmp_path: Path) -> None:
         ensure_tiny_model(tmp_path, {"vocab_sise": 10})
 
 
-@pytest.mark.parametrize("args, named", [(["--device", "tpu"], "--device"), (["--concurrency", "0"], "--concurrency")])
+@pytest.mark.parametrize("args, named", [
+    (["--device", "tpu"], "--device"), (["--concurrency", "0"], "--concurrency"),
+    (["--concurrency", "1", "--repeats", "0"], "--repeats"), (["--repeats", "2"], "--concurrency"),
+    (["--concurrency", "1", "--baseline-tree", "/nonexistent"], "--baseline-tree")])
 def test_bench_serve_options(args: list[str], named: str) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), *args],
                           capture_output=True, text=True, timeout=120)
