@@ -393,6 +393,10 @@ def print_concurrency(args: argparse.Namespace, sweeps: dict[tuple[str, int], li
             return []
         return [many[0] / one[0] for many, one in zip(sweeps[(name, streams)], sweeps[(name, 1)])]
 
+    def ratio_text(name: str, streams: int) -> str:
+        each = ratios(name, streams)
+        return f"{statistics.median(each):.2f}x" if each else "-"
+
     counts = sorted({streams for _, streams in sweeps})
     repeats = f", medians of {args.repeats} sweeps" if args.repeats > 1 else ""
     print()
@@ -402,12 +406,10 @@ def print_concurrency(args: argparse.Namespace, sweeps: dict[tuple[str, int], li
           "| first token p50 / p95 | batched vs 1 stream | batched vs one at a time |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for streams in counts:
-        ratio = ratios("policy", streams)
-        shown = f"{statistics.median(ratio):.2f}x" if ratio else "-"
         print(f"| {streams} | {median('policy', streams, 0):.0f} | {median('policy', streams, 1):.0f} "
               f"| {median('policy', streams, 2):.1f} / {median('policy', streams, 3):.1f} ms "
               f"| {median('policy_serial', streams, 0):.0f} | {median('policy_serial', streams, 2):.1f} / "
-              f"{median('policy_serial', streams, 3):.1f} ms | {shown} "
+              f"{median('policy_serial', streams, 3):.1f} ms | {ratio_text('policy', streams)} "
               f"| {median('policy', streams, 0) / median('policy_serial', streams, 0):.2f}x |")
     if 1 in counts:
         unloaded = median("policy", 1, 2)
@@ -428,12 +430,9 @@ def print_concurrency(args: argparse.Namespace, sweeps: dict[tuple[str, int], li
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for streams in counts:
             mine, theirs = median("policy", streams, 0), median("policy_baseline", streams, 0)
-            own, base = ratios("policy", streams), ratios("policy_baseline", streams)
             print(f"| {streams} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f}x "
                   f"| {median('policy', streams, 2):.1f} / {median('policy_baseline', streams, 2):.1f} ms "
-                  f"| {statistics.median(own):.2f}x | {statistics.median(base):.2f}x |" if own else
-                  f"| {streams} | {mine:.0f} | {theirs:.0f} | {mine / theirs:.2f}x "
-                  f"| {median('policy', streams, 2):.1f} / {median('policy_baseline', streams, 2):.1f} ms | - | - |")
+                  f"| {ratio_text('policy', streams)} | {ratio_text('policy_baseline', streams)} |")
 
 
 if __name__ == "__main__":

@@ -389,7 +389,8 @@ class BatchedGenerator:
     rows and a range of columns. A step writes its tokens' keys and values in place (where
     ``DynamicLayer`` copies the whole cache at every step); a newcomer is written into the next free
     rows; a row that leaves is filled by the last row; padding that no row needs is cut by moving
-    the range's start. The other rows' caches are copied only when the buffers are out of room.
+    the range's start. The whole cache is copied only when the buffers are out of rows or columns, or
+    a newcomer's prompt is longer than every running row.
     The attention mask and the positions are kept the same way. Other caches (sliding windows and
     the like) are stacked and selected as ``DynamicCache`` tensors.
 
@@ -619,12 +620,6 @@ class BatchedGenerator:
             self.position_buffer = torch.zeros((0, 1), dtype=torch.long, device=self.device)
             self.start = self.end = 0
         capacity = self.mask_buffer.shape[0]
-        if self.slots and length > self.width and self.start >= length - self.width:
-            # The newcomers reach further left: the running rows' free columns there become padding.
-            self.mask_buffer[:rows, self.end - length : self.start] = False
-            self.start = self.end - length
-            for layer in self.cache.layers:
-                layer.view(rows, self.start, self.end)
         if rows + added > capacity or length > self.width:
             if rows + added > capacity:  # twice the rows, up to the batch's limit: a few copies while it fills
                 capacity = min(self.max_batch, max(rows + added, 2 * capacity))
@@ -863,7 +858,8 @@ def roomy_layer_class() -> Any:
         buffers with spare rows and columns (``keys``/``values`` are those views).
 
         ``update`` writes the new columns in place; ``BatchedGenerator`` places, moves and cuts rows
-        (``put``, ``move``, ``view``) and makes room before a step (``adopt`` of larger buffers).
+        (``put``, ``move``, ``view``) and makes room before a step (``adopt`` of larger buffers). Only
+        it changes them: DynamicLayer's own edits (``batch_select_indices``, ``crop``) would not.
         """
 
         def __init__(self, key_buffer: "torch.Tensor", value_buffer: "torch.Tensor", rows: int, start: int,
@@ -884,13 +880,7 @@ def roomy_layer_class() -> Any:
 
         def update(self, key_states: "torch.Tensor", value_states: "torch.Tensor", *args: Any,
                    **kwargs: Any) -> "tuple[torch.Tensor, torch.Tensor]":
-            end = self.end + key_states.shape[-2]
-            if end > self.key_buffer.shape[-2]:  # out of room (BatchedGenerator makes it before a step)
-                width = self.end - self.start
-                room = end - self.end + _room(width)
-                self.adopt(_placed(self.keys, self.key_buffer.shape[0], width, room),
-                           _placed(self.values, self.value_buffer.shape[0], width, room), self.rows, 0, width)
-                end = self.end + key_states.shape[-2]
+            end = self.end + key_states.shape[-2]  # within the room: BatchedGenerator makes it before a step
             self.key_buffer[: self.rows, :, self.end : end].copy_(key_states)
             self.value_buffer[: self.rows, :, self.end : end].copy_(value_states)
             self.view(self.rows, self.start, end)
@@ -909,15 +899,6 @@ def roomy_layer_class() -> Any:
             """Rows ``source`` into rows ``target`` (the columns in use and the room)."""
             self.key_buffer[target] = self.key_buffer[source]
             self.value_buffer[target] = self.value_buffer[source]
-
-        # DynamicLayer's own row and column edits, on the buffers (BatchedGenerator does not use them).
-        def batch_select_indices(self, indices: "torch.Tensor") -> None:
-            self.adopt(self.key_buffer[indices], self.value_buffer[indices], len(indices), self.start, self.end)
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                raise ValueError("crop takes the number of tokens to remove as a negative integer")
-            self.view(self.rows, self.start, max(self.start, self.end + tokens_to_remove))
 
     _ROOMY_LAYER = RoomyLayer
     return RoomyLayer
