@@ -496,12 +496,17 @@ class BatchedGenerator:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def step(self) -> None:
-        """Admit what fits, then one decode step for every running row."""
+    def step(self, admitted: Callable[[], None] | None = None) -> None:
+        """Admit what fits, then one decode step for every running row.
+
+        ``admitted`` is called between the two, so the newcomers' first tokens need not wait for
+        the step."""
         import torch
 
         with torch.inference_mode():
             self._admit()
+            if admitted is not None:
+                admitted()
             self.max_rows_seen = max(self.max_rows_seen, len(self.running))
             if self.running:
                 self._decode()

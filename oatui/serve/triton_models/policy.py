@@ -22,16 +22,18 @@ last one flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` as the vLLM backend fl
 empty response flagged final when nothing is left to send, as after a cancel); not streaming: one
 response with the whole text, flagged final.
 
-Requests that overlap in time are decoded together (``BatchedGenerator`` on one thread: a new
-request is prefilled and joins the running batch at the next step; ``execute`` only queues). At
-most ``max_batch_rows`` rows and ``max_tokens_in_flight`` reserved cache positions (config
-parameters); requests beyond wait in a queue, shown by the ``oatui_queued_requests`` gauge.
-Responses, each request's end (metrics, log line, final flag) and the gauges go to the server
-from a second thread (``Outbox``, in order): each is a round trip to the server that the decode
-loop would otherwise wait for. Cancellation is checked between tokens: the outbox's thread asks the
-server about each running request every 10 ms (each check is a round trip), the decode loop
-reading the last answer before each step. Those checks and the responses of requests that leave
-``stream_interval_ms`` to the server share a budget of round trips per second
+Requests that overlap in time are decoded together (``BatchedGenerator``: a new request is
+prefilled and joins the running batch at the next step; ``execute`` only queues). The decode loop
+and the model run in a process of their own (:mod:`oatui.serve.engine`), so that this process's
+threads, which share one interpreter lock, never hold up a decode step; this one tokenizes, turns
+the tokens each step sends back into text, and talks to the server. At most ``max_batch_rows``
+rows and ``max_tokens_in_flight`` reserved cache positions (config parameters); requests beyond
+wait in a queue, shown by the ``oatui_queued_requests`` gauge. Responses, each request's end
+(metrics, log line, final flag) and the gauges go to the server from one thread (``Outbox``, in
+order): each is a round trip to the server. Cancellation is checked between tokens: the outbox's
+thread asks the server about each running request every 10 ms (each check is a round trip) and
+tells the engine, which drops the request before its next step. Those checks and the responses of
+requests that leave ``stream_interval_ms`` to the server share a budget of round trips per second
 (``ROUND_TRIPS_PER_SECOND`` in ``oatui.serve.generation``): past two running requests, each one's
 checks and responses are spaced further apart (40 ms at 8), so a large batch of a small model
 does not spend its time on them. The gauges and the generated-tokens counter are updated at most
@@ -53,16 +55,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from oatui.data.format import ASSISTANT, SYSTEM, format_conversation
+from oatui.serve.engine import EngineClient, EngineError, EngineSettings
 from oatui.serve.generation import (
     DEFAULT_STREAM_INTERVAL_MS,
-    BatchedGenerator,
-    GenerationRequest,
     IncrementalDecoder,
     ThrottledCheck,
-    context_limit,
     parse_request_parameters,
     spacing,
-    stop_token_ids,
     translate_llm_parameters,
 )
 from oatui.serve.triton_models.common import (
@@ -71,7 +70,6 @@ from oatui.serve.triton_models.common import (
     BadRequest,
     Outbox,
     config_parameter,
-    configure_threads,
     decode_texts,
     error_response,
     pick_device,
@@ -104,14 +102,15 @@ def _bool_input(request: "pb_utils.InferenceRequest", name: str) -> bool | None:
 class _Answer:
     """One request's answer on its way out: decoding, grouping pieces, the final response.
 
-    ``on_token`` and ``on_end`` run on the decode loop's thread and only decode and decide; what
+    ``on_token`` and ``on_end`` run on the engine's reader thread and only decode and decide; what
     goes to the server (responses, metrics, the log line) is put on the model's :class:`Outbox`,
-    which sends it in order while the loop goes on.
+    which sends it in order while the next steps' tokens come in.
     """
 
-    def __init__(self, model: "TritonPythonModel", request: "pb_utils.InferenceRequest", prompt_tokens: int,
-                 stream: bool, interval: float | None, prefix: str) -> None:
+    def __init__(self, model: "TritonPythonModel", rid: int, request: "pb_utils.InferenceRequest",
+                 prompt_tokens: int, stream: bool, interval: float | None, prefix: str) -> None:
         self.model = model
+        self.rid = rid
         self.request = request  # kept alive until the answer is done
         self.sender = request.get_response_sender()
         self.prompt_tokens = prompt_tokens
@@ -123,23 +122,20 @@ class _Answer:
         self.tokens = 0
         self.started = time.perf_counter()
         self.cancelled = ThrottledCheck(self.sender.is_cancelled, CANCEL_CHECK_INTERVAL)
-        self.watched = False
+        self.stopping = False  # the engine was told to drop it
         self.failed: BaseException | None = None  # a response the server refused (set on the outbox's thread)
 
-    def should_stop(self) -> bool:
-        """Asked by the decode loop before each step this request takes part in: the last answer of
-        the outbox's thread, which asks the server as soon as the request is admitted, then every
-        10 ms or more (a request cancelled while it waited takes at most a step or two).
-        """
-        if not self.watched:
-            self.watched = True
-            self.model.outbox.put(self.model.watching.add, self)
-        return self.cancelled.answer
+    def stop(self) -> None:
+        """On the outbox's thread: the client cancelled, or a response failed; the engine drops the
+        request before its next step and reports it ended."""
+        if not self.stopping:
+            self.stopping = True
+            self.model.engine.cancel(self.rid)
 
     def on_token(self, token: int) -> None:
         self.tokens += 1
         if self.failed is not None:
-            raise self.failed  # e.g. the client went away: this request ends with the error, the others go on
+            return  # e.g. the client went away: the engine is dropping it, the others go on
         # Tokens are decoded only when a response is due: one decode per response, not per token.
         self.decoder.add(token)
         if not self.stream:
@@ -147,7 +143,7 @@ class _Answer:
         now = time.perf_counter()
         interval = self.interval
         if interval is None:
-            interval = spacing(DEFAULT_STREAM_INTERVAL_MS / 1000, len(self.model.generator.running))
+            interval = spacing(DEFAULT_STREAM_INTERVAL_MS / 1000, self.model.running)
         if self.last_sent is None or now - self.last_sent >= interval:
             piece = self.decoder.take()
             if not piece:
@@ -160,13 +156,16 @@ class _Answer:
     def _send(self, text: str) -> None:
         try:
             self.sender.send(_text_output(text))
-        except Exception as error:  # noqa: BLE001 - reported to the decode loop at this request's next token
+        except Exception as error:  # noqa: BLE001 - this request ends with the error, the others go on
             self.failed = error
+            self.stop()
 
     def on_end(self, reason: str, error: BaseException | None) -> None:
+        if self.failed is not None:
+            reason, error = "error", self.failed
         seconds = time.perf_counter() - self.started
         rest = "" if reason in ("error", "cancelled") else "".join([*self.pending, self.decoder.flush()])
-        last = self.model.generator.unfinished == 0
+        last = self.model.unfinished == 0
         tokens = self.model.take_tokens(self.tokens, now=last or reason in ("error", "cancelled"))
         self.model.outbox.put(self._end, reason, error, seconds, rest, tokens)
 
@@ -209,21 +208,17 @@ class _Answer:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from oatui.models.loading import load_for_inference
+        from oatui.models.loading import load_tokenizer
 
         settings = read_settings(args)
         self.settings = settings
         self.device = pick_device(settings.device, args.get("model_instance_device_id"))
-        configure_threads(self.device, settings.cpu_threads)
-        self.model, self.tokenizer = load_for_inference(settings.model_path, "policy", self.device, settings.dtype)
-        self.limit = context_limit(self.model, self.tokenizer)
+        self.tokenizer = load_tokenizer(settings.model_path)
         self.eos = self.tokenizer.eos_token
         config = json.loads(args["model_config"])
         max_rows = int(config_parameter(config, MAX_BATCH_ROWS_KEY, str(DEFAULT_MAX_BATCH_ROWS)) or DEFAULT_MAX_BATCH_ROWS)
         max_tokens = int(config_parameter(config, MAX_TOKENS_IN_FLIGHT_KEY, str(DEFAULT_MAX_TOKENS_IN_FLIGHT))
                          or DEFAULT_MAX_TOKENS_IN_FLIGHT)
-        self.generator = BatchedGenerator(self.model, stop_token_ids(self.tokenizer), len(self.tokenizer), self.limit,
-                                          max_batch=max_rows, max_tokens_in_flight=max_tokens)
         labels = {"model": settings.name}
         # Metrics on the metrics endpoint: what the server actually generated, cancellations
         # included, and the batch. A family must outlive its metrics, so both stay referenced here.
@@ -248,23 +243,58 @@ class TritonPythonModel:
         self.tokens_counted = 0.0  # when they last were
         self.watching: set[_Answer] = set()  # requests whose cancellation the outbox's thread checks
         self.outbox = Outbox(f"oatui-policy-{settings.name}-outbox", self._outbox_failed, self._check_cancelled)
-        self.worker = threading.Thread(target=self._work, name=f"oatui-policy-{settings.name}", daemon=True)
-        self.worker.start()
+        # Requests by id, for the engine's events; unfinished: submitted and not ended (the lock:
+        # execute's thread adds, the reader thread removes).
+        self.answers: dict[int, _Answer] = {}
+        self.lock = threading.Lock()
+        self.next_rid = 0
+        self.unfinished = 0
+        self.queued = self.running = 0  # as the engine's last step left them
+        try:
+            self.engine = EngineClient(
+                EngineSettings(settings.model_path, self.device, settings.dtype, settings.cpu_threads, max_rows,
+                               max_tokens),
+                self._on_step, self._on_engine_exit, name=f"oatui-policy-{settings.name}")
+        except EngineError:
+            self.outbox.close()
+            raise
+        self.limit = self.engine.limit
         pb_utils.Logger.log_info(
             f"oatui policy {settings.name}: {settings.model_path} on {self.device}, context {self.limit} tokens, "
             f"batches of up to {max_rows} requests and {max_tokens} tokens in flight"
         )
 
-    def _work(self) -> None:
-        if self.device == "cpu":
-            configure_threads(self.device, self.settings.cpu_threads)  # torch's thread count is per thread pool
-        self.generator.run(after_step=self._update_gauges)
+    def _on_step(self, events: list[tuple], queued: int, running: int) -> None:
+        """On the engine's reader thread, after each step: its tokens and ends, then the gauges."""
+        self.queued, self.running = queued, running
+        for event in events:
+            if len(event) == 2:
+                self.answers[event[0]].on_token(event[1])
+                continue
+            rid, reason, text = event
+            with self.lock:
+                answer = self.answers.pop(rid)
+                self.unfinished -= 1
+            answer.on_end(reason, None if text is None else RuntimeError(text))
+        self._update_gauges()
+
+    def _on_engine_exit(self, message: str) -> None:
+        """On the reader thread: the engine died; every request still open ends with its error."""
+        pb_utils.Logger.log_error(f"oatui policy {self.settings.name}: {message}")
+        self.queued = self.running = 0
+        with self.lock:
+            answers = list(self.answers.values())
+            self.answers.clear()
+            self.unfinished = 0
+        for answer in answers:
+            answer.on_end("error", RuntimeError(message))
+        self._update_gauges()
 
     def _update_gauges(self) -> None:
         """After each step: the gauges, when they changed, at most every GAUGE_INTERVAL while the
         batch runs (a set is a round trip to the server: on the outbox's thread) and at once when
         the model goes idle; the same for tokens not yet counted."""
-        values = (self.generator.queued, len(self.generator.running))
+        values = (self.queued, self.running)
         now = time.perf_counter()
         if self.tokens_uncounted and (values == (0, 0) or now - self.tokens_counted >= GAUGE_INTERVAL):
             self.outbox.put(self.tokens_metric.increment, self.take_tokens(0, now=True))
@@ -275,7 +305,7 @@ class TritonPythonModel:
             self.outbox.put(self._set_gauges, values)
 
     def take_tokens(self, tokens: int, now: bool) -> int:
-        """On the decode loop's thread: add ``tokens`` to those not yet counted and return how many to
+        """On the engine's reader thread: add ``tokens`` to those not yet counted and return how many to
         count now: all of them when ``now`` or GAUGE_INTERVAL after the last count, else 0.
 
         Each increment is a round trip to the server, so while a batch runs the counter is updated
@@ -304,6 +334,7 @@ class TritonPythonModel:
             check.interval = interval
             try:
                 if check():
+                    answer.stop()
                     continue
             except Exception as error:  # noqa: BLE001 - asked again after the interval
                 check.last = time.perf_counter()
@@ -374,8 +405,22 @@ class TritonPythonModel:
         if exclude is None:
             exclude = stream or not llm_style
         params, interval = parse_request_parameters(values)
-        answer = _Answer(self, request, len(ids), stream, interval, "" if exclude else prompt)
-        self.generator.submit(GenerationRequest(ids, params, answer.on_token, answer.on_end, answer.should_stop))
+        if not self.engine.alive:
+            raise EngineError("the generation engine is not running (see the server log)")
+        with self.lock:
+            rid, self.next_rid = self.next_rid, self.next_rid + 1
+            answer = _Answer(self, rid, request, len(ids), stream, interval, "" if exclude else prompt)
+            self.answers[rid] = answer
+            self.unfinished += 1
+        self.outbox.put(self.watching.add, answer)
+        try:
+            self.engine.submit(rid, ids, params)
+        except EngineError:
+            with self.lock:
+                self.answers.pop(rid, None)
+                self.unfinished -= 1
+            self.outbox.put(self.watching.discard, answer)
+            raise
 
     def execute(self, requests: list["pb_utils.InferenceRequest"]) -> None:
         # Decoupled: every answer goes through its request's response sender; execute only queues,
@@ -385,13 +430,13 @@ class TritonPythonModel:
                 self._submit(request)
             except ValueError as error:  # BadRequest is one
                 request.get_response_sender().send(error_response(str(error)), flags=FINAL)
+            except EngineError as error:
+                request.get_response_sender().send(error_response(str(error), internal=True), flags=FINAL)
         return None
 
     def finalize(self) -> None:
-        self.generator.stop()
-        self.worker.join(timeout=30)
-        self.outbox.close(timeout=30)  # the ends of the requests the stop cancelled
-        self.model = None
+        self.engine.close(timeout=30)  # running requests end as cancelled
+        self.outbox.close(timeout=30)  # their ends
         # Metrics before their families.
         self.tokens_metric = self.cancelled_metric = self.queued_metric = self.running_metric = None
         self.metric_families = []

@@ -1,0 +1,263 @@
+"""The policy's decode loop in a process of its own, driven over a socket.
+
+Inside Triton's Python backend every thread of the model shares one interpreter lock: the thread
+that takes requests, the one that sends responses and checks cancellation, and the decode loop.
+Torch gives the lock up in every operator, so the others take it in the middle of each decode step
+and the loop waits for them; with 8 requests in flight they held it about a tenth of the time. So
+the loop runs here instead, alone in its process (the layout of vLLM's engine core, whose API
+server tokenizes and detokenizes in another process): the model process keeps the tokenizer,
+the text and the server's round trips, and this one keeps the model and the batch.
+
+Protocol (pickled tuples over a socket pair, :class:`multiprocessing.connection.Connection`):
+
+- to the engine: first ``("init", settings)`` (keys of :class:`EngineSettings`), then
+  ``("submit", rid, prompt_ids, SamplingParams)``, ``("cancel", rid)`` and ``("stop",)``;
+- from the engine: ``("ready", context_limit)`` or ``("failed", message)`` once, then after every
+  step that has news ``("step", events, queued, running)``; an event is ``(rid, token)`` for a
+  token or ``(rid, reason, error_text)`` for the end of a request (reasons as
+  :class:`~oatui.serve.generation.GenerationRequest`'s), a request's events in order.
+
+The engine exits when told to stop (requests still running end as cancelled) or when the socket
+closes, so it never outlives the model process. ``python -m oatui.serve.engine --fd N`` is its
+command line; :class:`EngineClient` starts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from oatui.serve.generation import SamplingParams
+
+Event = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    cpu_threads: int = 1
+    max_batch: int = 16
+    max_tokens_in_flight: int = 32768
+
+
+class EngineError(RuntimeError):
+    """The engine process could not start, or is gone."""
+
+
+def engine_python() -> str:
+    """The interpreter for the engine: this one (inside Triton's stub, the environment's python)."""
+    if sys.executable and os.access(sys.executable, os.X_OK) and "stub" not in os.path.basename(sys.executable):
+        return sys.executable
+    found = shutil.which("python3") or shutil.which("python")
+    if not found:
+        raise EngineError("no python interpreter found to run the generation engine")
+    return found
+
+
+class EngineClient:
+    """Starts the engine process and talks to it; ``on_step(events, queued, running)`` and
+    ``on_exit(message)`` are called on a reader thread of their own.
+
+    The constructor returns once the model is loaded (``limit``: its context length) or raises
+    :class:`EngineError` with the engine's reason.
+    """
+
+    def __init__(self, settings: EngineSettings, on_step: Callable[[list[Event], int, int], None],
+                 on_exit: Callable[[str], None], name: str = "oatui-engine",
+                 python: str | None = None) -> None:
+        self.on_step = on_step
+        self.on_exit = on_exit
+        self.closing = False
+        self.lock = threading.Lock()  # one sender at a time (execute's thread, the outbox's)
+        # The engine imports the same oatui as this process, wherever that comes from.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
+                                                        env.get("PYTHONPATH")) if p)
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(  # noqa: S603 - an argv list
+                [python or engine_python(), "-m", "oatui.serve.engine", "--fd", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, env=env,
+            )
+        except OSError as error:
+            ours.close()
+            raise EngineError(f"cannot start the generation engine: {error.strerror}") from None
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        try:
+            self.conn.send(("init", asdict(settings)))
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            code = self.process.wait()
+            self.conn.close()
+            raise EngineError(f"the generation engine exited with code {code} while loading "
+                              f"{settings.model_path} (its error is in the server log)") from None
+        if reply[0] != "ready":
+            self.process.wait()
+            self.conn.close()
+            raise EngineError(reply[1])
+        self.limit: int = reply[1]
+        self.reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
+        self.reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self.closing and self.process.poll() is None
+
+    def submit(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._send(("submit", rid, prompt_ids, params))
+
+    def cancel(self, rid: int) -> None:
+        """Ask the engine to end ``rid`` before its next step (its end event says ``cancelled``)."""
+        try:
+            self._send(("cancel", rid))
+        except EngineError:
+            pass  # gone: every request has ended with the engine's error
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                raise EngineError("the generation engine is not running") from None
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "step":
+                self.on_step(message[1], message[2], message[3])
+        code = self.process.wait()
+        if not self.closing:
+            self.on_exit(f"the generation engine exited with code {code}")
+
+    def close(self, timeout: float = 30) -> None:
+        """Stop the engine: running requests end as cancelled (their events come first)."""
+        self.closing = True
+        try:
+            self._send(("stop",))
+        except EngineError:
+            pass
+        self.reader.join(timeout)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.conn.close()
+
+
+# -- the engine process ---------------------------------------------------------------------------
+
+
+def serve(conn: Connection) -> None:
+    """Load the model the first message names, then step the batch until told to stop."""
+    from oatui.models.loading import load_for_inference
+    from oatui.serve.generation import BatchedGenerator, GenerationRequest, context_limit, stop_token_ids
+    from oatui.serve.triton_models.common import configure_threads
+
+    kind, values = conn.recv()
+    assert kind == "init", kind
+    settings = EngineSettings(**values)
+    try:
+        configure_threads(settings.device, settings.cpu_threads)
+        model, tokenizer = load_for_inference(settings.model_path, "policy", settings.device, settings.dtype)
+        limit = context_limit(model, tokenizer)
+        generator = BatchedGenerator(model, stop_token_ids(tokenizer), len(tokenizer), limit,
+                                     max_batch=settings.max_batch, max_tokens_in_flight=settings.max_tokens_in_flight)
+    except Exception as error:  # noqa: BLE001 - the model process reports it as the load's failure
+        conn.send(("failed", f"cannot load {settings.model_path}: {error}"))
+        return
+    conn.send(("ready", limit))
+
+    events: list[Event] = []
+    live: set[int] = set()
+    cancelled: set[int] = set()
+
+    def request(rid: int, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
+        def on_token(token: int) -> None:
+            events.append((rid, token))
+
+        def on_end(reason: str, error: BaseException | None) -> None:
+            live.discard(rid)
+            cancelled.discard(rid)
+            events.append((rid, reason, None if error is None else str(error) or type(error).__name__))
+
+        live.add(rid)
+        return GenerationRequest(prompt_ids, params, on_token, on_end, lambda: rid in cancelled)
+
+    gauges = (0, 0)
+
+    def send() -> bool:
+        """The events so far and the gauges, when there is news; False when nobody listens."""
+        nonlocal events, gauges
+        values = (generator.queued, len(generator.running))
+        if events or values != gauges:
+            try:
+                conn.send(("step", events, *values))
+            except OSError:
+                return False
+            events = []
+            gauges = values
+        return True
+
+    def admitted() -> None:
+        if events:
+            send()  # the newcomers' first tokens, before the step
+
+    stopping = False
+    while not stopping:
+        idle = not generator.waiting and not generator.running
+        try:
+            while idle or conn.poll():
+                message = conn.recv()
+                idle = False
+                if message[0] == "submit":
+                    generator.submit(request(*message[1:]))
+                elif message[0] == "cancel":
+                    if message[1] in live:
+                        cancelled.add(message[1])
+                elif message[0] == "stop":
+                    stopping = True
+                    break
+        except (EOFError, OSError):
+            return  # the model process is gone: nobody to answer
+        if stopping:
+            generator.stop()
+            generator.run()  # ends what is left as cancelled
+        else:
+            generator.step(admitted)
+        if not send():
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m oatui.serve.engine",
+                                     description="The policy's decode loop, driven by the Triton model over a socket.")
+    parser.add_argument("--fd", type=int, required=True, help="the socket inherited from the model process")
+    args = parser.parse_args(argv)
+    conn = Connection(args.fd)
+    try:
+        serve(conn)
+    finally:
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
