@@ -588,6 +588,29 @@ def test_a_hung_or_killed_server_gives_the_client_an_error_not_a_hang(repo: Path
     assert not set(ours) & shm_files(), "the killed server's shared memory was removed"
 
 
+def test_a_dead_engine_ends_its_requests_with_an_error_not_a_hang(repo: Path, tmp_path: Path) -> None:
+    """The policy's decode loop runs in an engine process under the backend's stub: if it dies, the
+    request in flight ends with an error naming its exit, and later ones are refused at once."""
+    workspace = Workspace.open(tmp_path / "ws")
+    server = TritonServer(workspace, options_for(repo, models=("policy",)))
+    server.start()
+    try:
+        engines = [child for child in server._children if "oatui.serve.engine" in " ".join(child.cmdline())]
+        assert len(engines) == 1 and engines[0].parent().pid in {child.pid for child in server._children}
+        with ChatClient(server.info().grpc_url, timeout=10.0) as client:
+            stream = client.stream(prompt="A long story, please.", max_new_tokens=480, ignore_eos=True)
+            next(stream)
+            os.kill(engines[0].pid, signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(RemoteError, match=f"generation engine exited with code {-signal.SIGKILL}"):
+                list(stream)
+            assert time.monotonic() - started < 5
+            with pytest.raises(RemoteError, match="generation engine is not running"):
+                list(client.stream(prompt="Hi", max_new_tokens=4))
+    finally:
+        server.stop()
+
+
 def test_detach_status_chat_stop_round_trip(repo: Path, tmp_path: Path) -> None:
     workspace = tmp_path / "ws"
     http, grpc, metrics = free_ports(3)
