@@ -65,7 +65,9 @@ class Collector:
 
 
 def start(path: Path, collector: Collector) -> EngineClient:
-    return EngineClient(EngineSettings(str(path), max_batch=8), collector.on_step, collector.exits.append)
+    engine = EngineClient(EngineSettings(str(path), max_batch=8), collector.on_step, collector.exits.append)
+    engine.wait_ready()
+    return engine
 
 
 def test_engine_answers_equal_the_in_process_loop(checkpoint) -> None:  # noqa: ANN001
@@ -73,7 +75,7 @@ def test_engine_answers_equal_the_in_process_loop(checkpoint) -> None:  # noqa: 
     collector = Collector()
     engine = start(path, collector)
     try:
-        assert engine.limit == 96
+        assert engine.limit == 96 and engine.device == "cpu"
         greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
         seeded = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=7)
         jobs = [(rid, prompt, greedy if rid % 2 == 0 else seeded) for rid, prompt in enumerate(PROMPTS)]
@@ -126,6 +128,9 @@ def test_a_failed_load_and_a_dead_engine_are_errors_not_hangs(checkpoint, tmp_pa
     with pytest.raises(EngineError, match=f"cannot load {tmp_path}"):
         start(tmp_path, collector)  # no checkpoint there
     path, _, tokenizer = checkpoint
+    abandoned = EngineClient(EngineSettings(str(path)), collector.on_step, collector.exits.append)
+    abandoned.abandon()  # the model process's own start failed: the engine goes too
+    assert abandoned.process.returncode is not None and not collector.exits
     engine = start(path, collector)
     collector.expect(0)
     engine.submit(0, tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"],

@@ -12,7 +12,7 @@ Protocol (pickled tuples over a socket pair, :class:`multiprocessing.connection.
 
 - to the engine: first ``("init", settings)`` (keys of :class:`EngineSettings`), then
   ``("submit", rid, prompt_ids, SamplingParams)``, ``("cancel", rid)`` and ``("stop",)``;
-- from the engine: ``("ready", context_limit)`` or ``("failed", message)`` once, then after every
+- from the engine: ``("ready", context_limit, device)`` or ``("failed", message)`` once, then after every
   step that has news ``("step", events, queued, running)``; an event is ``(rid, token)`` for a
   token or ``(rid, reason, error_text)`` for the end of a request (reasons as
   :class:`~oatui.serve.generation.GenerationRequest`'s), a request's events in order.
@@ -45,7 +45,8 @@ Event = tuple[Any, ...]
 @dataclass(frozen=True)
 class EngineSettings:
     model_path: str
-    device: str = "cpu"
+    device: str = "cpu"  # auto, cpu or cuda (see pick_device)
+    device_id: str | None = None  # Triton's model_instance_device_id
     dtype: str = "float32"
     cpu_threads: int = 1
     max_batch: int = 16
@@ -70,8 +71,9 @@ class EngineClient:
     """Starts the engine process and talks to it; ``on_step(events, queued, running)`` and
     ``on_exit(message)`` are called on a reader thread of their own.
 
-    The constructor returns once the model is loaded (``limit``: its context length) or raises
-    :class:`EngineError` with the engine's reason.
+    The constructor starts the engine loading; :meth:`wait_ready` returns once the model is loaded
+    (then ``limit`` is its context length and ``device`` where it runs) or raises
+    :class:`EngineError` with the engine's reason. In between the caller can load what it needs.
     """
 
     def __init__(self, settings: EngineSettings, on_step: Callable[[list[Event], int, int], None],
@@ -97,21 +99,40 @@ class EngineClient:
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
+        self.settings = settings
+        self.name = name
+        self.limit = 0
+        self.device = ""
         try:
             self.conn.send(("init", asdict(settings)))
+        except OSError:
+            pass  # it died at once: wait_ready says how
+
+    def wait_ready(self) -> None:
+        try:
             reply = self.conn.recv()
         except (EOFError, OSError):
             code = self.process.wait()
             self.conn.close()
             raise EngineError(f"the generation engine exited with code {code} while loading "
-                              f"{settings.model_path} (its error is in the server log)") from None
+                              f"{self.settings.model_path} (its error is in the server log)") from None
         if reply[0] != "ready":
             self.process.wait()
             self.conn.close()
             raise EngineError(reply[1])
-        self.limit: int = reply[1]
-        self.reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
+        self.limit, self.device = reply[1], reply[2]
+        self.reader = threading.Thread(target=self._read, name=f"{self.name}-reader", daemon=True)
         self.reader.start()
+
+    def abandon(self) -> None:
+        """Stop an engine that :meth:`wait_ready` never got to (the caller's own start failed)."""
+        self.closing = True
+        self.conn.close()  # it exits on the closed socket
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
     @property
     def alive(self) -> bool:
@@ -169,21 +190,22 @@ def serve(conn: Connection) -> None:
     """Load the model the first message names, then step the batch until told to stop."""
     from oatui.models.loading import load_for_inference
     from oatui.serve.generation import BatchedGenerator, GenerationRequest, context_limit, stop_token_ids
-    from oatui.serve.triton_models.common import configure_threads
+    from oatui.serve.triton_models.common import configure_threads, pick_device
 
     kind, values = conn.recv()
     assert kind == "init", kind
     settings = EngineSettings(**values)
     try:
-        configure_threads(settings.device, settings.cpu_threads)
-        model, tokenizer = load_for_inference(settings.model_path, "policy", settings.device, settings.dtype)
+        device = pick_device(settings.device, settings.device_id)
+        configure_threads(device, settings.cpu_threads)
+        model, tokenizer = load_for_inference(settings.model_path, "policy", device, settings.dtype)
         limit = context_limit(model, tokenizer)
         generator = BatchedGenerator(model, stop_token_ids(tokenizer), len(tokenizer), limit,
                                      max_batch=settings.max_batch, max_tokens_in_flight=settings.max_tokens_in_flight)
     except Exception as error:  # noqa: BLE001 - the model process reports it as the load's failure
         conn.send(("failed", f"cannot load {settings.model_path}: {error}"))
         return
-    conn.send(("ready", limit))
+    conn.send(("ready", limit, device))
 
     events: list[Event] = []
     live: set[int] = set()

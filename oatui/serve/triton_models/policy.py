@@ -72,7 +72,6 @@ from oatui.serve.triton_models.common import (
     config_parameter,
     decode_texts,
     error_response,
-    pick_device,
     read_settings,
     request_parameters,
 )
@@ -212,13 +211,21 @@ class TritonPythonModel:
 
         settings = read_settings(args)
         self.settings = settings
-        self.device = pick_device(settings.device, args.get("model_instance_device_id"))
-        self.tokenizer = load_tokenizer(settings.model_path)
-        self.eos = self.tokenizer.eos_token
         config = json.loads(args["model_config"])
         max_rows = int(config_parameter(config, MAX_BATCH_ROWS_KEY, str(DEFAULT_MAX_BATCH_ROWS)) or DEFAULT_MAX_BATCH_ROWS)
         max_tokens = int(config_parameter(config, MAX_TOKENS_IN_FLIGHT_KEY, str(DEFAULT_MAX_TOKENS_IN_FLIGHT))
                          or DEFAULT_MAX_TOKENS_IN_FLIGHT)
+        # The engine loads the model while this process loads the tokenizer.
+        self.engine = EngineClient(
+            EngineSettings(settings.model_path, settings.device, args.get("model_instance_device_id") or None,
+                           settings.dtype, settings.cpu_threads, max_rows, max_tokens),
+            self._on_step, self._on_engine_exit, name=f"oatui-policy-{settings.name}")
+        try:
+            self.tokenizer = load_tokenizer(settings.model_path)
+        except BaseException:
+            self.engine.abandon()
+            raise
+        self.eos = self.tokenizer.eos_token
         labels = {"model": settings.name}
         # Metrics on the metrics endpoint: what the server actually generated, cancellations
         # included, and the batch. A family must outlive its metrics, so both stay referenced here.
@@ -239,7 +246,7 @@ class TritonPythonModel:
         self.running_metric = self.metric_families[3].Metric(labels=labels)
         self.gauges = (-1, -1)
         self.gauges_set = 0.0
-        self.tokens_uncounted = 0  # generated tokens not yet added to tokens_metric (decode loop's thread)
+        self.tokens_uncounted = 0  # generated tokens not yet added to tokens_metric (the reader thread)
         self.tokens_counted = 0.0  # when they last were
         self.watching: set[_Answer] = set()  # requests whose cancellation the outbox's thread checks
         self.outbox = Outbox(f"oatui-policy-{settings.name}-outbox", self._outbox_failed, self._check_cancelled)
@@ -251,14 +258,11 @@ class TritonPythonModel:
         self.unfinished = 0
         self.queued = self.running = 0  # as the engine's last step left them
         try:
-            self.engine = EngineClient(
-                EngineSettings(settings.model_path, self.device, settings.dtype, settings.cpu_threads, max_rows,
-                               max_tokens),
-                self._on_step, self._on_engine_exit, name=f"oatui-policy-{settings.name}")
+            self.engine.wait_ready()
         except EngineError:
             self.outbox.close()
             raise
-        self.limit = self.engine.limit
+        self.limit, self.device = self.engine.limit, self.engine.device
         pb_utils.Logger.log_info(
             f"oatui policy {settings.name}: {settings.model_path} on {self.device}, context {self.limit} tokens, "
             f"batches of up to {max_rows} requests and {max_tokens} tokens in flight"
