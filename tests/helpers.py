@@ -57,3 +57,19 @@ def forget_triton_kernel_module() -> None:
     package = sys.modules.get("oatui_kernels")
     if package is not None and hasattr(package, "triton_kernel"):
         delattr(package, "triton_kernel")
+
+
+def untrained_tiny_lm(max_positions: int):  # -> (GPTNeoXForCausalLM, tokenizer)
+    """A real, untrained 2-layer GPT-NeoX on the tiny tokenizer (vocabulary padded to a multiple of
+    64, as the tiny models are), seeded: for generation tests that need no training."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from oatui.models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(512)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=max_positions,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return GPTNeoXForCausalLM(config).eval(), tokenizer

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_oatui
+from helpers import run_oatui, untrained_tiny_lm
 from oatui.serve.generation import (
     BatchedGenerator,
     GenerationRequest,
@@ -23,17 +23,7 @@ PROMPTS = ["How do I bake bread?", "Why is the sky blue?", "Write a poem about t
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from oatui.models.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(512)
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=96,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return GPTNeoXForCausalLM(config).eval(), tokenizer
+    return untrained_tiny_lm(96)
 
 
 class Run:

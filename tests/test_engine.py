@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import untrained_tiny_lm
 from oatui.serve.engine import EngineClient, EngineError, EngineSettings
 from oatui.serve.generation import SamplingParams, generate_ids
 
@@ -19,17 +20,7 @@ PROMPTS = ["How do I bake bread?", "Why is the sky blue?", "Hi", "Explain recurs
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from oatui.models.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(512)
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=96,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = GPTNeoXForCausalLM(config).eval()
+    model, tokenizer = untrained_tiny_lm(96)
     path = tmp_path_factory.mktemp("engine") / "tiny"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import OATUI, run_oatui
+from helpers import OATUI, run_oatui, untrained_tiny_lm
 from oatui.errors import UserError
 from oatui.netutil import free_ports
 from oatui.serve.client import AddressError, TritonAddress, classify, RemoteError, ServerUnavailable
@@ -185,18 +185,8 @@ def test_outbox_runs_calls_in_order_off_the_caller_thread_and_ticks_while_idle()
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory):
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from oatui.models.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(512)
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return GPTNeoXForCausalLM(config).eval(), tokenizer
+def tiny_lm():
+    return untrained_tiny_lm(64)
 
 
 def test_incremental_decoder_never_splits_a_character(tiny_lm) -> None:  # noqa: ANN001
