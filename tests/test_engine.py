@@ -133,3 +133,47 @@ def test_a_failed_load_and_a_dead_engine_are_errors_not_hangs(checkpoint, tmp_pa
     with pytest.raises(EngineError, match="not running"):
         engine.submit(1, [1, 2, 3], SamplingParams())
     engine.close()
+
+
+def test_the_reader_ticks_while_waiting_and_survives_a_failing_callback(checkpoint) -> None:  # noqa: ANN001
+    path, _, tokenizer = checkpoint
+    collector = Collector()
+    ticks: list[float] = []
+    errors: list[BaseException] = []
+    waiting = [True]
+
+    def tick() -> float | None:
+        ticks.append(time.perf_counter())
+        return 0.01 if waiting[0] else None  # every 10 ms with nothing coming, or wait for the next message
+
+    def on_step(events: list[tuple], queued: int, running: int) -> None:
+        if not errors:
+            errors.append(RuntimeError("first"))
+            raise RuntimeError("refused")  # reported; the thread goes on
+        collector.on_step(events, queued, running)
+
+    engine = EngineClient(EngineSettings(str(path)), on_step, collector.exits.append, tick=tick,
+                          on_error=errors.append)
+    engine.wait_ready()
+    try:
+        ids = tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]
+        collector.expect(0)
+        engine.submit(0, ids, SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
+        assert collector.wait(0) == ("length", None)
+        assert len(collector.tokens[0]) < 6  # the first message went to the failing call
+        assert [str(error) for error in errors] == ["first", "refused"]
+        idle = time.perf_counter()
+        time.sleep(0.1)
+        spaced = [t for t in ticks if idle < t <= idle + 0.1]
+        assert len(spaced) >= 2 and all(b - a >= 0.009 for a, b in zip(spaced[:-1], spaced[1:]))
+        waiting[0] = False
+        time.sleep(0.03)
+        count = len(ticks)
+        time.sleep(0.05)
+        assert len(ticks) == count  # None: no tick until the next message
+        collector.expect(1)
+        engine.submit(1, ids, SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True))
+        assert collector.wait(1) == ("length", None) and len(collector.tokens[1]) == 4
+        assert len(ticks) > count
+    finally:
+        engine.close()

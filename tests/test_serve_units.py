@@ -142,44 +142,6 @@ def test_throttled_check_asks_at_most_once_per_interval() -> None:
     assert throttled() is True and throttled() is True and len(calls) == 3  # a yes is kept
 
 
-def test_outbox_runs_calls_in_order_off_the_caller_thread_and_ticks_while_idle() -> None:
-    import threading
-
-    from oatui.serve.triton_models.common import Outbox
-
-    done: list[tuple[int, str]] = []
-    errors: list[BaseException] = []
-    ticks: list[float] = []
-
-    def record(index: int) -> None:
-        done.append((index, threading.current_thread().name))
-
-    def fail() -> None:
-        raise RuntimeError("refused")
-
-    def tick() -> float | None:
-        ticks.append(time.perf_counter())
-        return 0.01 if len(ticks) < 5 else None  # every 10 ms while idle, then wait for the next call
-
-    outbox = Outbox("test-outbox", errors.append, tick)
-    outbox.put(record, 0)
-    deadline = time.monotonic() + 5
-    while len(ticks) < 5 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    time.sleep(0.05)
-    assert len(ticks) == 5 and all(b - a >= 0.009 for a, b in zip(ticks[1:], ticks[2:]))
-    for index in range(1, 50):
-        outbox.put(record, index)
-        if index == 10:
-            outbox.put(fail)  # reported, and the calls after it still run
-    outbox.close(timeout=5)  # runs what was put before it
-    assert [index for index, _ in done] == list(range(50))
-    assert {name for _, name in done} == {"test-outbox"}
-    assert [str(error) for error in errors] == ["refused"]
-    assert len(ticks) == 5 + 50  # and after each call
-    assert not outbox.thread.is_alive()
-
-
 # ---------------------------------------------------------------------------------------------
 # Generation pieces on a real (untrained) tiny model
 

@@ -71,18 +71,25 @@ class EngineClient:
     """Starts the engine process and talks to it; ``on_step(events, queued, running)`` and
     ``on_exit(message)`` are called on a reader thread of their own.
 
+    ``tick`` (optional) runs on that thread too, after each message and whenever the seconds it
+    last returned have passed with none; it returns None to wait for the next message. What
+    ``on_step`` or ``tick`` raises goes to ``on_error``, and the thread goes on.
+
     The constructor starts the engine loading; :meth:`wait_ready` returns once the model is loaded
     (then ``limit`` is its context length and ``device`` where it runs) or raises
     :class:`EngineError` with the engine's reason. In between the caller can load what it needs.
     """
 
     def __init__(self, settings: EngineSettings, on_step: Callable[[list[Event], int, int], None],
-                 on_exit: Callable[[str], None], name: str = "oatui-engine",
-                 python: str | None = None) -> None:
+                 on_exit: Callable[[str], None], name: str = "oatui-engine", python: str | None = None,
+                 tick: Callable[[], float | None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.on_step = on_step
         self.on_exit = on_exit
+        self.tick = tick
+        self.on_error = on_error
         self.closing = False
-        self.lock = threading.Lock()  # one sender at a time (execute's thread, the outbox's)
+        self.lock = threading.Lock()  # one sender at a time (execute's thread, the reader's)
         # The engine imports the same oatui as this process, wherever that comes from.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
@@ -156,16 +163,35 @@ class EngineClient:
                 raise EngineError("the generation engine is not running") from None
 
     def _read(self) -> None:
+        wait: float | None = None
         while True:
             try:
+                if not self.conn.poll(wait):
+                    wait = self._guarded(self.tick)
+                    continue
                 message = self.conn.recv()
             except (EOFError, OSError):
                 break
             if message[0] == "step":
-                self.on_step(message[1], message[2], message[3])
+                self._guarded(self.on_step, message[1], message[2], message[3])
+            if self.tick is not None:
+                wait = self._guarded(self.tick)
         code = self.process.wait()
         if not self.closing:
             self.on_exit(f"the generation engine exited with code {code}")
+
+    def _guarded(self, call: Callable[..., Any] | None, *args: Any) -> Any:
+        if call is None:
+            return None
+        try:
+            return call(*args)
+        except Exception as error:  # noqa: BLE001 - one failed call must not stop the thread
+            if self.on_error is not None:
+                try:
+                    self.on_error(error)
+                except Exception:  # noqa: BLE001
+                    pass
+            return None
 
     def close(self, timeout: float = 30) -> None:
         """Stop the engine: running requests end as cancelled (their events come first)."""

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,61 +150,3 @@ def error_response(message: str, internal: bool = False):  # -> pb_utils.Inferen
     except (AttributeError, TypeError):  # a stub from before error codes
         error = pb_utils.TritonError(message)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
-
-
-class Outbox:
-    """Calls run in the order they are put, on a thread of their own.
-
-    The policy's decode loop puts here what it hands to the server: responses, the end of each
-    request (metrics, log line, final flag) and the gauges, and its cancellation checks run here
-    too. Each of those is a round trip to the server process, which the stub waits for with the
-    GIL released; made from the decode loop, they add up row by row between decode steps, while
-    on this thread they overlap the next step. One thread keeps each request's responses in
-    order, its final flag last.
-
-    ``tick`` (optional) runs after each call and whenever the seconds it last returned have passed
-    with nothing put; it returns None to wait for the next call. A call or tick that raises is
-    reported to ``on_error`` and the thread goes on. :meth:`close` runs what was put before it,
-    then ends the thread.
-    """
-
-    def __init__(self, name: str, on_error: Callable[[BaseException], None] | None = None,
-                 tick: Callable[[], float | None] | None = None) -> None:
-        self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self.on_error = on_error
-        self.tick = tick
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def put(self, call: Callable[..., Any], *args: Any) -> None:
-        self.queue.put((call, args))
-
-    def close(self, timeout: float | None = 30) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout)
-
-    def _run(self) -> None:
-        wait: float | None = None
-        while True:
-            try:
-                item = self.queue.get(timeout=wait)
-            except queue.Empty:
-                item = ()
-            if item is None:
-                return
-            if item:
-                call, args = item
-                self._guarded(call, *args)
-            if self.tick is not None:
-                wait = self._guarded(self.tick)
-
-    def _guarded(self, call: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return call(*args)
-        except Exception as error:  # noqa: BLE001 - one failed call must not stop the ones after it
-            if self.on_error is not None:
-                try:
-                    self.on_error(error)
-                except Exception:  # noqa: BLE001
-                    pass
-            return None

@@ -28,11 +28,13 @@ and the model run in a process of their own (:mod:`oatui.serve.engine`), so that
 threads, which share one interpreter lock, never hold up a decode step; this one tokenizes, turns
 the tokens each step sends back into text, and talks to the server. At most ``max_batch_rows``
 rows and ``max_tokens_in_flight`` reserved cache positions (config parameters); requests beyond
-wait in a queue, shown by the ``oatui_queued_requests`` gauge. Responses, each request's end
-(metrics, log line, final flag) and the gauges go to the server from one thread (``Outbox``, in
-order): each is a round trip to the server. Cancellation is checked between tokens: the outbox's
-thread asks the server about each running request every 10 ms (each check is a round trip) and
-tells the engine, which drops the request before its next step. Those checks and the responses of
+wait in a queue, shown by the ``oatui_queued_requests`` gauge. One thread (the engine client's
+reader) takes each step's tokens, and sends the responses, each request's end (metrics, log line,
+final flag) and the gauges to the server, in order: each is a round trip to the server.
+Cancellation is checked between tokens: the same thread asks the server about each running
+request every 10 ms (each check is a round trip) and tells the engine, which drops the request
+before its next step. (A request's final response frees it in the server, so its checks and its
+final must come from one thread.) Those checks and the responses of
 requests that leave ``stream_interval_ms`` to the server share a budget of round trips per second
 (``ROUND_TRIPS_PER_SECOND`` in ``oatui.serve.generation``): past two running requests, each one's
 checks and responses are spaced further apart (40 ms at 8), so a large batch of a small model
@@ -68,7 +70,6 @@ from oatui.serve.triton_models.common import (
     MAX_BATCH_ROWS_KEY,
     MAX_TOKENS_IN_FLIGHT_KEY,
     BadRequest,
-    Outbox,
     config_parameter,
     decode_texts,
     error_response,
@@ -101,9 +102,8 @@ def _bool_input(request: "pb_utils.InferenceRequest", name: str) -> bool | None:
 class _Answer:
     """One request's answer on its way out: decoding, grouping pieces, the final response.
 
-    ``on_token`` and ``on_end`` run on the engine's reader thread and only decode and decide; what
-    goes to the server (responses, metrics, the log line) is put on the model's :class:`Outbox`,
-    which sends it in order while the next steps' tokens come in.
+    ``on_token`` and ``on_end`` run on the engine client's reader thread: they decode, decide and
+    send (responses, metrics, the log line) while the engine goes on with its next steps.
     """
 
     def __init__(self, model: "TritonPythonModel", rid: int, request: "pb_utils.InferenceRequest",
@@ -122,11 +122,11 @@ class _Answer:
         self.started = time.perf_counter()
         self.cancelled = ThrottledCheck(self.sender.is_cancelled, CANCEL_CHECK_INTERVAL)
         self.stopping = False  # the engine was told to drop it
-        self.failed: BaseException | None = None  # a response the server refused (set on the outbox's thread)
+        self.failed: BaseException | None = None  # a response the server refused
 
     def stop(self) -> None:
-        """On the outbox's thread: the client cancelled, or a response failed; the engine drops the
-        request before its next step and reports it ended."""
+        """The client cancelled, or a response failed: the engine drops the request before its next
+        step and reports it ended."""
         if not self.stopping:
             self.stopping = True
             self.model.engine.cancel(self.rid)
@@ -148,7 +148,7 @@ class _Answer:
             if not piece:
                 return
             self.pending.append(piece)
-            self.model.outbox.put(self._send, "".join(self.pending))
+            self._send("".join(self.pending))
             self.pending.clear()
             self.last_sent = now
 
@@ -166,16 +166,17 @@ class _Answer:
         rest = "" if reason in ("error", "cancelled") else "".join([*self.pending, self.decoder.flush()])
         last = self.model.unfinished == 0
         tokens = self.model.take_tokens(self.tokens, now=last or reason in ("error", "cancelled"))
-        self.model.outbox.put(self._end, reason, error, seconds, rest, tokens)
+        self._end(reason, error, seconds, rest, tokens)
 
     def _end(self, reason: str, error: BaseException | None, seconds: float, text: str, tokens: int) -> None:
-        """The end of the answer, on the outbox's thread: metrics, log line, what is left, final flag.
+        """The end of the answer: metrics, log line, what is left, final flag.
 
         ``tokens``: generated tokens to add to the counter before the final response (this request's
         and those of requests that ended before it without being counted; see ``take_tokens``).
         """
         model = self.model
-        model.watching.discard(self)
+        with model.lock:
+            model.watching.discard(self)  # no check after the final response
         if tokens:
             model.tokens_metric.increment(tokens)
         name = model.settings.name
@@ -219,7 +220,8 @@ class TritonPythonModel:
         self.engine = EngineClient(
             EngineSettings(settings.model_path, settings.device, args.get("model_instance_device_id") or None,
                            settings.dtype, settings.cpu_threads, max_rows, max_tokens),
-            self._on_step, self._on_engine_exit, name=f"oatui-policy-{settings.name}")
+            self._on_step, self._on_engine_exit, name=f"oatui-policy-{settings.name}", tick=self._check_cancelled,
+            on_error=self._io_failed)
         try:
             self.tokenizer = load_tokenizer(settings.model_path)
         except BaseException:
@@ -248,8 +250,7 @@ class TritonPythonModel:
         self.gauges_set = 0.0
         self.tokens_uncounted = 0  # generated tokens not yet added to tokens_metric (the reader thread)
         self.tokens_counted = 0.0  # when they last were
-        self.watching: set[_Answer] = set()  # requests whose cancellation the outbox's thread checks
-        self.outbox = Outbox(f"oatui-policy-{settings.name}-outbox", self._outbox_failed, self._check_cancelled)
+        self.watching: set[_Answer] = set()  # requests whose cancellation the reader thread checks
         # Requests by id, for the engine's events; unfinished: submitted and not ended (the lock:
         # execute's thread adds, the reader thread removes).
         self.answers: dict[int, _Answer] = {}
@@ -257,11 +258,8 @@ class TritonPythonModel:
         self.next_rid = 0
         self.unfinished = 0
         self.queued = self.running = 0  # as the engine's last step left them
-        try:
-            self.engine.wait_ready()
-        except EngineError:
-            self.outbox.close()
-            raise
+        self.engine_gone = False
+        self.engine.wait_ready()
         self.limit, self.device = self.engine.limit, self.engine.device
         pb_utils.Logger.log_info(
             f"oatui policy {settings.name}: {settings.model_path} on {self.device}, context {self.limit} tokens, "
@@ -287,6 +285,7 @@ class TritonPythonModel:
         pb_utils.Logger.log_error(f"oatui policy {self.settings.name}: {message}")
         self.queued = self.running = 0
         with self.lock:
+            self.engine_gone = True  # later requests are refused (and never watched)
             answers = list(self.answers.values())
             self.answers.clear()
             self.unfinished = 0
@@ -296,17 +295,17 @@ class TritonPythonModel:
 
     def _update_gauges(self) -> None:
         """After each step: the gauges, when they changed, at most every GAUGE_INTERVAL while the
-        batch runs (a set is a round trip to the server: on the outbox's thread) and at once when
-        the model goes idle; the same for tokens not yet counted."""
+        batch runs (a set is a round trip to the server) and at once when the model goes idle; the
+        same for tokens not yet counted."""
         values = (self.queued, self.running)
         now = time.perf_counter()
         if self.tokens_uncounted and (values == (0, 0) or now - self.tokens_counted >= GAUGE_INTERVAL):
-            self.outbox.put(self.tokens_metric.increment, self.take_tokens(0, now=True))
+            self.tokens_metric.increment(self.take_tokens(0, now=True))
         if values == self.gauges:
             return
         if values == (0, 0) or now - self.gauges_set >= GAUGE_INTERVAL:
             self.gauges, self.gauges_set = values, now
-            self.outbox.put(self._set_gauges, values)
+            self._set_gauges(values)
 
     def take_tokens(self, tokens: int, now: bool) -> int:
         """On the engine's reader thread: add ``tokens`` to those not yet counted and return how many to
@@ -328,12 +327,14 @@ class TritonPythonModel:
         self.running_metric.set(values[1])
 
     def _check_cancelled(self) -> float | None:
-        """On the outbox's thread: ask the server about each running request whose last check is
+        """On the reader thread: ask the server about each running request whose last check is
         10 ms old (more with more than two running); the seconds until the next one is due (None:
         no request to watch)."""
         due = None
-        interval = spacing(CANCEL_CHECK_INTERVAL, len(self.watching))
-        for answer in self.watching:
+        with self.lock:
+            watching = list(self.watching)
+        interval = spacing(CANCEL_CHECK_INTERVAL, len(watching))
+        for answer in watching:
             check = answer.cancelled
             check.interval = interval
             try:
@@ -342,12 +343,12 @@ class TritonPythonModel:
                     continue
             except Exception as error:  # noqa: BLE001 - asked again after the interval
                 check.last = time.perf_counter()
-                self._outbox_failed(error)
+                self._io_failed(error)
             assert check.last is not None
             due = check.last + check.interval if due is None else min(due, check.last + check.interval)
         return None if due is None else max(0.0, due - time.perf_counter())
 
-    def _outbox_failed(self, error: BaseException) -> None:
+    def _io_failed(self, error: BaseException) -> None:
         pb_utils.Logger.log_error(f"oatui policy {self.settings.name}: {error!r}")
 
     def _texts(self, request: "pb_utils.InferenceRequest") -> dict[str, str]:
@@ -409,22 +410,18 @@ class TritonPythonModel:
         if exclude is None:
             exclude = stream or not llm_style
         params, interval = parse_request_parameters(values)
-        if not self.engine.alive:
-            raise EngineError("the generation engine is not running (see the server log)")
         with self.lock:
+            if self.engine_gone:
+                raise EngineError("the generation engine is not running (see the server log)")
             rid, self.next_rid = self.next_rid, self.next_rid + 1
             answer = _Answer(self, rid, request, len(ids), stream, interval, "" if exclude else prompt)
             self.answers[rid] = answer
             self.unfinished += 1
-        self.outbox.put(self.watching.add, answer)
+            self.watching.add(answer)
         try:
             self.engine.submit(rid, ids, params)
         except EngineError:
-            with self.lock:
-                self.answers.pop(rid, None)
-                self.unfinished -= 1
-            self.outbox.put(self.watching.discard, answer)
-            raise
+            pass  # it has just died: its exit ends this request with the error, as the others in flight
 
     def execute(self, requests: list["pb_utils.InferenceRequest"]) -> None:
         # Decoupled: every answer goes through its request's response sender; execute only queues,
@@ -439,8 +436,7 @@ class TritonPythonModel:
         return None
 
     def finalize(self) -> None:
-        self.engine.close(timeout=30)  # running requests end as cancelled
-        self.outbox.close(timeout=30)  # their ends
+        self.engine.close(timeout=30)  # running requests end as cancelled, their ends sent first
         # Metrics before their families.
         self.tokens_metric = self.cancelled_metric = self.queued_metric = self.running_metric = None
         self.metric_families = []
