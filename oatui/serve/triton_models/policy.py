@@ -182,7 +182,10 @@ class _Answer:
         name = model.settings.name
         if reason == "error":
             pb_utils.Logger.log_error(f"oatui policy {name}: generation failed: {error!r}")
-            self.sender.send(error_response(f"generation failed: {error}", internal=True), flags=FINAL)
+            try:
+                self.sender.send(error_response(f"generation failed: {error}", internal=True), flags=FINAL)
+            except Exception:  # noqa: BLE001 - the client may be gone; nothing waits for it
+                pass
             return
         cancelled = reason == "cancelled"
         if cancelled:
@@ -270,14 +273,20 @@ class TritonPythonModel:
         """On the engine's reader thread, after each step: its tokens and ends, then the gauges."""
         self.queued, self.running = queued, running
         for event in events:
-            if len(event) == 2:
-                self.answers[event[0]].on_token(event[1])
-                continue
-            rid, reason, text = event
-            with self.lock:
-                answer = self.answers.pop(rid)
-                self.unfinished -= 1
-            answer.on_end(reason, None if text is None else RuntimeError(text))
+            answer = self.answers[event[0]]
+            try:
+                if len(event) == 2:
+                    answer.on_token(event[1])
+                    continue
+                with self.lock:
+                    del self.answers[event[0]]
+                    self.unfinished -= 1
+                answer.on_end(event[1], None if event[2] is None else RuntimeError(event[2]))
+            except Exception as error:  # noqa: BLE001 - this request's trouble; the others' events go on
+                self._io_failed(error)
+                if len(event) == 2 and answer.failed is None:
+                    answer.failed = error  # it ends with the error
+                    answer.stop()
         self._update_gauges()
 
     def _on_engine_exit(self, message: str) -> None:
