@@ -59,9 +59,9 @@ class EngineError(RuntimeError):
 
 def engine_python() -> str:
     """The interpreter for the engine: this one (inside Triton's stub, the environment's python)."""
-    if sys.executable and os.access(sys.executable, os.X_OK) and "stub" not in os.path.basename(sys.executable):
+    if sys.executable:
         return sys.executable
-    found = shutil.which("python3") or shutil.which("python")
+    found = shutil.which("python3")
     if not found:
         raise EngineError("no python interpreter found to run the generation engine")
     return found
@@ -141,10 +141,6 @@ class EngineClient:
             self.process.kill()
             self.process.wait()
 
-    @property
-    def alive(self) -> bool:
-        return not self.closing and self.process.poll() is None
-
     def submit(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
         self._send(("submit", rid, prompt_ids, params))
 
@@ -174,8 +170,7 @@ class EngineClient:
                 break
             if message[0] == "step":
                 self._guarded(self.on_step, message[1], message[2], message[3])
-            if self.tick is not None:
-                wait = self._guarded(self.tick)
+            wait = self._guarded(self.tick)
         code = self.process.wait()
         if not self.closing:
             self.on_exit(f"the generation engine exited with code {code}")
@@ -286,8 +281,7 @@ def serve(conn: Connection) -> None:
         except (EOFError, OSError):
             return  # the model process is gone: nobody to answer
         if stopping:
-            generator.stop()
-            generator.run()  # ends what is left as cancelled
+            generator.cancel_all()
         else:
             generator.step(admitted)
         if not send():

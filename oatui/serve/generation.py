@@ -398,13 +398,12 @@ class BatchedGenerator:
     request gives a seed), so a seeded answer is the same alone or batched, and a greedy one is
     the same token for token.
 
-    Call :meth:`step` in a loop on one thread (:meth:`run` does, until :meth:`stop`); :meth:`submit`
-    may be called from any thread.
+    One thread owns it: it calls :meth:`submit`, :meth:`step` and :meth:`cancel_all` (the policy's
+    engine process does, between the messages it reads).
     """
 
     def __init__(self, model: "PreTrainedModel", stop_ids: set[int], vocab_size: int, limit: int,
                  max_batch: int = 16, max_tokens_in_flight: int = 32768) -> None:
-        import threading
         from collections import deque
 
         if max_batch < 1 or max_tokens_in_flight < 1:
@@ -427,9 +426,6 @@ class BatchedGenerator:
         self.start = self.end = 0
         self.padded = False  # whether some running row has padding on its left
         self.sdpa_padding_mask = _padding_mask_is_sdpa_mask(model.config)
-        self.condition = threading.Condition()
-        self.stopped = False
-        self.unfinished = 0  # requests submitted whose end has not been reported yet
         # Counters for metrics and tests.
         self.steps = 0
         self.max_rows_seen = 0
@@ -439,10 +435,7 @@ class BatchedGenerator:
     def submit(self, sequence: GenerationRequest) -> GenerationRequest:
         sequence.budget = max(0, min(sequence.params.max_new_tokens, self.limit - len(sequence.prompt_ids)))
         sequence.submitted = time.perf_counter()
-        with self.condition:
-            self.waiting.append(sequence)
-            self.unfinished += 1
-            self.condition.notify()
+        self.waiting.append(sequence)
         return sequence
 
     @property
@@ -468,27 +461,8 @@ class BatchedGenerator:
     def tokens_in_flight(self) -> int:
         return sum(s.reserved_tokens for s in self.running)
 
-    def stop(self) -> None:
-        with self.condition:
-            self.stopped = True
-            self.condition.notify_all()
-
-    def run(self, after_step: Callable[[], None] | None = None) -> None:
-        """Step until :meth:`stop`, sleeping while there is nothing to do.
-
-        ``after_step`` is called after every step and before each sleep (the model's gauges).
-        """
-        while True:
-            with self.condition:
-                while not self.stopped and not self.waiting and not self.running:
-                    if after_step is not None:
-                        after_step()
-                    self.condition.wait()
-                if self.stopped:
-                    break
-            self.step()
-            if after_step is not None:
-                after_step()
+    def cancel_all(self) -> None:
+        """End every running and waiting request as cancelled, and drop the batch."""
         for sequence in [*self.running, *self.waiting]:
             self._end(sequence, "cancelled")
         self._clear()
@@ -513,8 +487,6 @@ class BatchedGenerator:
                 self.steps += 1
 
     def _end(self, sequence: GenerationRequest, reason: str, error: BaseException | None = None) -> None:
-        with self.condition:
-            self.unfinished -= 1
         try:
             sequence.on_end(reason, error)
         except Exception:  # noqa: BLE001 - one request's callback must not stop the others
@@ -542,15 +514,14 @@ class BatchedGenerator:
         import torch
 
         group: list[GenerationRequest] = []
-        with self.condition:
-            reserved = self.tokens_in_flight
-            while self.waiting and len(self.running) + len(group) < self.max_batch:
-                candidate = self.waiting[0]
-                if (self.running or group) and reserved + candidate.reserved_tokens > self.max_tokens_in_flight:
-                    break
-                self.waiting.popleft()
-                group.append(candidate)
-                reserved += candidate.reserved_tokens
+        reserved = self.tokens_in_flight
+        while self.waiting and len(self.running) + len(group) < self.max_batch:
+            candidate = self.waiting[0]
+            if (self.running or group) and reserved + candidate.reserved_tokens > self.max_tokens_in_flight:
+                break
+            self.waiting.popleft()
+            group.append(candidate)
+            reserved += candidate.reserved_tokens
         ready = []
         for candidate in group:
             if candidate.should_stop is not None and candidate.should_stop():

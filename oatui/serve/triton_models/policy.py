@@ -164,7 +164,7 @@ class _Answer:
             reason, error = "error", self.failed
         seconds = time.perf_counter() - self.started
         rest = "" if reason in ("error", "cancelled") else "".join([*self.pending, self.decoder.flush()])
-        last = self.model.unfinished == 0
+        last = not self.model.answers  # the others have ended (this one is out already)
         tokens = self.model.take_tokens(self.tokens, now=last or reason in ("error", "cancelled"))
         self._end(reason, error, seconds, rest, tokens)
 
@@ -254,12 +254,11 @@ class TritonPythonModel:
         self.tokens_uncounted = 0  # generated tokens not yet added to tokens_metric (the reader thread)
         self.tokens_counted = 0.0  # when they last were
         self.watching: set[_Answer] = set()  # requests whose cancellation the reader thread checks
-        # Requests by id, for the engine's events; unfinished: submitted and not ended (the lock:
-        # execute's thread adds, the reader thread removes).
+        # Requests submitted and not ended, by id, for the engine's events (the lock: execute's thread
+        # adds, the reader thread removes).
         self.answers: dict[int, _Answer] = {}
         self.lock = threading.Lock()
         self.next_rid = 0
-        self.unfinished = 0
         self.queued = self.running = 0  # as the engine's last step left them
         self.engine_gone = False
         self.engine.wait_ready()
@@ -280,7 +279,6 @@ class TritonPythonModel:
                     continue
                 with self.lock:
                     del self.answers[event[0]]
-                    self.unfinished -= 1
                 answer.on_end(event[1], None if event[2] is None else RuntimeError(event[2]))
             except Exception as error:  # noqa: BLE001 - this request's trouble; the others' events go on
                 self._io_failed(error)
@@ -297,7 +295,6 @@ class TritonPythonModel:
             self.engine_gone = True  # later requests are refused (and never watched)
             answers = list(self.answers.values())
             self.answers.clear()
-            self.unfinished = 0
         for answer in answers:
             answer.on_end("error", RuntimeError(message))
         self._update_gauges()
@@ -425,7 +422,6 @@ class TritonPythonModel:
             rid, self.next_rid = self.next_rid, self.next_rid + 1
             answer = _Answer(self, rid, request, len(ids), stream, interval, "" if exclude else prompt)
             self.answers[rid] = answer
-            self.unfinished += 1
             self.watching.add(answer)
         try:
             self.engine.submit(rid, ids, params)
